@@ -1,0 +1,87 @@
+"""Replacement policies for the expert cache, shared by the runtime cache and the offline simulator.
+
+A policy only decides: `access(key)` says whether `key` was resident and which key, if any, it evicted
+to make room. The runtime `ExpertCache` keeps the tensors; the simulator keeps nothing but counts. Using
+the same objects in both is what makes a simulated hit rate the runtime's hit rate.
+
+Keys are (layer, expert). Scope `per_layer` gives each layer its own `capacity` slots; `global` gives all
+layers one pool of `capacity` slots.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable
+
+Key = tuple[int, int]
+
+
+class LRU:
+    """Evict the least recently used resident."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def access(self, key) -> tuple[bool, Hashable | None]:
+        if key in self._order:
+            self._order.move_to_end(key)
+            return True, None
+        evicted = None
+        if len(self._order) >= self.capacity:
+            evicted, _ = self._order.popitem(last=False)
+        self._order[key] = None
+        return False, evicted
+
+
+class LFU:
+    """Evict the resident used least often so far (counting every access since the start, resident or
+    not); ties go to the least recently used."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._count: dict[Hashable, int] = {}
+        self._resident: OrderedDict[Hashable, None] = OrderedDict()
+
+    def access(self, key) -> tuple[bool, Hashable | None]:
+        self._count[key] = self._count.get(key, 0) + 1
+        if key in self._resident:
+            self._resident.move_to_end(key)
+            return True, None
+        evicted = None
+        if len(self._resident) >= self.capacity:
+            # min over insertion/recency order: the first minimum is the least recently used one
+            evicted = min(self._resident, key=self._count.__getitem__)
+            del self._resident[evicted]
+        self._resident[key] = None
+        return False, evicted
+
+
+ONLINE_POLICIES = {"lru": LRU, "lfu": LFU}
+
+
+class Scoped:
+    """Applies a policy per layer or over one global pool, on (layer, expert) keys."""
+
+    def __init__(self, policy: str, scope: str, capacity: int):
+        if policy not in ONLINE_POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r} (known: {', '.join(ONLINE_POLICIES)})")
+        if scope not in ("per_layer", "global"):
+            raise ValueError(f"unknown cache scope {scope!r} (per_layer or global)")
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be at least 1, got {capacity}")
+        self.policy, self.scope, self.capacity = policy, scope, capacity
+        self._pools: dict[int | None, object] = {}
+
+    def access(self, key: Key) -> tuple[bool, Key | None]:
+        pool_id = key[0] if self.scope == "per_layer" else None
+        pool = self._pools.get(pool_id)
+        if pool is None:
+            pool = self._pools[pool_id] = ONLINE_POLICIES[self.policy](self.capacity)
+        return pool.access(key)
+
+
+def step_accesses(chosen: list[list[int]]) -> list[int]:
+    """The order in which one forward step touches one layer's experts: each expert any token chose,
+    once, ascending. The runtime loads in this order and the simulator replays traces in it."""
+    return sorted({e for token in chosen for e in token})

@@ -1,0 +1,129 @@
+"""Reading a sharded safetensors checkpoint: its index and each shard's header.
+
+The header parser here is deliberately our own (8-byte little-endian length, JSON, data): validation
+uses it to read source bytes at the offsets the shard declares, a path independent of the extractor's,
+which goes through the safetensors library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """Return (header dict, absolute offset where the data section starts); checks it fits the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER or 8 + n > size:
+                raise InputError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: corrupt safetensors header ({err})") from None
+    start = 8 + n
+    data_len = size - start
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = entry["data_offsets"]
+            expected = DTYPE_BYTES[entry["dtype"]]
+            for dim in entry["shape"]:
+                expected *= dim
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: corrupt safetensors header entry for {name}") from None
+        if end - begin != expected or begin < 0:
+            raise InputError(f"{path}: corrupt safetensors header: {name} spans {end - begin} bytes, its shape needs {expected}")
+        if end > data_len:
+            raise InputError(f"{path}: truncated shard: {name} ends at byte {start + end}, file has {size}")
+    return header, start
+
+
+def header_tensors(path: str | Path) -> dict[str, TensorInfo]:
+    header, start = read_header(path)
+    return {
+        name: TensorInfo(name, Path(path), e["dtype"], tuple(e["shape"]), start + e["data_offsets"][0],
+                         e["data_offsets"][1] - e["data_offsets"][0])
+        for name, e in header.items()
+        if name != "__metadata__"
+    }
+
+
+def read_bytes(info: TensorInfo) -> bytes:
+    with open(info.file, "rb") as f:
+        return os.pread(f.fileno(), info.nbytes, info.offset)
+
+
+class Checkpoint:
+    """A checkpoint directory: tensor name -> shard, through model.safetensors.index.json."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InputError(f"checkpoint directory {self.path} does not exist")
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise InputError(f"{index}: not a safetensors index ({err})") from None
+        elif (self.path / SINGLE_NAME).is_file():
+            self.weight_map = {name: SINGLE_NAME for name in read_header(self.path / SINGLE_NAME)[0] if name != "__metadata__"}
+        else:
+            raise InputError(f"{self.path} has no {INDEX_NAME} (nor a single {SINGLE_NAME})")
+        self._headers: dict[str, dict[str, TensorInfo]] = {}
+
+    @property
+    def shard_names(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def shard(self, name: str) -> dict[str, TensorInfo]:
+        if name not in self._headers:
+            path = self.path / name
+            if not path.is_file():
+                raise InputError(f"shard {path} named by the index does not exist")
+            self._headers[name] = header_tensors(path)
+        return self._headers[name]
+
+    def info(self, tensor: str) -> TensorInfo:
+        try:
+            shard = self.weight_map[tensor]
+        except KeyError:
+            raise InputError(f"tensor {tensor} is not in {self.path / INDEX_NAME}") from None
+        try:
+            return self.shard(shard)[tensor]
+        except KeyError:
+            raise InputError(f"tensor {tensor}: the index names shard {shard}, whose header lacks it") from None

@@ -23,6 +23,7 @@ class Layout:
     prefix: str  # decoder prefix: embed_tokens, layers.{L}..., norm live under it
     lm_head: str
     component: tuple[str, ...]  # name prefixes of every tensor the text model owns
+    native: str  # prefix of what transformers' native text-generation class loads (thinker: + audio, vision)
 
     def layer(self, layer: int) -> str:
         return f"{self.prefix}layers.{layer}."
@@ -39,6 +40,14 @@ class Layout:
     def in_component(self, name: str) -> bool:
         return name.startswith(self.component)
 
+    def expert_names(self, layer: int, num_experts: int) -> list[str]:
+        """A layer's expert tensors in file order: expert by expert, gate, up, down adjacent."""
+        return [self.expert(layer, e, proj) for e in range(num_experts) for proj in PROJECTIONS]
+
+    def dense_names(self, weight_map: dict[str, str]) -> list[str]:
+        """Every tensor of the text model that is not an expert, in index order."""
+        return [name for name in weight_map if self.in_component(name) and ".mlp.experts." not in name]
+
 
 LAYOUTS = (
     Layout(
@@ -48,6 +57,7 @@ LAYOUTS = (
         prefix="thinker.model.",
         lm_head="thinker.lm_head.weight",
         component=("thinker.model.", "thinker.lm_head."),
+        native="thinker.",
     ),
     Layout(
         name="qwen3_moe",
@@ -56,6 +66,7 @@ LAYOUTS = (
         prefix="model.",
         lm_head="lm_head.weight",
         component=("model.", "lm_head."),
+        native="",
     ),
 )
 
@@ -103,6 +114,11 @@ class TextConfig:
     def expert_shapes(self) -> dict[str, tuple[int, int]]:
         i, h = self.moe_intermediate_size, self.hidden_size
         return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    @property
+    def expert_bytes(self) -> int:
+        """One expert's gate, up and down projections in the checkpoint's bf16."""
+        return 3 * self.hidden_size * self.moe_intermediate_size * 2
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:

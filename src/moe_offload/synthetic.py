@@ -12,8 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .layouts import layout_by_name
 
 # Fixed training text for the tokenizer: deterministic, and covers the default prompts' words.
@@ -130,6 +128,8 @@ def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
 
     Written into a temporary sibling and renamed, so out_dir is either complete or absent.
     """
+    import torch
+
     layout = layout_by_name(spec["layout"])
     out_dir = Path(out_dir)
     torch.manual_seed(spec["seed"])

@@ -1,0 +1,30 @@
+# Quick start: `make run` (the main job on the embedded synthetic default) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TARGET ?= results/checksums/all.json
+
+.PHONY: run test lint dry-run clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable ".[workflow,dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores 4 $(TARGET)
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n $(TARGET)
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf results logs .snakemake

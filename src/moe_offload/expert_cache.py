@@ -1,0 +1,187 @@
+"""The runtime expert cache: (layer, expert) -> (gate, up, down) tensors, loaded from disk on a miss.
+
+Each per-layer expert file keeps one expert's three bf16 tensors adjacent, so a miss is one positional
+read of one contiguous byte range. Which key is resident and which is evicted is decided by
+`cache_policy.Scoped`, the same object the offline simulator replays traces with, so a simulated hit
+rate is this cache's hit rate.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cache_policy import Scoped
+from .checkpoint import header_tensors, read_header
+from .errors import InputError
+from .layouts import PROJECTIONS, Layout
+
+
+@dataclass(frozen=True)
+class ExpertSpan:
+    """Where one expert lives in its layer file: one byte range and each projection's slice of it."""
+
+    offset: int  # absolute byte offset of the range
+    nbytes: int
+    parts: tuple[tuple[int, int, tuple[int, ...]], ...]  # per projection: (start, end) in bf16 elements, shape
+
+
+def _expert_spans(path: Path, layout: Layout, layer: int) -> list[ExpertSpan]:
+    header, _ = read_header(path)
+    meta = header.get("__metadata__") or {}
+    tensors = header_tensors(path)
+    num = int(meta["num_experts"]) if "num_experts" in meta else None
+    if num is None:  # count experts by name when the metadata lacks it
+        num = 0
+        while layout.expert(layer, num, PROJECTIONS[0]) in tensors:
+            num += 1
+    spans = []
+    for e in range(num):
+        infos = []
+        for proj in PROJECTIONS:
+            info = tensors.get(layout.expert(layer, e, proj))
+            if info is None:
+                raise InputError(f"{path}: lacks tensor {layout.expert(layer, e, proj)}")
+            if info.dtype != "BF16":
+                raise InputError(f"{path}: {info.name} is {info.dtype}, expected BF16")
+            infos.append(info)
+        start = min(i.offset for i in infos)
+        end = max(i.offset + i.nbytes for i in infos)
+        if end - start != sum(i.nbytes for i in infos):
+            raise InputError(f"{path}: layer {layer} expert {e}'s tensors are not one contiguous byte range")
+        parts = tuple(((i.offset - start) // 2, (i.offset - start + i.nbytes) // 2, i.shape) for i in infos)
+        spans.append(ExpertSpan(start, end - start, parts))
+    return spans
+
+
+def _metadata_int(path: str | Path, key: str) -> int | None:
+    if not Path(path).is_file():
+        return None  # reported, naming the layer, below
+    value = (read_header(path)[0].get("__metadata__") or {}).get(key)
+    return int(value) if value is not None else None
+
+
+class ExpertCache:
+    """`get(layer, expert)` returns that expert's (gate [I,H], up [I,H], down [H,I]) on `device` in `dtype`.
+
+    scope "per_layer" gives each layer `capacity` slots, "global" one pool of `capacity` slots.
+    On CUDA, `pin_memory` reads into one reused pinned staging buffer (so the copy can be async) and
+    `side_stream` issues the copy and cast on a separate stream that the compute stream then waits on.
+    """
+
+    def __init__(self, layer_files: dict[int, str | Path], layout: Layout, capacity: int, scope: str = "per_layer",
+                 policy: str = "lru", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 pin_memory: bool = False, experts_per_token: int | None = None, side_stream: bool = False):
+        if experts_per_token is None:  # the extractor records it in each layer file's metadata
+            known = [k for k in (_metadata_int(p, "experts_per_token") for p in layer_files.values()) if k is not None]
+            experts_per_token = max(known, default=None)
+        if experts_per_token is not None and capacity < experts_per_token:
+            raise InputError(f"cache capacity {capacity} is below experts_per_token {experts_per_token}: "
+                             f"one token needs {experts_per_token} experts of a layer")
+        try:
+            self.policy = Scoped(policy, scope, capacity)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        self.layout, self.capacity, self.scope = layout, capacity, scope
+        self.device, self.dtype = torch.device(device), dtype
+        self.spans: dict[int, list[ExpertSpan]] = {}
+        self._fds: dict[int, int] = {}
+        for layer, path in sorted(layer_files.items()):
+            path = Path(path)
+            if not path.is_file():
+                raise InputError(f"expert file for layer {layer} does not exist: {path}")
+            self.spans[layer] = _expert_spans(path, layout, layer)
+        for layer, path in sorted(layer_files.items()):
+            self._fds[layer] = os.open(path, os.O_RDONLY)
+        self.resident: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        cuda = self.device.type == "cuda"
+        max_bytes = max((s.nbytes for spans in self.spans.values() for s in spans), default=0)
+        # One reused pinned buffer: the read lands in it and the H2D copy reads from it asynchronously.
+        self._staging = torch.empty(max_bytes, dtype=torch.uint8, pin_memory=True) if cuda and pin_memory else None
+        self._staging_free = torch.cuda.Event() if self._staging is not None else None
+        self._stream = torch.cuda.Stream(self.device) if cuda and side_stream else None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.hits = self.misses = self.evictions = self.bytes_loaded = 0
+        self.load_seconds = 0.0
+
+    def stats(self) -> dict:
+        accesses = self.hits + self.misses
+        return dict(hits=self.hits, misses=self.misses, evictions=self.evictions, bytes_loaded=self.bytes_loaded,
+                    load_seconds=self.load_seconds, hit_rate=self.hits / accesses if accesses else 0.0)
+
+    def num_experts(self, layer: int) -> int:
+        return len(self.spans[layer])
+
+    def expert_bytes(self, layer: int, expert: int) -> int:
+        return self.spans[layer][expert].nbytes
+
+    def get(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (layer, expert)
+        if layer not in self.spans:
+            raise InputError(f"no expert file was given for layer {layer}")
+        if not 0 <= expert < len(self.spans[layer]):
+            raise InputError(f"layer {layer} has experts 0..{len(self.spans[layer]) - 1}, asked for {expert}")
+        hit, evicted = self.policy.access(key)
+        if hit:
+            self.hits += 1
+            return self.resident[key]
+        self.misses += 1
+        if evicted is not None:
+            self.evictions += 1
+            del self.resident[evicted]
+        start = time.perf_counter()
+        weights = self._load(layer, expert)
+        self.load_seconds += time.perf_counter() - start
+        self.resident[key] = weights
+        return weights
+
+    def _read(self, span: ExpertSpan, fd: int) -> torch.Tensor:
+        if self._staging is not None:
+            self._staging_free.synchronize()  # the previous async copy out of the buffer must be done
+            buf = self._staging[: span.nbytes]
+        else:
+            buf = torch.empty(span.nbytes, dtype=torch.uint8)
+        # One positional read straight into the (possibly pinned) buffer: no intermediate bytes object.
+        n = os.preadv(fd, [buf.numpy()], span.offset)
+        if n != span.nbytes:
+            raise InputError(f"short read: {n} of {span.nbytes} bytes at offset {span.offset}")
+        self.bytes_loaded += n
+        return buf
+
+    def _load(self, layer: int, expert: int):
+        span = self.spans[layer][expert]
+        raw = self._read(span, self._fds[layer])
+        if self.device.type != "cuda":
+            flat = raw.view(torch.bfloat16)  # fresh buffer per load: bf16 views of it may be kept as is
+            return tuple(flat[a:b].view(shape).to(self.dtype) for a, b, shape in span.parts)
+        stream = self._stream or torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(stream):
+            # Copy bf16 (half the bytes of f32) and cast on the device.
+            flat = raw.to(self.device, non_blocking=self._staging is not None).view(torch.bfloat16)
+            out = tuple(flat[a:b].view(shape).to(self.dtype) for a, b, shape in span.parts)
+            if self._staging is not None:
+                self._staging_free.record(stream)
+        if self._stream is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self._stream)
+            for t in out:  # allocated on the side stream, used (and freed) on the main one
+                t.record_stream(main)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self.resident.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,187 @@
+"""Generation with selective expert loading: load a runtime, prefill, decode token by token.
+
+The decoding loop is `generate` below, top to bottom; teacher forcing and the fidelity numbers that
+compare our logits with transformers' live here too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .expert_cache import ExpertCache
+from .layouts import Layout, TextConfig, detect_checkpoint
+from .model import Transformer, load_dense
+
+
+@dataclass
+class Runtime:
+    model: Transformer
+    cache: ExpertCache
+    layout: Layout
+    config: TextConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per batch row (eos included; rows that stopped early are shorter)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens_per_second: float  # decode steps only (the first new token comes from the prefill); 0 if none
+    prefill_stats: dict  # expert cache counters during the prefill
+    decode_stats: dict  # ... and during the decode steps
+    trace: list[dict] = field(default_factory=list)  # router rows of this call
+    logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] per step, when return_logits
+
+
+def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | str | Path, checkpoint_dir: str | Path,
+                 depth: int | None = None, capacity: int | None = None, scope: str = "per_layer", policy: str = "lru",
+                 device: str = "cpu", dtype: torch.dtype | str | None = None, pin_memory: bool = False,
+                 side_stream: bool = False) -> Runtime:
+    """layer_files: {layer: path}, or a directory holding layer_{L}.safetensors. capacity None = every expert.
+    dtype None = float32 on CPU, bfloat16 on CUDA."""
+    layout, cfg = detect_checkpoint(checkpoint_dir)
+    depth = cfg.num_layers if depth is None else depth
+    if not 1 <= depth <= cfg.num_layers:
+        raise InputError(f"depth {depth} is out of range: the model has {cfg.num_layers} layers")
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    needed = [L for L in cfg.expert_layers if L < depth]
+    if not isinstance(layer_files, dict):
+        layer_files = {L: Path(layer_files) / f"layer_{L}.safetensors" for L in needed}
+    missing = [L for L in needed if L not in layer_files]
+    if missing:
+        raise InputError(f"no expert file given for layer(s) {missing}")
+    cache = ExpertCache({L: layer_files[L] for L in needed}, layout, capacity or cfg.num_experts, scope, policy,
+                        device, dtype, pin_memory, experts_per_token=cfg.experts_per_token, side_stream=side_stream)
+    model = Transformer(cfg, layout, load_dense(dense_path, layout, depth, device, dtype), cache, depth)
+    return Runtime(model, cache, layout, cfg, device, dtype)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids. temperature 0 is greedy; else temperature, top-k, top-p, in
+    transformers' order."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[:, -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _delta(after: dict, before: dict) -> dict:
+    d = {k: after[k] - before[k] for k in ("hits", "misses", "evictions", "bytes_loaded", "load_seconds")}
+    d["hit_rate"] = d["hits"] / (d["hits"] + d["misses"]) if d["hits"] + d["misses"] else 0.0
+    return d
+
+
+def _as_batch(ids, device) -> torch.Tensor:
+    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise InputError(f"input_ids must be a non-empty [T] or [B, T] sequence, got shape {tuple(ids.shape)}")
+    return ids
+
+
+@torch.inference_mode()
+def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, eos_token_id: int | list[int] | None = None,
+             prompt=0, return_logits: bool = False) -> Generation:
+    """Greedy (temperature 0) or sampled generation. `prompt` labels the trace rows (an id, or one per row)."""
+    model, device = runtime.model, runtime.device
+    ids = _as_batch(input_ids, device)
+    b, t = ids.shape
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else seed)
+    model.setup_caches(b, t + max_new_tokens)
+    trace_start, logits_out = len(model.trace), []
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+
+    # Prefill: the whole prompt in one forward; its last position gives the first new token.
+    model.trace_context = {"prompt": prompt, "step": 0}
+    s0 = runtime.cache.stats()
+    _sync(device)
+    start = time.perf_counter()
+    logits = model.forward(ids, torch.arange(t, device=device))[:, -1]
+    tok = sample(logits, temperature, top_k, top_p, generator)
+    _sync(device)
+    prefill_seconds = time.perf_counter() - start
+    s1 = runtime.cache.stats()
+
+    # Decode: one token per forward, until max_new_tokens or every row has produced an eos.
+    start, step = time.perf_counter(), 0
+    while True:
+        if return_logits:
+            logits_out.append(logits.float().cpu())
+        for row, token in enumerate(tok.tolist()):
+            if not done[row]:
+                out[row].append(token)
+                done[row] = token in eos
+        step += 1
+        if step >= max_new_tokens or all(done):
+            break
+        model.trace_context = {"prompt": prompt, "step": step}
+        logits = model.forward(tok[:, None], torch.tensor([t + step - 1], device=device))[:, -1]
+        tok = sample(logits, temperature, top_k, top_p, generator)
+    _sync(device)
+    decode_seconds = time.perf_counter() - start
+    decode_tokens = step - 1
+    return Generation(
+        tokens=out, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+        decode_tokens_per_second=decode_tokens / decode_seconds if decode_tokens and decode_seconds > 0 else 0.0,
+        prefill_stats=_delta(s1, s0), decode_stats=_delta(runtime.cache.stats(), s1),
+        trace=model.trace[trace_start:], logits=logits_out)
+
+
+@torch.inference_mode()
+def teacher_forced_logits(runtime: Runtime, prompt_ids, continuation_ids, prompt=0) -> torch.Tensor:
+    """Logits [n, V] (float32, CPU) that predict each continuation token, from one forward over
+    prompt + continuation."""
+    prompt_ids, cont = list(prompt_ids), list(continuation_ids)
+    if not prompt_ids or not cont:
+        raise InputError("teacher forcing needs a non-empty prompt and continuation")
+    ids = _as_batch(prompt_ids + cont, runtime.device)
+    runtime.model.setup_caches(1, ids.shape[1])
+    runtime.model.trace_context = {"prompt": prompt, "step": 0}
+    logits = runtime.model.forward(ids, torch.arange(ids.shape[1], device=runtime.device))[0]
+    return logits[len(prompt_ids) - 1: -1].float().cpu()
+
+
+def fidelity(native_logits: torch.Tensor, our_logits: torch.Tensor, continuation_ids=None) -> dict:
+    """Compare [n, V] logits at the same positions. continuation_ids: the tokens native produced
+    (default: native's argmax, i.e. its greedy continuation)."""
+    native, ours = native_logits.float().cpu(), our_logits.float().cpu()
+    if native.shape != ours.shape:
+        raise InputError(f"logit shapes differ: native {tuple(native.shape)}, ours {tuple(ours.shape)}")
+    cont = native.argmax(-1) if continuation_ids is None else torch.as_tensor(list(continuation_ids))
+    log_n, log_o = native.log_softmax(-1), ours.log_softmax(-1)
+    kl = (log_n.exp() * (log_n - log_o)).sum(-1)
+    nll = -log_o.gather(-1, cont[:, None]).squeeze(-1)
+    return dict(top1_agreement=(native.argmax(-1) == ours.argmax(-1)).float().mean().item(),
+                mean_kl=kl.mean().item(), perplexity=math.exp(nll.mean().item()), positions=native.shape[0])

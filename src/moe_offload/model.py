@@ -1,0 +1,184 @@
+"""The Qwen3-MoE text decoder (also the Qwen3-Omni thinker's), built from the dense file and an ExpertCache.
+
+Plain PyTorch in the gpt-fast manner: one preallocated KV cache, `forward(input_ids, input_pos)`, and
+every numeric step written the way transformers writes it so logits match to float32 rounding.
+For text-only input the thinker's three MRoPE position streams are equal, which makes its interleaved
+MRoPE the standard rotate-half RoPE used here (the parity tests check this).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from .cache_policy import step_accesses
+from .errors import InputError
+from .expert_cache import ExpertCache
+from .layouts import Layout, TextConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers: variance in float32, normalise, cast back, then multiply by the weight
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, w: dict[str, torch.Tensor]):
+        super().__init__()
+        self.cfg = cfg
+        self.wq, self.wk, self.wv, self.wo = (w[f"self_attn.{p}_proj.weight"] for p in "qkvo")
+        self.q_norm, self.k_norm = w["self_attn.q_norm.weight"], w["self_attn.k_norm.weight"]
+        self.k_cache = self.v_cache = None
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        c = self.cfg
+        b, t, _ = x.shape
+        q = rms_norm(F.linear(x, self.wq).view(b, t, c.num_heads, c.head_dim), self.q_norm, c.rms_norm_eps)
+        k = rms_norm(F.linear(x, self.wk).view(b, t, c.num_kv_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
+        v = F.linear(x, self.wv).view(b, t, c.num_kv_heads, c.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        self.k_cache[:b, :, input_pos] = k
+        self.v_cache[:b, :, input_pos] = v
+        end = mask.shape[-1]  # only the cache prefix any query can see
+        y = F.scaled_dot_product_attention(q, self.k_cache[:b, :, :end], self.v_cache[:b, :, :end], attn_mask=mask,
+                                           scale=c.head_dim ** -0.5, enable_gqa=c.num_heads != c.num_kv_heads)
+        return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.wo)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, w: dict[str, torch.Tensor]):
+        super().__init__()
+        self.gate, self.up, self.down = (w[f"mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+
+    def forward(self, x):
+        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+
+class MoE(nn.Module):
+    """Router exactly as transformers' TopKRouter; experts fetched from the cache one at a time, in
+    `step_accesses` order, each applied as soon as it is fetched (a prefill may route to more unique
+    experts than the cache holds)."""
+
+    def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
+        super().__init__()
+        self.cfg, self.layer, self.router, self.cache, self.record = cfg, layer, w["mlp.gate.weight"], cache, record
+
+    def forward(self, x):
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        logits = F.linear(flat, self.router)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        top_w, top_i = torch.topk(probs, self.cfg.experts_per_token, dim=-1)
+        if self.cfg.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        top_w = top_w.to(logits.dtype)
+        chosen = top_i.tolist()  # one host sync per layer: the loads depend on it anyway
+        self.record(self.layer, chosen, top_w, b, t)
+        out = torch.zeros_like(flat)
+        for e in step_accesses(chosen):
+            gate, up, down = self.cache.get(self.layer, e)
+            tok, slot = torch.where(top_i == e)
+            xe = flat[tok]
+            ye = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down) * top_w[tok, slot, None]
+            out.index_add_(0, tok, ye)
+        return out.view(b, t, h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.attn = Attention(cfg, w)
+        self.mlp = MoE(cfg, layer, w, cache, record) if cfg.has_experts(layer) else DenseMLP(w)
+        self.ln1, self.ln2 = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        x = x + self.attn(rms_norm(x, self.ln1, self.eps), cos, sin, input_pos, mask)
+        return x + self.mlp(rms_norm(x, self.ln2, self.eps))
+
+
+class Transformer(nn.Module):
+    """`forward(input_ids [B,T], input_pos [T]) -> logits [B,T,V]` through the first `depth` layers."""
+
+    def __init__(self, cfg: TextConfig, layout: Layout, dense: dict[str, torch.Tensor], cache: ExpertCache,
+                 depth: int | None = None):
+        super().__init__()
+        depth = cfg.num_layers if depth is None else depth
+        if not 1 <= depth <= cfg.num_layers:
+            raise InputError(f"depth {depth} is out of range: the model has {cfg.num_layers} layers")
+        self.cfg, self.layout, self.depth = cfg, layout, depth
+        self.embed = dense[f"{layout.prefix}embed_tokens.weight"]
+        self.norm = dense[f"{layout.prefix}norm.weight"]
+        self.lm_head = dense.get(layout.lm_head)
+        if self.lm_head is None:
+            if not cfg.tie_word_embeddings:
+                raise InputError(f"dense file lacks {layout.lm_head}")
+            self.lm_head = self.embed
+        self.layers = nn.ModuleList(
+            Block(cfg, L, {k[len(layout.layer(L)):]: v for k, v in dense.items() if k.startswith(layout.layer(L))},
+                  cache, self.record)
+            for L in range(depth))
+        half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** half)
+        self.max_seq_len = 0
+        self.trace: list[dict] = []
+        self.trace_context: dict = {"prompt": 0, "step": 0}
+        self.record_trace = True
+        self._pos = None
+
+    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
+        c, ref = self.cfg, self.embed
+        if self.max_seq_len >= max_seq_len and self.layers[0].attn.k_cache.shape[0] >= max_batch:
+            return
+        for block in self.layers:
+            shape = (max_batch, c.num_kv_heads, max_seq_len, c.head_dim)
+            block.attn.k_cache = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            block.attn.v_cache = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+        freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1).to(ref.device)
+        self.rope_cos, self.rope_sin = emb.cos().to(ref.dtype), emb.sin().to(ref.dtype)  # cast like transformers
+        self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=ref.device).tril()
+        self.max_seq_len = max_seq_len
+
+    def record(self, layer: int, chosen: list[list[int]], weights: torch.Tensor, b: int, t: int) -> None:
+        if not self.record_trace:
+            return
+        w = weights.float().tolist()
+        prompt, step = self.trace_context["prompt"], self.trace_context["step"]
+        for i, (experts, ws) in enumerate(zip(chosen, w)):
+            row_b, row_t = divmod(i, t)
+            self.trace.append(dict(prompt=prompt[row_b] if isinstance(prompt, (list, tuple)) else prompt,
+                                   step=step, position=self._pos[row_t], layer=layer, experts=experts, weights=ws))
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        self._pos = input_pos.tolist()
+        end = self._pos[-1] + 1
+        if end > self.max_seq_len:
+            raise InputError(f"position {end - 1} is past the KV cache ({self.max_seq_len}): call setup_caches")
+        mask = self.causal[input_pos, :end]
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        x = F.embedding(input_ids, self.embed)
+        for block in self.layers:
+            x = block(x, cos, sin, input_pos, mask)
+        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+
+
+def load_dense(path: str | Path, layout: Layout, depth: int, device, dtype) -> dict[str, torch.Tensor]:
+    """The dense file's tensors that the first `depth` layers (plus embed, norm, lm_head) need."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"dense file {path} does not exist")
+    keep = lambda n: not n.startswith(f"{layout.prefix}layers.") or int(n[len(f"{layout.prefix}layers."):].split(".")[0]) < depth
+    return {k: v.to(device=device, dtype=dtype) for k, v in load_file(path).items() if keep(k)}

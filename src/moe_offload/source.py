@@ -1,0 +1,95 @@
+"""Getting the checkpoint (synthetic, local or Hugging Face hub) and describing it in a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import INDEX_NAME, Checkpoint, read_header
+from .errors import InputError
+from .layouts import Layout, TextConfig, detect, detect_checkpoint, layout_by_name, text_config_from_dict
+from .validate import hash_file
+
+# Files besides weight shards that a text run needs from a hub repo.
+HUB_SIDE_FILES = ["config.json", "generation_config.json", INDEX_NAME, "tokenizer*", "vocab.json", "merges.txt",
+                  "special_tokens_map.json", "chat_template*"]
+
+
+def planned_text_config(model_cfg: dict) -> tuple[Layout, TextConfig]:
+    """Layout and dimensions known before anything is built or fetched, so the DAG has every layer."""
+    source = model_cfg["source"]
+    if source == "synthetic":
+        from .synthetic import text_config
+
+        spec = model_cfg["synthetic"]
+        return layout_by_name(spec["layout"]), text_config_from_dict(text_config(spec))
+    if source == "local":
+        return detect_checkpoint(model_cfg["path"])
+    return detect(json.loads(Path(_hub_file(model_cfg, "config.json")).read_text()))
+
+
+def _hub_file(model_cfg: dict, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(model_cfg["repo_id"], filename, revision=model_cfg.get("revision"),
+                               cache_dir=model_cfg.get("cache_dir"))
+    except Exception as err:  # the hub client raises many types; all mean "could not get it"
+        raise InputError(f"could not get {filename} of {model_cfg['repo_id']}@{model_cfg.get('revision')}: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def fetch_hub(model_cfg: dict) -> Path:
+    """Download (resumably) only the shards holding tensors the text model or native baseline needs."""
+    from huggingface_hub import snapshot_download
+
+    layout, _ = detect(json.loads(Path(_hub_file(model_cfg, "config.json")).read_text()))
+    weight_map = json.loads(Path(_hub_file(model_cfg, INDEX_NAME)).read_text())["weight_map"]
+    shards = sorted({shard for name, shard in weight_map.items() if name.startswith(layout.native)})
+    try:
+        path = snapshot_download(model_cfg["repo_id"], revision=model_cfg.get("revision"),
+                                 cache_dir=model_cfg.get("cache_dir"), allow_patterns=HUB_SIDE_FILES + shards)
+    except Exception as err:
+        raise InputError(f"could not download {model_cfg['repo_id']}: {type(err).__name__}: {err}") from None
+    return Path(path)
+
+
+def obtain(model_cfg: dict, synthetic_dir: str | Path) -> Path:
+    source = model_cfg["source"]
+    if source == "synthetic":
+        from .synthetic import build_synthetic
+
+        return build_synthetic(synthetic_dir, model_cfg["synthetic"])
+    if source == "local":
+        return Path(model_cfg["path"])
+    if source == "hf":
+        return fetch_hub(model_cfg)
+    raise InputError(f"model.source {source!r} is not one of synthetic, local, hf")
+
+
+def build_manifest(checkpoint_dir: str | Path, source: dict, progress=None) -> dict:
+    """Check the checkpoint is whole (every shard's header fits its file) and record every file's hash."""
+    checkpoint_dir = Path(checkpoint_dir)
+    layout, cfg = detect_checkpoint(checkpoint_dir)
+    ckpt = Checkpoint(checkpoint_dir)
+    if not cfg.expert_layers or not any(".mlp.experts." in n for n in ckpt.weight_map if layout.in_component(n)):
+        raise InputError(f"{checkpoint_dir}: the checkpoint has no experts (layout {layout.name})")
+    for shard in ckpt.shard_names:
+        if (checkpoint_dir / shard).exists():
+            read_header(checkpoint_dir / shard)  # raises on a truncated shard or a corrupt header
+    files = []
+    for path in sorted(p for p in checkpoint_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+        files.append({"name": path.name, "size": path.stat().st_size, "xxh3_128": hash_file(path)})
+        if progress is not None:
+            progress.update(1)
+    return {
+        "path": str(checkpoint_dir.resolve()),
+        "source": source,
+        "layout": layout.name,
+        "num_layers": cfg.num_layers,
+        "num_experts": cfg.num_experts,
+        "experts_per_token": cfg.experts_per_token,
+        "expert_layers": cfg.expert_layers,
+        "text_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
+        "files": files,
+    }

@@ -1,0 +1,102 @@
+"""The workflow's steps as plain functions of (input, output, params, wildcards), plus the runner that
+workflow/scripts/*.py use: log to the rule's log file, and turn a failed check into one line on stderr
+and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .atomic import write_json
+from .errors import InputError
+
+log = logging.getLogger("moe_offload")
+
+
+def run_step(smk, step) -> None:
+    """Entry point for a Snakemake `script:`: runs step(smk) with logging to smk.log[0]."""
+    log_path = Path(smk.log[0]) if smk.log else None
+    handler = logging.FileHandler(log_path, mode="w") if log_path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    try:
+        step(smk)
+    except InputError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as err:
+        log.error("unexpected failure:\n%s", traceback.format_exc())
+        print(f"error: unexpected {type(err).__name__}: {err} (traceback in {log_path})", file=sys.stderr)
+        sys.exit(1)
+
+
+def progress_bar(smk, total: int, unit: str, desc: str) -> tqdm:
+    """A tqdm bar written into the rule's log, so long steps show progress in logs/."""
+    stream = open(smk.log[0], "a") if smk.log else sys.stderr
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, file=stream, mininterval=2.0)
+
+
+def _manifest(smk) -> dict:
+    return json.loads(Path(smk.input.manifest).read_text())
+
+
+def download(smk) -> None:
+    from .source import build_manifest, obtain
+
+    model_cfg = smk.params.model
+    path = obtain(model_cfg, smk.params.synthetic_dir)
+    log.info("checkpoint at %s", path)
+    files = [p for p in Path(path).iterdir() if p.is_file()]
+    with progress_bar(smk, len(files), "file", "hashing checkpoint") as bar:
+        manifest = build_manifest(path, model_cfg, bar)
+    write_json(smk.output[0], manifest)
+
+
+def extract_layer(smk) -> None:
+    from .extract import extract_layer as extract
+
+    manifest, layer = _manifest(smk), int(smk.wildcards.layer)
+    total = manifest["num_experts"] * 3 * manifest["text_config"]["hidden_size"] * manifest["text_config"]["moe_intermediate_size"] * 2
+    with progress_bar(smk, total, "B", f"layer {layer}") as bar:
+        nbytes = extract(manifest["path"], layer, smk.output[0], bar)
+    log.info("layer %d: wrote %d bytes of experts to %s", layer, nbytes, smk.output[0])
+
+
+def extract_dense(smk) -> None:
+    from .extract import extract_dense as extract
+
+    nbytes = extract(_manifest(smk)["path"], smk.output[0])
+    log.info("dense: wrote %d bytes to %s", nbytes, smk.output[0])
+
+
+def validate_layer(smk) -> None:
+    from .validate import validate_layer as validate
+
+    layer = int(smk.wildcards.layer)
+    report = validate(_manifest(smk)["path"], layer, smk.input.experts)
+    log.info("layer %d: %d tensors match the source", layer, len(report["tensors"]))
+    write_json(smk.output[0], report)
+
+
+def validate_dense(smk) -> None:
+    from .validate import validate_dense as validate
+
+    report = validate(_manifest(smk)["path"], smk.input.dense)
+    log.info("dense: %d tensors match the source", len(report["tensors"]))
+    write_json(smk.output[0], report)
+
+
+def validate_all(smk) -> None:
+    from .validate import validate_all as validate
+
+    dense = json.loads(Path(smk.input.dense).read_text())
+    layers = [json.loads(Path(p).read_text()) for p in smk.input.layers]
+    report = validate(_manifest(smk)["path"], dense, layers)
+    log.info("all %d tensors of the text model present exactly once", report["tensors"])
+    write_json(smk.output[0], report)

@@ -1,0 +1,143 @@
+"""Proof that extracted files hold exactly the source's bytes, and that nothing is missing or doubled.
+
+Both sides are read with our own header parser straight from the files at their declared offsets, a
+read path independent of the extractor's (which goes through the safetensors library). Expectations
+(which experts, which projections, shapes, dtypes) come from config.json, not from the extracted file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import xxhash
+
+from .checkpoint import Checkpoint, TensorInfo, header_tensors, read_header
+from .errors import InputError
+from .layouts import PROJECTIONS, detect, read_config
+
+CHUNK = 16 * 1024 * 1024
+TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def hash_tensor(info: TensorInfo) -> str:
+    h = xxhash.xxh3_128()
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        left = info.nbytes
+        while left:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                raise InputError(f"{info.file}: truncated inside {info.name}")
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def hash_file(path: str | Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _config_dtype(config: dict) -> str | None:
+    name = config.get("dtype") or config.get("torch_dtype")
+    return TORCH_TO_ST.get(name) if isinstance(name, str) else None
+
+
+def _check_tensors(ckpt: Checkpoint, extracted_path: Path, expected: list[str], label, shapes=None, dtype=None) -> dict:
+    """Compare every expected tensor of one extracted file with its source; label(name) names it in errors."""
+    extracted = header_tensors(extracted_path)
+    for name in expected:
+        if name not in extracted:
+            raise InputError(f"{label(name)}: missing from {extracted_path}")
+    extra = sorted(set(extracted) - set(expected))
+    if extra:
+        raise InputError(f"{extracted_path}: holds {len(extra)} unexpected tensors, e.g. {extra[0]}")
+    report = {}
+    for name in expected:
+        if name not in ckpt.weight_map:
+            raise InputError(f"{label(name)}: not in the source index {ckpt.path}")
+        ours, src = extracted[name], ckpt.info(name)
+        want_shape = shapes(name) if shapes else src.shape
+        if src.shape != want_shape:
+            raise InputError(f"{label(name)}: source {src.file.name} has shape {list(src.shape)}, config.json says {list(want_shape)}")
+        if ours.shape != want_shape:
+            raise InputError(f"{label(name)}: extracted shape {list(ours.shape)}, config.json says {list(want_shape)}")
+        want_dtype = dtype or src.dtype
+        if src.dtype != want_dtype or ours.dtype != want_dtype:
+            raise InputError(f"{label(name)}: dtype {ours.dtype} (source {src.dtype}), config.json says {want_dtype}")
+        ours_hash, src_hash = hash_tensor(ours), hash_tensor(src)
+        if ours_hash != src_hash:
+            raise InputError(f"{label(name)}: extracted bytes differ from source {src.file.name} (xxh3 {ours_hash} != {src_hash})")
+        report[name] = {"xxh3_128": ours_hash, "shape": list(ours.shape), "dtype": ours.dtype, "source": src.file.name}
+    return report
+
+
+def validate_layer(checkpoint_dir: str | Path, layer: int, extracted_path: str | Path) -> dict:
+    config = read_config(checkpoint_dir)
+    layout, cfg = detect(config)
+    cfg.check_layer(layer)
+    ckpt, extracted_path = Checkpoint(checkpoint_dir), Path(extracted_path)
+    meta = read_header(extracted_path)[0].get("__metadata__", {})
+    if meta.get("layer") != str(layer):
+        raise InputError(f"{extracted_path}: header says layer {meta.get('layer')}, expected layer {layer}")
+    expected = layout.expert_names(layer, cfg.num_experts)
+    shapes = cfg.expert_shapes()
+    prefix = layout.expert_prefix(layer)
+
+    def label(name: str) -> str:
+        expert, proj = name[len(prefix):].split(".")[:2]
+        return f"layer {layer} expert {expert} {proj}"
+
+    tensors = _check_tensors(ckpt, extracted_path, expected, label,
+                             shapes=lambda n: shapes[n.rsplit(".", 2)[-2]], dtype=_config_dtype(config))
+    # The cache reads one expert as one byte range: its three tensors must be adjacent, in order.
+    infos = header_tensors(extracted_path)
+    for e in range(cfg.num_experts):
+        parts = [infos[layout.expert(layer, e, p)] for p in PROJECTIONS]
+        if any(a.offset + a.nbytes != b.offset for a, b in zip(parts, parts[1:])):
+            raise InputError(f"layer {layer} expert {e}: its tensors are not one contiguous byte range in {extracted_path}")
+    return {"layer": layer, "file": str(extracted_path), "file_xxh3_128": hash_file(extracted_path),
+            "num_experts": cfg.num_experts, "tensors": tensors}
+
+
+def validate_dense(checkpoint_dir: str | Path, extracted_path: str | Path) -> dict:
+    config = read_config(checkpoint_dir)
+    layout, _ = detect(config)
+    ckpt = Checkpoint(checkpoint_dir)
+    tensors = _check_tensors(ckpt, Path(extracted_path), layout.dense_names(ckpt.weight_map), lambda n: f"dense tensor {n}",
+                             dtype=None)
+    return {"file": str(extracted_path), "file_xxh3_128": hash_file(extracted_path), "tensors": tensors}
+
+
+def validate_all(checkpoint_dir: str | Path, dense_report: dict, layer_reports: list[dict]) -> dict:
+    """Across the dense file and all layers, each tensor of the text model appears exactly once."""
+    layout, cfg = detect(read_config(checkpoint_dir))
+    ckpt = Checkpoint(checkpoint_dir)
+    got_layers = sorted(r["layer"] for r in layer_reports)
+    if got_layers != cfg.expert_layers:
+        missing = sorted(set(cfg.expert_layers) - set(got_layers))
+        raise InputError(f"expert layers {missing or got_layers} missing or unexpected among the checksum files")
+    seen = Counter(list(dense_report["tensors"]))
+    for report in layer_reports:
+        seen.update(list(report["tensors"]))
+    component = [name for name in ckpt.weight_map if layout.in_component(name)]
+    for name in component:
+        if seen[name] != 1:
+            raise InputError(f"tensor {name} appears {seen[name]} times across the extracted files, expected once")
+    extra = sorted(set(seen) - set(component))
+    if extra:
+        raise InputError(f"extracted files hold {extra[0]}, which is not a tensor of the source's text model")
+    return {
+        "checkpoint": str(Path(checkpoint_dir).resolve()),
+        "layout": layout.name,
+        "tensors": len(component),
+        "dense": {"file": dense_report["file"], "file_xxh3_128": dense_report["file_xxh3_128"],
+                  "tensors": len(dense_report["tensors"])},
+        "layers": {str(r["layer"]): {"file": r["file"], "file_xxh3_128": r["file_xxh3_128"], "tensors": len(r["tensors"])}
+                   for r in sorted(layer_reports, key=lambda r: r["layer"])},
+        "valid": True,
+    }

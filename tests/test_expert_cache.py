@@ -1,0 +1,129 @@
+"""ExpertCache: exact bytes from one read per miss, counters that agree with cache_policy, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_offload.cache_policy import Scoped
+from moe_offload.checkpoint import Checkpoint, read_bytes
+from moe_offload.errors import InputError
+from moe_offload.expert_cache import ExpertCache
+from moe_offload.extract import extract_layer
+from moe_offload.layouts import PROJECTIONS, detect_checkpoint
+from moe_offload.synthetic import build_synthetic
+
+SPEC = dict(layout="qwen3_omni_thinker", num_layers=3, num_experts=8, experts_per_token=2, hidden_size=32,
+            moe_intermediate_size=16, num_heads=2, num_kv_heads=1, head_dim=16, seed=0, max_shard_size="200KB")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    ckpt = build_synthetic(root / "ckpt", SPEC)
+    layout, cfg = detect_checkpoint(ckpt)
+    files = {L: root / f"layer_{L}.safetensors" for L in cfg.expert_layers}
+    for L, path in files.items():
+        extract_layer(ckpt, L, path)
+    return ckpt, layout, cfg, files
+
+
+def make(setup, capacity=4, **kw):
+    _, layout, _, files = setup
+    return ExpertCache(files, layout, capacity, **kw)
+
+
+def test_get_returns_the_checkpoint_tensors(setup):
+    ckpt_dir, layout, cfg, _ = setup
+    ckpt = Checkpoint(ckpt_dir)
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = make(setup, capacity=cfg.num_experts, dtype=dtype)
+        for L in cfg.expert_layers:
+            for e in (0, 3, cfg.num_experts - 1):
+                for proj, got in zip(PROJECTIONS, cache.get(L, e)):
+                    info = ckpt.info(layout.expert(L, e, proj))
+                    want = torch.frombuffer(bytearray(read_bytes(info)), dtype=torch.bfloat16).view(info.shape)
+                    assert got.dtype == dtype and got.shape == want.shape
+                    assert torch.equal(got, want.to(dtype))
+
+
+def test_one_read_of_exactly_the_expert_bytes_per_miss(setup, monkeypatch):
+    _, _, cfg, _ = setup
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: reads.append(sum(len(b) for b in bufs)) or real(fd, bufs, off))
+    cache = make(setup, capacity=2)
+    for L, e in [(0, 1), (0, 2), (0, 1), (0, 5), (1, 0), (0, 2)]:
+        cache.get(L, e)
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    s = cache.stats()
+    assert cache.expert_bytes(0, 1) == expert_bytes
+    assert len(reads) == s["misses"] == 5 and all(n == expert_bytes for n in reads)
+    assert s["bytes_loaded"] == s["misses"] * expert_bytes
+    assert s["hits"] == 1 and s["evictions"] == 2  # (0,5) evicts (0,2), then (0,2) evicts (0,1)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+def test_counters_agree_with_cache_policy(setup, policy, scope):
+    _, _, cfg, files = setup
+    rng = random.Random(1)
+    keys = [(rng.choice(sorted(files)), min(int(rng.expovariate(0.4)), cfg.num_experts - 1)) for _ in range(300)]
+    capacity = 3
+    cache = make(setup, capacity=capacity, scope=scope, policy=policy)
+    ref, hits, evictions = Scoped(policy, scope, capacity), 0, 0
+    for key in keys:
+        first = cache.get(*key)
+        assert cache.get(*key) is first  # an immediate re-get is a hit on the same tensors
+        hit, evicted = ref.access(key)
+        ref.access(key)
+        hits += hit + 1
+        evictions += evicted is not None
+        pools = len(files) if scope == "per_layer" else 1
+        assert key in cache.resident and len(cache.resident) <= capacity * pools
+    s = cache.stats()
+    assert (s["hits"], s["misses"], s["evictions"]) == (hits, 2 * len(keys) - hits, evictions)
+    cache.reset_stats()
+    assert cache.stats()["misses"] == 0 and cache.stats()["bytes_loaded"] == 0
+
+
+def test_capacity_below_top_k_is_rejected(setup):
+    _, _, cfg, _ = setup
+    with pytest.raises(InputError, match="experts_per_token"):
+        make(setup, capacity=cfg.experts_per_token - 1)  # top-k read from the files' metadata
+    with pytest.raises(InputError, match="experts_per_token 5"):
+        make(setup, capacity=4, experts_per_token=5)
+    make(setup, capacity=cfg.experts_per_token)
+
+
+def test_missing_layer_file_is_rejected(setup, tmp_path):
+    _, layout, _, files = setup
+    with pytest.raises(InputError, match=r"layer 7 .*nope\.safetensors"):
+        ExpertCache({**files, 7: tmp_path / "nope.safetensors"}, layout, 4)
+    with pytest.raises(InputError, match="no expert file was given for layer 9"):
+        make(setup).get(9, 0)
+    with pytest.raises(InputError, match="asked for 8"):
+        make(setup).get(0, 8)
+
+
+def test_experts_must_be_contiguous(setup, tmp_path):
+    """A file whose experts are not one byte range each (projection-major order) is refused."""
+    _, layout, cfg, files = setup
+    tensors = load_file(files[0])
+    names = [layout.expert(0, e, p) for p in PROJECTIONS for e in range(cfg.num_experts)]
+    header, offset, blobs = {"__metadata__": {"num_experts": str(cfg.num_experts)}}, 0, []
+    for name in names:
+        blob = tensors[name].contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    raw = json.dumps(header).encode()
+    path = tmp_path / "layer_0.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+    with pytest.raises(InputError, match="expert 0's tensors are not one contiguous byte range"):
+        ExpertCache({0: path}, layout, 4)

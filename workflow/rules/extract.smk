@@ -1,0 +1,41 @@
+rule extract_layer:
+    input:
+        manifest="results/model/manifest.json",
+    output:
+        "results/experts/layer_{layer}.safetensors",
+    log:
+        "logs/extract/layer_{layer}.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    wildcard_constraints:
+        layer=r"\d+",
+    resources:
+        mem_mb=EXTRACT_MEM_MB,
+    script:
+        "../scripts/extract_layer.py"
+
+
+rule extract_dense:
+    input:
+        manifest="results/model/manifest.json",
+    output:
+        "results/experts/dense.safetensors",
+    log:
+        "logs/extract/dense.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    resources:
+        mem_mb=config["resources"]["base_mem_mb"],
+    script:
+        "../scripts/extract_dense.py"
+
+
+# `snakemake extract_layer_17`: one named target per expert layer, extracted and validated.
+for layer in EXPERT_LAYERS:
+
+    rule:
+        name:
+            f"extract_layer_{layer}"
+        input:
+            f"results/checksums/layer_{layer}.json",
+        localrule: True

@@ -1,0 +1,47 @@
+rule validate_layer:
+    input:
+        manifest="results/model/manifest.json",
+        experts="results/experts/layer_{layer}.safetensors",
+    output:
+        "results/checksums/layer_{layer}.json",
+    log:
+        "logs/validate/layer_{layer}.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    wildcard_constraints:
+        layer=r"\d+",
+    script:
+        "../scripts/validate_layer.py"
+
+
+rule validate_dense:
+    input:
+        manifest="results/model/manifest.json",
+        dense="results/experts/dense.safetensors",
+    output:
+        "results/checksums/dense.json",
+    log:
+        "logs/validate/dense.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    script:
+        "../scripts/validate_dense.py"
+
+
+rule validate_all:
+    input:
+        manifest="results/model/manifest.json",
+        dense="results/checksums/dense.json",
+        layers=layer_checksums,
+    output:
+        report(
+            "results/checksums/all.json",
+            caption="../report/checksums.rst",
+            category="Validation",
+        ),
+    log:
+        "logs/validate/all.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    script:
+        "../scripts/validate_all.py"

@@ -185,3 +185,17 @@ def test_bfloat16_compute_stays_close(model):
     f = fidelity(native, teacher_forced_logits(rt, prompt, cont), cont)
     print(model["name"], f)
     assert f["top1_agreement"] >= 0.8 and f["mean_kl"] < 0.05
+
+
+def test_runtime_rejects_bad_arguments(model, tmp_path):
+    from moe_offload.errors import InputError
+
+    k = model["cfg"].experts_per_token
+    with pytest.raises(InputError, match=f"cache capacity {k - 1} is below experts_per_token {k}"):
+        model["runtime"](capacity=k - 1)
+    with pytest.raises(InputError, match="depth 5 is out of range"):
+        model["runtime"](depth=5)
+    with pytest.raises(InputError, match="expert file for layer 0 does not exist"):
+        load_runtime(tmp_path / "dense.safetensors", tmp_path, model["ckpt"])
+    with pytest.raises(InputError, match="max_new_tokens"):
+        generate(model["runtime"](), model["cases"][0]["ids"], 0)

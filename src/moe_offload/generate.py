@@ -53,6 +53,8 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
         raise InputError(f"depth {depth} is out of range: the model has {cfg.num_layers} layers")
     device = torch.device(device)
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise InputError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16)")
         dtype = getattr(torch, dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     needed = [L for L in cfg.expert_layers if L < depth]
@@ -61,7 +63,7 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
     missing = [L for L in needed if L not in layer_files]
     if missing:
         raise InputError(f"no expert file given for layer(s) {missing}")
-    cache = ExpertCache({L: layer_files[L] for L in needed}, layout, capacity or cfg.num_experts, scope, policy,
+    cache = ExpertCache({L: layer_files[L] for L in needed}, layout, cfg.num_experts if capacity is None else capacity, scope, policy,
                         device, dtype, pin_memory, experts_per_token=cfg.experts_per_token, side_stream=side_stream)
     model = Transformer(cfg, layout, load_dense(dense_path, layout, depth, device, dtype), cache, depth)
     return Runtime(model, cache, layout, cfg, device, dtype)
@@ -111,6 +113,8 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
              prompt=0, return_logits: bool = False) -> Generation:
     """Greedy (temperature 0) or sampled generation. `prompt` labels the trace rows (an id, or one per row)."""
     model, device = runtime.model, runtime.device
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = _as_batch(input_ids, device)
     b, t = ids.shape
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from .cache_policy import step_accesses
@@ -140,8 +140,10 @@ class Transformer(nn.Module):
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         c, ref = self.cfg, self.embed
-        if self.max_seq_len >= max_seq_len and self.layers[0].attn.k_cache.shape[0] >= max_batch:
-            return
+        have_batch = 0 if self.layers[0].attn.k_cache is None else self.layers[0].attn.k_cache.shape[0]
+        if self.max_seq_len >= max_seq_len and have_batch >= max_batch:
+            return  # positions past the current one are masked, so stale cache entries are harmless
+        max_batch, max_seq_len = max(max_batch, have_batch), max(max_seq_len, self.max_seq_len)
         for block in self.layers:
             shape = (max_batch, c.num_kv_heads, max_seq_len, c.head_dim)
             block.attn.k_cache = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
@@ -180,5 +182,10 @@ def load_dense(path: str | Path, layout: Layout, depth: int, device, dtype) -> d
     path = Path(path)
     if not path.is_file():
         raise InputError(f"dense file {path} does not exist")
-    keep = lambda n: not n.startswith(f"{layout.prefix}layers.") or int(n[len(f"{layout.prefix}layers."):].split(".")[0]) < depth
-    return {k: v.to(device=device, dtype=dtype) for k, v in load_file(path).items() if keep(k)}
+    layers = f"{layout.prefix}layers."
+
+    def keep(name: str) -> bool:
+        return not name.startswith(layers) or int(name[len(layers):].split(".")[0]) < depth
+
+    with safe_open(path, framework="pt") as f:  # read only the tensors kept, not the whole file
+        return {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys() if keep(k)}

@@ -39,16 +39,22 @@ def _hub_file(model_cfg: dict, filename: str) -> str:
                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
+def hub_patterns(config: dict, weight_map: dict[str, str]) -> list[str]:
+    """The side files plus only the shards holding tensors that the native text model loads (for
+    Qwen3-Omni: the thinker's, not the talker's or code2wav's)."""
+    layout, _ = detect(config)
+    return HUB_SIDE_FILES + sorted({shard for name, shard in weight_map.items() if name.startswith(layout.native)})
+
+
 def fetch_hub(model_cfg: dict) -> Path:
     """Download (resumably) only the shards holding tensors the text model or native baseline needs."""
     from huggingface_hub import snapshot_download
 
-    layout, _ = detect(json.loads(Path(_hub_file(model_cfg, "config.json")).read_text()))
+    config = json.loads(Path(_hub_file(model_cfg, "config.json")).read_text())
     weight_map = json.loads(Path(_hub_file(model_cfg, INDEX_NAME)).read_text())["weight_map"]
-    shards = sorted({shard for name, shard in weight_map.items() if name.startswith(layout.native)})
     try:
         path = snapshot_download(model_cfg["repo_id"], revision=model_cfg.get("revision"),
-                                 cache_dir=model_cfg.get("cache_dir"), allow_patterns=HUB_SIDE_FILES + shards)
+                                 cache_dir=model_cfg.get("cache_dir"), allow_patterns=hub_patterns(config, weight_map))
     except Exception as err:
         raise InputError(f"could not download {model_cfg['repo_id']}: {type(err).__name__}: {err}") from None
     return Path(path)

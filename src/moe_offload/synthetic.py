@@ -89,6 +89,8 @@ def _omni_model(spec: dict):
         thinker_config=dict(
             text_config=text,
             initializer_range=text["initializer_range"],
+            # The hub config carries this id; transformers' text-only rope-index path reads it.
+            vision_start_token_id=151652,
             audio_config=dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
                               output_dim=hidden, num_mel_bins=16, downsample_hidden_size=8),
             vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,

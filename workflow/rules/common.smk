@@ -1,11 +1,15 @@
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from moe_offload.errors import InputError
+from moe_offload.errors import InputError, config_error_line
 from moe_offload.source import planned_text_config
 
-validate(config, schema="../schemas/config.schema.yaml")
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as err:
+    sys.exit(config_error_line(err))
 
 try:
     LAYOUT, TEXT = planned_text_config(config["model"])

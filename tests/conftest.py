@@ -1,0 +1,61 @@
+"""Shared fixtures: seeded synthetic checkpoints and a scratch copy of the workflow to run Snakemake in."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_offload.synthetic import build_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles"]
+
+# Small enough to build and extract in about a second; shards of 64 KB make several layers'
+# experts straddle shard boundaries, like layers 1 and 5 of the real checkpoint.
+SMALL = dict(num_layers=8, num_experts=16, experts_per_token=4, hidden_size=64, moe_intermediate_size=32,
+             num_heads=4, num_kv_heads=2, head_dim=16, seed=0, max_shard_size="64KB", mlp_only_layers=[])
+
+
+def small_spec(layout: str = "qwen3_omni_thinker", **overrides) -> dict:
+    return {**SMALL, "layout": layout, **overrides}
+
+
+@pytest.fixture(scope="session")
+def omni_ckpt(tmp_path_factory) -> Path:
+    return build_synthetic(tmp_path_factory.mktemp("omni") / "ckpt", small_spec())
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_ckpt(tmp_path_factory) -> Path:
+    # layer 2 has no experts: its MLP is dense and belongs to the dense file
+    return build_synthetic(tmp_path_factory.mktemp("qwen3moe") / "ckpt", small_spec("qwen3_moe", mlp_only_layers=[2]))
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A copy of the workflow, so each test has its own results/, logs/ and .snakemake/."""
+    wd = tmp_path / "wf"
+    wd.mkdir()
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / name)
+    return wd
+
+
+def set_config(workdir: Path, **sections) -> None:
+    """Overwrite top-level sections of the scratch workflow's config/config.yaml."""
+    path = workdir / "config" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
+                          timeout=timeout)

@@ -10,6 +10,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/validate.smk"
+include: "workflow/rules/generate.smk"
 
 
 rule all:

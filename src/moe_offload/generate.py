@@ -27,6 +27,7 @@ class Runtime:
     config: TextConfig
     device: torch.device
     dtype: torch.dtype
+    dense_bytes: int  # the dense weights held, in the compute dtype (experts are the cache's)
 
 
 @dataclass
@@ -65,8 +66,9 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
         raise InputError(f"no expert file given for layer(s) {missing}")
     cache = ExpertCache({L: layer_files[L] for L in needed}, layout, cfg.num_experts if capacity is None else capacity, scope, policy,
                         device, dtype, pin_memory, experts_per_token=cfg.experts_per_token, side_stream=side_stream)
-    model = Transformer(cfg, layout, load_dense(dense_path, layout, depth, device, dtype), cache, depth)
-    return Runtime(model, cache, layout, cfg, device, dtype)
+    dense = load_dense(dense_path, layout, depth, device, dtype)
+    model = Transformer(cfg, layout, dense, cache, depth)
+    return Runtime(model, cache, layout, cfg, device, dtype, sum(t.numel() * t.element_size() for t in dense.values()))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

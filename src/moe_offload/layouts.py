@@ -24,6 +24,7 @@ class Layout:
     lm_head: str
     component: tuple[str, ...]  # name prefixes of every tensor the text model owns
     native: str  # prefix of what transformers' native text-generation class loads (thinker: + audio, vision)
+    native_class: str  # that class, in transformers
 
     def layer(self, layer: int) -> str:
         return f"{self.prefix}layers.{layer}."
@@ -58,6 +59,7 @@ LAYOUTS = (
         lm_head="thinker.lm_head.weight",
         component=("thinker.model.", "thinker.lm_head."),
         native="thinker.",
+        native_class="Qwen3OmniMoeThinkerForConditionalGeneration",
     ),
     Layout(
         name="qwen3_moe",
@@ -67,6 +69,7 @@ LAYOUTS = (
         lm_head="lm_head.weight",
         component=("model.", "lm_head."),
         native="",
+        native_class="Qwen3MoeForCausalLM",
     ),
 )
 

@@ -100,3 +100,26 @@ def validate_all(smk) -> None:
     report = validate(_manifest(smk)["path"], dense, layers)
     log.info("all %d tensors of the text model present exactly once", report["tensors"])
     write_json(smk.output[0], report)
+
+
+def generate_native(smk) -> None:
+    from .sweep import run_native
+
+    run = smk.params.run
+    impl = smk.params.experts_implementation
+    result = run_native(_manifest(smk)["path"], list(smk.params.prompts), run["max_new_tokens"], run["device"],
+                        run["dtype"], smk.output.json, smk.output.logits, None if impl == "default" else impl)
+    log.info("native: load %.2f s, decode %.2f tok/s on %s", result["load_s"], result["tok_s"], result["device"])
+
+
+def generate_depth(smk) -> None:
+    from .sweep import run_depth
+
+    run, depth = smk.params.run, int(smk.wildcards.depth)
+    layer_files = {int(Path(p).stem.split("_")[1]): Path(p) for p in smk.input.layers}
+    native = json.loads(Path(smk.input.native).read_text())
+    result = run_depth(_manifest(smk)["path"], smk.input.dense, layer_files, depth, dict(smk.params.cache),
+                       run["device"], run["dtype"], run["max_new_tokens"], native, smk.input.native_logits,
+                       smk.output.json, smk.output.trace)
+    log.info("depth %d: decode %.2f tok/s, hit rate %s, top-1 agreement %.3f", depth, result["tok_s"],
+             result["cache"]["hit_rate"], result["fidelity"]["top1_agreement"])

@@ -23,6 +23,14 @@ EXTRACT_MEM_MB = int(
     + config["resources"]["base_mem_mb"]
 )
 
+# transformers' native model holds every expert: about 2.5x its bf16 size in float32 on CPU
+NATIVE_MEM_MB = int(
+    2.5
+    * (len(EXPERT_LAYERS) * LAYER_BYTES + 2 * TEXT.vocab_size * TEXT.hidden_size * 2)
+    / 2**20
+    + config["resources"]["base_mem_mb"]
+)
+
 
 def model_source():
     """Only the settings of the active source, so that editing another source's settings reruns nothing."""
@@ -37,3 +45,31 @@ def model_source():
 
 def layer_checksums(wildcards):
     return expand("results/checksums/layer_{layer}.json", layer=EXPERT_LAYERS)
+
+
+# Depths past the model are dropped; the full depth is always run (it is the parity check).
+DEPTHS = sorted(
+    {d for d in config["generate"]["depths"] if d <= TEXT.num_layers}
+    | {TEXT.num_layers}
+)
+FULL_DEPTH = TEXT.num_layers
+
+
+def generate_params():
+    """Plain values (not functions of input), so Snakemake's params trigger tracks them."""
+    return {
+        key: config["generate"][key] for key in ("max_new_tokens", "device", "dtype")
+    }
+
+
+def depth_layers(wildcards):
+    """A depth-N run needs layers 0..N-1 extracted and validated, nothing more."""
+    layers = [layer for layer in EXPERT_LAYERS if layer < int(wildcards.depth)]
+    return {
+        "layers": expand("results/experts/layer_{layer}.safetensors", layer=layers),
+        "checksums": expand("results/checksums/layer_{layer}.json", layer=layers),
+    }
+
+
+def gpu_count():
+    return 1 if config["generate"]["device"].startswith("cuda") else 0

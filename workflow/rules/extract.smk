@@ -5,10 +5,10 @@ rule extract_layer:
         "results/experts/layer_{layer}.safetensors",
     log:
         "logs/extract/layer_{layer}.log",
-    conda:
-        "../envs/moe-offload.yaml"
     wildcard_constraints:
         layer=r"\d+",
+    conda:
+        "../envs/moe-offload.yaml"
     resources:
         mem_mb=EXTRACT_MEM_MB,
     script:

@@ -6,10 +6,10 @@ rule validate_layer:
         "results/checksums/layer_{layer}.json",
     log:
         "logs/validate/layer_{layer}.log",
-    conda:
-        "../envs/moe-offload.yaml"
     wildcard_constraints:
         layer=r"\d+",
+    conda:
+        "../envs/moe-offload.yaml"
     script:
         "../scripts/validate_layer.py"
 

@@ -1,0 +1,66 @@
+"""Memory measured from inside the process, next to the bound it should be compared with.
+
+Host: resident set size, with the kernel's high-water mark reset after loading (Linux clear_refs) so
+the generation peak is not the loading peak. GPU: torch's max allocated bytes, reset the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def _hwm() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class MemoryMeter:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline_rss = psutil.Process().memory_info().rss
+        self.phases: dict[str, dict] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self._hwm_resets = True
+        except OSError:
+            self._hwm_resets = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def end_phase(self, name: str) -> None:
+        """Record the peak since the last phase ended (or since the process started, where the kernel
+        cannot reset its high-water mark: `peak_is_since_start` says so)."""
+        rss = psutil.Process().memory_info().rss
+        phase = {"peak_rss_bytes": max(_hwm() or rss, rss), "rss_bytes": rss,
+                 "peak_is_since_start": not self._hwm_resets}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            phase["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        self.phases[name] = phase
+        self._reset()
+
+    def report(self, bound: dict | None = None) -> dict:
+        out = {"baseline_rss_bytes": self.baseline_rss, **{f"{k}": v for k, v in self.phases.items()}}
+        if bound is not None:
+            out["bound"] = bound
+            gen = self.phases.get("generate", {})
+            used = gen.get("cuda_max_allocated_bytes", gen.get("peak_rss_bytes", 0) - self.baseline_rss)
+            out["generate_peak_over_baseline_bytes"] = used
+            out["ratio_to_bound"] = used / bound["total_bytes"] if bound.get("total_bytes") else None
+        return out
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

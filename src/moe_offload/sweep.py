@@ -1,0 +1,165 @@
+"""One generation run as the workflow records it: transformers' native model, or ours at a depth.
+
+Both write the same JSON shape: `prompts` ({prompt, input_ids, output_ids, text}), load_s, decode tok/s
+(prefill apart), peak memory next to its bound, and the device. Depth runs add the cache counters,
+fidelity against native (teacher-forced on native's tokens) and a router trace for cache profiling.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from .atomic import atomic_path, write_json
+from .errors import InputError
+from .memory import MemoryMeter, dtype_bytes
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("generate.device is cuda but no CUDA device is available")
+    return device
+
+
+def _environment(device: torch.device, dtype: torch.dtype) -> dict:
+    env = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "host": platform.node(),
+           "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _kv_bytes(cfg, layers: int, seq_len: int, dtype: torch.dtype) -> int:
+    return 2 * layers * cfg.num_kv_heads * seq_len * cfg.head_dim * dtype_bytes(dtype)
+
+
+def _decode_rate(runs: list[dict]) -> float:
+    tokens = sum(max(len(r["output_ids"]) - 1, 0) for r in runs)
+    seconds = sum(r["decode_s"] for r in runs)
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def run_native(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
+               out_json, out_logits, experts_implementation: str | None = None) -> dict:
+    from .layouts import detect_checkpoint
+    from .native import load_native, native_generate, native_teacher_forced_logits
+
+    device, torch_dtype = _device(device), getattr(torch, dtype)
+    _, cfg = detect_checkpoint(checkpoint_dir)
+    tok = AutoTokenizer.from_pretrained(checkpoint_dir)
+    meter = MemoryMeter(device)
+    start = time.perf_counter()
+    model = load_native(checkpoint_dir, device, torch_dtype, experts_implementation)
+    load_s = time.perf_counter() - start
+    meter.end_phase("load")
+    runs = []
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        run = native_generate(model, ids, max_new_tokens, tok.eos_token_id)
+        runs.append({"prompt": prompt, "input_ids": ids, **run,
+                     "text": tok.decode(run["output_ids"], skip_special_tokens=True)})
+    meter.end_phase("generate")
+    logits = {f"prompt_{i}": native_teacher_forced_logits(model, r["input_ids"], r["output_ids"]).contiguous()
+              for i, r in enumerate(runs)}
+    with atomic_path(out_logits) as tmp:
+        save_file(logits, tmp)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
+    kv = _kv_bytes(cfg, cfg.num_layers, seq, torch_dtype)
+    result = {"kind": "native", "model_class": type(model).__name__, **_environment(device, torch_dtype),
+              "experts_implementation": experts_implementation or "default", "load_s": load_s,
+              "tok_s": _decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
+              "memory": meter.report({"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv}),
+              "prompts": runs}
+    write_json(out_json, result)
+    return result
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: int, cache: dict, device: str,
+              dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace) -> dict:
+    from .generate import fidelity, generate, load_runtime, teacher_forced_logits
+
+    device, torch_dtype = _device(device), getattr(torch, dtype)
+    tok = AutoTokenizer.from_pretrained(checkpoint_dir)
+    meter = MemoryMeter(device)
+    start = time.perf_counter()
+    rt = load_runtime(dense_path, layer_files, checkpoint_dir, depth=depth, capacity=cache["capacity"],
+                      scope=cache["scope"], policy=cache["policy"], device=str(device), dtype=torch_dtype,
+                      pin_memory=cache.get("pin_memory", False), side_stream=cache.get("side_stream", False))
+    load_s = time.perf_counter() - start
+    meter.end_phase("load")
+    runs, prefill_stats, decode_stats = [], [], []
+    for i, ref in enumerate(native_json["prompts"]):
+        # the very input ids native used, so both sides see the same tokens
+        g = generate(rt, ref["input_ids"], max_new_tokens, eos_token_id=tok.eos_token_id, prompt=i)
+        out = g.tokens[0]
+        runs.append({"prompt": ref["prompt"], "input_ids": ref["input_ids"], "output_ids": out,
+                     "text": tok.decode(out, skip_special_tokens=True), "prefill_s": g.prefill_seconds,
+                     "decode_s": g.decode_seconds, "tok_s": g.decode_tokens_per_second,
+                     "tokens_identical_to_native": out == ref["output_ids"],
+                     "first_difference": _first_difference(out, ref["output_ids"])})
+        prefill_stats.append(g.prefill_stats)
+        decode_stats.append(g.decode_stats)
+    meter.end_phase("generate")
+    counters = rt.cache.stats()  # generation only: taken before the fidelity pass below
+    trace = pd.DataFrame(rt.model.trace, columns=["prompt", "step", "position", "layer", "experts", "weights"])
+    with atomic_path(out_trace) as tmp:
+        trace.to_parquet(tmp, index=False)
+
+    rt.model.record_trace = False
+    native_logits = load_file(native_logits_path)
+    scores, max_diff = [], 0.0
+    for i, (run, ref) in enumerate(zip(runs, native_json["prompts"])):
+        ours = teacher_forced_logits(rt, ref["input_ids"], ref["output_ids"], prompt=i)
+        theirs = native_logits[f"prompt_{i}"]
+        scores.append(fidelity(theirs, ours, ref["output_ids"]))
+        max_diff = max(max_diff, (theirs - ours).abs().max().item())
+        run["fidelity"] = scores[-1]
+    cfg = rt.config
+    layers = [L for L in cfg.expert_layers if L < depth]
+    experts_held = (min(rt.cache.capacity, cfg.num_experts) * len(layers) if cache["scope"] == "per_layer"
+                    else min(rt.cache.capacity, cfg.num_experts * len(layers)))
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype_bytes(torch_dtype)
+    dense_bytes = rt.dense_bytes
+    seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
+    kv = _kv_bytes(cfg, depth, seq, torch_dtype)
+    bound = {"dense_bytes": dense_bytes, "expert_cache_bytes": experts_held * expert_bytes, "experts_held": experts_held,
+             "kv_cache_bytes": kv, "total_bytes": dense_bytes + experts_held * expert_bytes + kv}
+    result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **_environment(device, torch_dtype),
+              "load_s": load_s, "tok_s": _decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
+              "memory": meter.report(bound),
+              "cache": {**cache, "capacity": rt.cache.capacity, **counters,
+                        "prefill": _sum(prefill_stats), "decode": _sum(decode_stats)},
+              "fidelity": {"top1_agreement": _mean(scores, "top1_agreement"), "mean_kl": _mean(scores, "mean_kl"),
+                           "perplexity": _mean(scores, "perplexity"), "max_abs_logit_diff": max_diff,
+                           "tokens_identical": all(r["tokens_identical_to_native"] for r in runs)},
+              "trace": str(out_trace), "prompts": runs}
+    write_json(out_json, result)
+    return result
+
+
+def _sum(stats: list[dict]) -> dict:
+    keys = [k for k in stats[0] if k != "hit_rate"] if stats else []
+    total = {k: sum(s[k] for s in stats) for k in keys}
+    if "hits" in total:
+        n = total["hits"] + total["misses"]
+        total["hit_rate"] = total["hits"] / n if n else None
+    return total
+
+
+def _mean(scores: list[dict], key: str) -> float:
+    return sum(s[key] for s in scores) / len(scores)

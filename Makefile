@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TARGET ?= results/checksums/all.json
+TARGET ?= results/compare.json
 
 .PHONY: run test lint dry-run clean
 

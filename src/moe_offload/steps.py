@@ -123,3 +123,71 @@ def generate_depth(smk) -> None:
                        smk.output.json, smk.output.trace)
     log.info("depth %d: decode %.2f tok/s, hit rate %s, top-1 agreement %.3f", depth, result["tok_s"],
              result["cache"]["hit_rate"], result["fidelity"]["top1_agreement"])
+
+
+def profile_cache(smk) -> None:
+    import pandas as pd
+
+    from .profile import default_capacities, profile_cache as profile
+
+    manifest, params = _manifest(smk), smk.params.profile
+    cfg = manifest["text_config"]
+    k, experts = manifest["experts_per_token"], manifest["num_experts"]
+    per_layer = params["capacities"] or default_capacities(k, experts)
+    trace = pd.read_parquet(smk.input.trace)
+    layers = trace["layer"].nunique()
+    expert_bytes = 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * 2  # the checkpoint's bf16 experts
+    table, summary = profile(trace, per_layer, [c * layers for c in per_layer], expert_bytes, experts, k,
+                             params["hit_rate_target"])
+    from .atomic import atomic_path
+
+    with atomic_path(smk.output.csv) as tmp:
+        table.to_csv(tmp, index=False)
+    write_json(smk.output.json, {"trace": str(smk.input.trace), "hit_rate_target": params["hit_rate_target"],
+                                 "recommendation": recommend(summary, layers), "summary": summary})
+    log.info("profiled %d accesses over %d tokens", summary["accesses"], summary["tokens"])
+
+
+def recommend(summary: dict, layers: int) -> dict:
+    """The cheapest online policy and scope that reaches the target, next to Belady's floor."""
+    targets = summary["smallest_capacity_for_target"]
+    online = [(t["memory_bytes"], policy, scope, t) for policy in ("lru", "lfu") for scope, t in targets[policy].items()
+              if t is not None]
+    if not online:
+        return {"reached": False, "text": f"no simulated capacity of an online policy reaches hit rate "
+                                          f"{summary['hit_rate_target']}: hold every expert or accept misses"}
+    memory, policy, scope, best = min(online)
+    floor = targets["belady"][scope]
+    unit = "experts per layer" if scope == "per_layer" else f"experts in one pool for {layers} layers"
+    return {"reached": True, "policy": policy, "scope": scope, "capacity": best["capacity"],
+            "hit_rate": best["hit_rate"], "memory_bytes": memory,
+            "belady_capacity": floor["capacity"] if floor else None,
+            "text": f"{policy.upper()} with {best['capacity']} {unit} reaches hit rate {best['hit_rate']:.3f} "
+                    f"holding {memory / 2**20:.1f} MiB of experts; Belady's optimum needs "
+                    f"{floor['capacity'] if floor else '?'}"}
+
+
+def plots(smk) -> None:
+    import pandas as pd
+
+    from .compare import memory_summary
+    from .plots import plot_fidelity, plot_hit_rate, plot_memory_speed
+
+    native = json.loads(Path(smk.input.native).read_text())
+    depths = [json.loads(Path(p).read_text()) for p in smk.input.depths]
+    plot_fidelity(native, depths, smk.output.fidelity)
+    plot_hit_rate(pd.read_csv(smk.input.profile_csv), smk.output.hit_rate)
+    plot_memory_speed(native, depths, smk.output.memory_speed, memory_summary)
+
+
+def compare(smk) -> None:
+    from .compare import build_compare, validate_compare
+
+    read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
+    report = build_compare(_manifest(smk), read(smk.input.checksums), read(smk.input.native),
+                           [read(p) for p in smk.input.depths], read(smk.input.profile), dict(smk.config),
+                           [str(p) for p in smk.input.plots])
+    validate_compare(report, smk.params.schema)
+    write_json(smk.output[0], report)
+    log.info("parity at full depth: tokens identical %s, max |dlogit| %.3g", report["parity"]["tokens_identical"],
+             report["parity"]["max_abs_logit_diff"])

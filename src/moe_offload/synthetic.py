@@ -55,7 +55,7 @@ ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
 def text_config(spec: dict) -> dict:
     heads, kv_heads, head_dim = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
     return dict(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=spec.get("vocab_size", VOCAB_SIZE),
         hidden_size=spec["hidden_size"],
         intermediate_size=2 * spec["hidden_size"],
         moe_intermediate_size=spec["moe_intermediate_size"],

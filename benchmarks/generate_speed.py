@@ -1,0 +1,347 @@
+"""Decode speed of our selective-loading runtime against transformers' native model, in one run.
+
+Builds a seeded synthetic checkpoint (tiny dims, or the real Qwen3-Omni thinker's expert dims), extracts
+it, then on the same prompt ids and the same number of new tokens, each after a warm-up:
+
+  ours, capacity = every expert (full cache; experts load on first use, the warm-up touches them)
+  ours, capacity = top-k per layer (every token's experts read from the layer files)
+  [cuda] ours, top-k, pinned staging buffer
+  transformers native, default experts implementation, and eager
+
+Prints one JSON object: tok/s (median of --repeats timed runs), ratios ours/native, per-layer per-token
+ms and the 48-layer extrapolation, peak memory next to its bound (dense + capacity x expert + KV), a
+parity line (greedy tokens identical to native, max |logit difference|), and on cuda a profile of one
+decode of ours (GPU busy fraction, host syncs, kernel launches per token).
+
+  PYTHONPATH=src python benchmarks/generate_speed.py --dims tiny --layers 48 --device cpu
+  PYTHONPATH=src python3 benchmarks/generate_speed.py --dims real --layers 4 --device cuda --dtype bfloat16
+
+Only torch, transformers, safetensors and tokenizers are imported (no psutil/pandas): it runs on the
+GPU machine's stock python3 too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from moe_offload.extract import extract_dense, extract_layer  # noqa: E402
+from moe_offload.generate import generate, load_runtime  # noqa: E402
+from moe_offload.layouts import detect_checkpoint  # noqa: E402
+from moe_offload.native import load_native, native_generate  # noqa: E402
+from moe_offload.synthetic import build_synthetic  # noqa: E402
+
+DIMS = {
+    # config/config.yaml's synthetic model
+    "tiny": dict(num_experts=16, experts_per_token=4, hidden_size=64, moe_intermediate_size=32, num_heads=4,
+                 num_kv_heads=2, head_dim=16, vocab_size=512, max_shard_size="1MB", initializer_range=0.1),
+    # the Qwen3-Omni thinker's (hub vocab, 4-GB-ish shards so layers straddle them)
+    "real": dict(num_experts=128, experts_per_token=8, hidden_size=2048, moe_intermediate_size=768, num_heads=32,
+                 num_kv_heads=4, head_dim=128, vocab_size=152064, max_shard_size="4GB", initializer_range=0.02),
+}
+PROMPT = ("The capital of France is Paris. Once upon a time there was a small robot who wanted to learn how "
+          "to paint the sea.")
+
+
+# ---- memory, without psutil -------------------------------------------------------------------------------
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Peak:
+    """Peak memory of a phase: CUDA max allocated over what was allocated at the start, or on the host
+    the kernel's RSS high-water mark (reset through clear_refs) over the RSS at the start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = _status_kb("VmRSS")
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.resets = True
+            except OSError:
+                self.resets = False
+
+    def read(self) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            return {"kind": "cuda_max_allocated", "baseline_bytes": self.base, "peak_bytes": peak,
+                    "peak_over_baseline_bytes": peak - self.base}
+        peak = max(_status_kb("VmHWM"), _status_kb("VmRSS"))
+        return {"kind": "rss_hwm" if self.resets else "rss_hwm_since_process_start", "baseline_bytes": self.base,
+                "peak_bytes": peak, "peak_over_baseline_bytes": peak - self.base}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ---- the runs ---------------------------------------------------------------------------------------------
+
+def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_logits=False, profile=False):
+    device = torch.device(a.device)
+    peak = Peak(device)
+    t0 = time.perf_counter()
+    rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=capacity, device=a.device, dtype=a.dtype,
+                      pin_memory=pin)
+    rt.model.record_trace = trace
+    load_s = time.perf_counter() - t0
+    warm = generate(rt, ids, a.max_new_tokens)
+    runs = [generate(rt, ids, a.max_new_tokens) for _ in range(a.repeats)]
+    mem = peak.read()
+    toks = [g.decode_tokens_per_second for g in runs]
+    cap_per_layer = cfg.num_experts if capacity is None else capacity
+    n_moe = len(cfg.expert_layers)
+    dbytes = torch.empty((), dtype=rt.dtype).element_size()
+    expert_bytes = cfg.expert_bytes // 2 * dbytes  # in the compute dtype
+    seq = len(ids) + a.max_new_tokens
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * seq * dbytes
+    bound = rt.dense_bytes + n_moe * cap_per_layer * expert_bytes + kv
+    resident = len(rt.cache.resident)
+    bound_resident = rt.dense_bytes + resident * expert_bytes + kv
+    out = {
+        "label": label, "capacity_per_layer": cap_per_layer, "pin_memory": pin, "record_trace": trace,
+        "load_seconds": load_s, "warmup_tok_s": warm.decode_tokens_per_second,
+        "tok_s": statistics.median(toks), "tok_s_runs": toks,
+        "prefill_seconds": statistics.median(g.prefill_seconds for g in runs),
+        "decode_stats_last_run": runs[-1].decode_stats,
+        "resident_experts_at_end": resident,
+        "memory": {**mem,
+                   "bound_bytes": bound, "bound_parts": {"dense": rt.dense_bytes,
+                                                         "experts": n_moe * cap_per_layer * expert_bytes, "kv": kv},
+                   "ratio_to_bound": mem["peak_over_baseline_bytes"] / bound,
+                   "bound_with_resident_experts_bytes": bound_resident,
+                   "ratio_to_bound_with_resident_experts": mem["peak_over_baseline_bytes"] / bound_resident},
+    }
+    s = runs[-1].decode_stats
+    if s["misses"]:
+        out["decode_ms_per_miss"] = 1000 * s["load_seconds"] / s["misses"]
+        out["decode_load_fraction"] = s["load_seconds"] / runs[-1].decode_seconds
+    tokens = runs[-1].tokens[0]
+    out["tokens_stable_across_runs"] = all(g.tokens[0] == tokens for g in runs + [warm])
+    extra = {"tokens": tokens}
+    if keep_logits:
+        g = generate(rt, ids, a.max_new_tokens, return_logits=True)
+        extra["logits"] = torch.stack([l[0] for l in g.logits])
+    if profile and device.type == "cuda":
+        out["profile"] = profile_decode(rt, ids, cfg)
+    rt.cache.close()
+    del rt, warm, runs
+    free(device)
+    return out, extra
+
+
+def profile_decode(rt, ids, cfg, new_tokens=9):
+    """One short generate under torch.profiler: where a decoded token's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generate(rt, ids, new_tokens)
+    sync(rt.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        g = generate(rt, ids, new_tokens)
+    sync(rt.device)
+    events = prof.key_averages()
+
+    def dev_time(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    total_dev_us = sum(dev_time(e) for e in events)
+    kernels = sum(e.count for e in events if dev_time(e) > 0 and e.device_type == torch.autograd.DeviceType.CUDA)
+    by_name = {e.key: e for e in events}
+
+    def count(name):
+        return by_name[name].count if name in by_name else 0
+
+    wall_us = 1e6 * (g.prefill_seconds + g.decode_seconds)
+    steps = new_tokens  # one prefill + new_tokens-1 decode forwards
+    top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {
+        "note": "one generate() of prefill + %d decode steps under torch.profiler (profiling adds overhead)" % (new_tokens - 1),
+        "wall_ms": wall_us / 1000, "gpu_kernel_ms": total_dev_us / 1000,
+        "gpu_busy_fraction": total_dev_us / wall_us if wall_us else None,
+        "forwards": steps, "moe_layers": len(cfg.expert_layers),
+        "gpu_kernels_per_forward": kernels / steps,
+        "host_syncs_per_forward": {k: count(k) / steps for k in
+                                   ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                    "aten::nonzero", "aten::item")},
+        "top_self_cpu_ops": [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000,
+                              "self_gpu_ms": dev_time(e) / 1000} for e in top_cpu],
+    }
+
+
+def run_native(a, files, ids, impl, keep_logits=False):
+    device = torch.device(a.device)
+    peak = Peak(device)
+    t0 = time.perf_counter()
+    model = load_native(files["ckpt"], device, a.dtype, experts_implementation=None if impl == "default" else impl)
+    if not hasattr(model.config, "vision_start_token_id"):  # as tests/test_model_parity.py: 5.23's thinker lacks it
+        model.config.vision_start_token_id = 151652
+    load_s = time.perf_counter() - t0
+    effective = getattr(model.config, "_experts_implementation", None)
+    warm = native_generate(model, ids, a.max_new_tokens)
+    runs = [native_generate(model, ids, a.max_new_tokens) for _ in range(a.repeats)]
+    mem = peak.read()
+    toks = [r["tok_s"] for r in runs]
+    out = {"label": f"native_{impl}", "experts_implementation": effective, "load_seconds": load_s,
+           "warmup_tok_s": warm["tok_s"], "tok_s": statistics.median(toks), "tok_s_runs": toks,
+           "prefill_seconds": statistics.median(r["prefill_s"] for r in runs), "memory": mem,
+           "new_tokens": len(runs[-1]["output_ids"])}
+    extra = {"tokens": runs[-1]["output_ids"]}
+    if keep_logits:
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=device)
+            g = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=a.max_new_tokens,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+        extra["logits"] = torch.stack([l[0].float().cpu() for l in g.logits])
+        extra["tokens_logits_run"] = g.sequences[0, len(ids):].tolist()
+    del model
+    free(device)
+    return out, extra
+
+
+def parity(ours: dict, native: dict) -> dict:
+    n = min(len(ours["logits"]), len(native["logits"]))
+    d = (ours["logits"][:n] - native["logits"][:n]).abs()
+    first_diff = next((i for i, (x, y) in enumerate(zip(ours["tokens"], native["tokens"])) if x != y), None)
+    return {"greedy_tokens_identical": ours["tokens"] == native["tokens"], "first_differing_step": first_diff,
+            "max_abs_logit_diff": d.max().item(), "max_abs_logit_diff_step0": d[0].max().item(),
+            "logit_scale_max_abs": native["logits"][:n].abs().max().item(), "steps_compared": n}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dims", choices=sorted(DIMS), default="tiny")
+    p.add_argument("--layers", type=int, default=None, help="default: 48 tiny, 4 real")
+    p.add_argument("--layout", default="qwen3_omni_thinker", choices=["qwen3_omni_thinker", "qwen3_moe"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 32 cpu, 64 cuda")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default=None, help="where the checkpoint and extracted files go (default: a temp dir, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the workdir")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args()
+    a.layers = a.layers or (48 if a.dims == "tiny" else 4)
+    a.dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+    a.max_new_tokens = a.max_new_tokens or (64 if a.device.startswith("cuda") else 32)
+    device = torch.device(a.device)
+    torch.set_grad_enabled(False)
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="genspeed."))
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": a.device,
+              "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+              "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+              "dtype": str(a.dtype).replace("torch.", ""), "dims": a.dims, "layers": a.layers, "layout": a.layout,
+              "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
+    try:
+        spec = dict(DIMS[a.dims], layout=a.layout, num_layers=a.layers, seed=0, mlp_only_layers=[])
+        t0 = time.perf_counter()
+        ckpt = work / "ckpt"
+        if not (ckpt / "config.json").exists():
+            build_synthetic(ckpt, spec)
+        t1 = time.perf_counter()
+        layout, cfg = detect_checkpoint(ckpt)
+        files = {"ckpt": ckpt, "dense": work / "dense.safetensors", "dir": work}
+        if not files["dense"].exists():
+            extract_dense(ckpt, files["dense"])
+        for L in cfg.expert_layers:
+            if not (work / f"layer_{L}.safetensors").exists():
+                extract_layer(ckpt, L, work / f"layer_{L}.safetensors")
+        t2 = time.perf_counter()
+        from transformers import AutoTokenizer
+        ids = AutoTokenizer.from_pretrained(ckpt)(PROMPT).input_ids
+        result.update(spec={k: v for k, v in spec.items()}, build_seconds=t1 - t0, extract_seconds=t2 - t1,
+                      prompt_tokens=len(ids), expert_bytes_bf16=cfg.expert_bytes,
+                      checkpoint_bytes=sum(f.stat().st_size for f in ckpt.glob("*.safetensors")))
+        print(f"# built in {t1 - t0:.1f}s, extracted in {t2 - t1:.1f}s, prompt {len(ids)} tokens", file=sys.stderr, flush=True)
+
+        runs, extras = {}, {}
+
+        def record(fn, *args, **kw):
+            try:
+                r, e = fn(*args, **kw)
+                runs[r["label"]], extras[r["label"]] = r, e
+                print(f"# {r['label']}: {r['tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
+            except Exception as err:  # keep the other figures; say what broke
+                label = kw.get("label") or (args[3] if fn is run_native else str(args))
+                runs[str(label)] = {"error": f"{type(err).__name__}: {err}"}
+                print(f"# {label}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                free(device)
+
+        k = cfg.experts_per_token
+        record(run_ours, a, files, cfg, ids, None, label="ours_full", keep_logits=True, profile=not a.no_profile)
+        record(run_ours, a, files, cfg, ids, None, label="ours_full_no_trace", trace=False)
+        record(run_ours, a, files, cfg, ids, k, label="ours_topk", profile=not a.no_profile)
+        if device.type == "cuda":
+            record(run_ours, a, files, cfg, ids, k, label="ours_topk_pinned", pin=True)
+        record(run_native, a, files, ids, "default", keep_logits=True)
+        record(run_native, a, files, ids, "eager", keep_logits=True)
+        result["runs"] = runs
+
+        def tok(label):
+            return runs.get(label, {}).get("tok_s")
+
+        ratios = {}
+        for o in ("ours_full", "ours_full_no_trace", "ours_topk", "ours_topk_pinned"):
+            for n in ("native_default", "native_eager"):
+                if tok(o) and tok(n):
+                    ratios[f"{o}/{n}"] = tok(o) / tok(n)
+        result["ratios"] = ratios
+        result["per_layer_per_token_ms"] = {l: 1000 / tok(l) / a.layers for l in runs if tok(l)}
+        result["extrapolated_48_layer_tok_s"] = {l: 1000 / (ms * 48) for l, ms in result["per_layer_per_token_ms"].items()}
+        result["memory_ratio_to_bound"] = {l: r["memory"]["ratio_to_bound"] for l, r in runs.items()
+                                           if "memory" in r and "ratio_to_bound" in r["memory"]}
+        par = {}
+        for n in ("native_default", "native_eager"):
+            if "logits" in extras.get("ours_full", {}) and "logits" in extras.get(n, {}):
+                par[f"ours_full_vs_{n}"] = parity(extras["ours_full"], extras[n])
+        if "tokens" in extras.get("ours_topk", {}) and "tokens" in extras.get("ours_full", {}):
+            par["ours_topk_tokens_equal_ours_full"] = extras["ours_topk"]["tokens"] == extras["ours_full"]["tokens"]
+        par["dtype"] = result["dtype"]
+        result["parity"] = par
+    finally:
+        if not a.keep and not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(result, indent=1)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

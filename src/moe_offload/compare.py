@@ -1,0 +1,100 @@
+"""The comparison report: native against selective loading at each depth, side by side, every number
+taken from the runs' own measurements and placed next to the bound it should be compared with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .errors import InputError
+
+PACKAGES = ["torch", "transformers", "safetensors", "huggingface_hub", "snakemake", "xxhash", "pandas", "moe-offload"]
+SAMPLE_CHARS = 160
+
+
+def environment(config: dict, device: str) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+            "device": device, "packages": versions, "config_sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def memory_summary(run: dict) -> dict:
+    mem = run["memory"]
+    gen, load = mem.get("generate", {}), mem.get("load", {})
+    on_gpu = "cuda_max_allocated_bytes" in gen
+    key = "cuda_max_allocated_bytes" if on_gpu else "peak_rss_bytes"
+    base = 0 if on_gpu else mem["baseline_rss_bytes"]
+    return {"measure": "cuda_max_allocated" if on_gpu else "rss_over_baseline",
+            "load_peak_bytes": load.get(key, base) - base,
+            "generate_peak_bytes": gen.get(key, base) - base,
+            "bound_bytes": mem["bound"]["total_bytes"],
+            "bound_parts": {k: v for k, v in mem["bound"].items() if k != "total_bytes"},
+            "generate_peak_to_bound": mem.get("ratio_to_bound")}
+
+
+def _side(run: dict) -> dict:
+    return {"load_s": run["load_s"], "tok_s": run["tok_s"], "prefill_s": run["prefill_s"],
+            "memory": memory_summary(run), "sample_text": run["prompts"][0]["text"][:SAMPLE_CHARS]}
+
+
+def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[dict], profile: dict,
+                  config: dict, plots: list[str]) -> dict:
+    depths = sorted(depths, key=lambda d: d["depth"])
+    full = [d for d in depths if d["depth"] == manifest["num_layers"]]
+    if not full:
+        raise InputError(f"no run at the full depth {manifest['num_layers']}: the parity verdict needs it")
+    full = full[0]
+    rows = []
+    for run in depths:
+        row = {"depth": run["depth"], **_side(run),
+               "speedup_vs_native": run["tok_s"] / native["tok_s"] if native["tok_s"] else None,
+               "cache": {k: run["cache"][k] for k in ("capacity", "scope", "policy", "hits", "misses", "evictions",
+                                                       "bytes_loaded", "load_seconds", "hit_rate")},
+               "fidelity": {k: run["fidelity"][k] for k in ("top1_agreement", "mean_kl", "perplexity")}}
+        rows.append(row)
+    parity = {"depth": full["depth"], "dtype": full["dtype"],
+              "max_abs_logit_diff": full["fidelity"]["max_abs_logit_diff"],
+              "tokens_identical": full["fidelity"]["tokens_identical"],
+              "first_difference": [p["first_difference"] for p in full["prompts"]]}
+    return {
+        "model": {k: manifest[k] for k in ("path", "layout", "num_layers", "num_experts", "experts_per_token")}
+        | {"source": manifest["source"]["source"], "extraction_valid": bool(checksums.get("valid")),
+           "tensors_validated": checksums["tensors"]},
+        "environment": environment(config, native["device"]),
+        "native": {**_side(native), "model_class": native["model_class"],
+                   "experts_implementation": native["experts_implementation"]},
+        "depths": rows,
+        "parity": parity,
+        "cache_profile": _profile_summary(profile),
+        "plots": plots,
+    }
+
+
+def _profile_summary(profile: dict) -> dict:
+    summary = profile["summary"] if "summary" in profile else profile
+    return {"hit_rate_target": profile.get("hit_rate_target"),
+            "tokens": summary.get("tokens"),
+            "smallest_capacity_for_target": summary["smallest_capacity_for_target"],
+            "recommendation": profile.get("recommendation")}
+
+
+def validate_compare(report: dict, schema_path: str | Path) -> None:
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    try:
+        jsonschema.validate(report, schema)
+    except jsonschema.ValidationError as err:
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise InputError(f"compare.json would not match its schema at {where}: {err.message}") from None

@@ -1,0 +1,51 @@
+rule plots:
+    input:
+        native="results/generate/native.json",
+        depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
+        profile_csv="results/cache/profile.csv",
+    output:
+        fidelity=report(
+            "results/plots/fidelity.png",
+            caption="../report/fidelity.rst",
+            category="Comparison",
+        ),
+        hit_rate=report(
+            "results/plots/hit_rate.png",
+            caption="../report/hit_rate.rst",
+            category="Expert cache",
+        ),
+        memory_speed=report(
+            "results/plots/memory_speed.png",
+            caption="../report/memory_speed.rst",
+            category="Comparison",
+        ),
+    log:
+        "logs/plots.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    script:
+        "../scripts/plots.py"
+
+
+rule compare:
+    input:
+        manifest="results/model/manifest.json",
+        checksums="results/checksums/all.json",
+        native="results/generate/native.json",
+        depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
+        profile="results/cache/profile.json",
+        plots=rules.plots.output,
+    output:
+        report(
+            "results/compare.json",
+            caption="../report/compare.rst",
+            category="Comparison",
+        ),
+    log:
+        "logs/compare.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    params:
+        schema=workflow.source_path("../schemas/compare.schema.yaml"),
+    script:
+        "../scripts/compare.py"

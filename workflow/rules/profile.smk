@@ -1,0 +1,19 @@
+rule profile_cache:
+    input:
+        manifest="results/model/manifest.json",
+        trace=f"results/traces/depth_{FULL_DEPTH}.parquet",
+    output:
+        csv=report(
+            "results/cache/profile.csv",
+            caption="../report/profile.rst",
+            category="Expert cache",
+        ),
+        json="results/cache/profile.json",
+    log:
+        "logs/profile_cache.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    params:
+        profile=config["profile"],
+    script:
+        "../scripts/profile_cache.py"

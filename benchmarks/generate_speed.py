@@ -297,7 +297,7 @@ def main():
                 runs[r["label"]], extras[r["label"]] = r, e
                 print(f"# {r['label']}: {r['tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
             except Exception as err:  # keep the other figures; say what broke
-                label = kw.get("label") or (args[3] if fn is run_native else str(args))
+                label = kw.get("label") or f"native_{args[3]}"
                 runs[str(label)] = {"error": f"{type(err).__name__}: {err}"}
                 print(f"# {label}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
                 free(device)

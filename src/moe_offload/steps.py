@@ -187,7 +187,7 @@ def compare(smk) -> None:
     report = build_compare(_manifest(smk), read(smk.input.checksums), read(smk.input.native),
                            [read(p) for p in smk.input.depths], read(smk.input.profile), dict(smk.config),
                            [str(p) for p in smk.input.plots])
-    validate_compare(report, smk.params.schema)
+    validate_compare(report, smk.input.schema)
     write_json(smk.output[0], report)
     log.info("parity at full depth: tokens identical %s, max |dlogit| %.3g", report["parity"]["tokens_identical"],
              report["parity"]["max_abs_logit_diff"])

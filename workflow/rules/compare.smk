@@ -35,6 +35,7 @@ rule compare:
         depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
         profile="results/cache/profile.json",
         plots=rules.plots.output,
+        schema="workflow/schemas/compare.schema.yaml",
     output:
         report(
             "results/compare.json",
@@ -45,7 +46,5 @@ rule compare:
         "logs/compare.log",
     conda:
         "../envs/moe-offload.yaml"
-    params:
-        schema=workflow.source_path("../schemas/compare.schema.yaml"),
     script:
         "../scripts/compare.py"

@@ -1,0 +1,128 @@
+"""Float32 parity of our runtime against transformers' model on one device (meant for cuda), both layouts.
+
+For each layout a small seeded synthetic checkpoint is built and extracted; transformers' model (default
+experts implementation and eager) and our runtime (capacity = all experts, and = top-k) run on the same
+device in float32. Printed as JSON: per prompt, greedy tokens identical yes/no and max |logit difference|
+over the prefill's full logits and every decode step's logits.
+
+  PYTHONPATH=src python3 benchmarks/gpu_parity.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from moe_offload.extract import extract_dense, extract_layer  # noqa: E402
+from moe_offload.generate import generate, load_runtime  # noqa: E402
+from moe_offload.layouts import detect_checkpoint  # noqa: E402
+from moe_offload.native import load_native  # noqa: E402
+from moe_offload.synthetic import build_synthetic  # noqa: E402
+
+BASE = dict(num_layers=6, num_experts=32, experts_per_token=4, hidden_size=128, moe_intermediate_size=64,
+            num_heads=4, num_kv_heads=2, head_dim=32, seed=1, max_shard_size="1MB")
+LAYOUTS = {"qwen3_omni_thinker": dict(BASE, layout="qwen3_omni_thinker"),
+           "qwen3_moe": dict(BASE, layout="qwen3_moe", mlp_only_layers=[1])}
+PROMPTS = ["The capital of France is", "Once upon a time there was a small robot", "def add(a, b):"]
+
+
+@torch.inference_mode()
+def check_layout(name, spec, work, device, new_tokens):
+    from transformers import AutoTokenizer
+
+    ckpt = build_synthetic(work / "ckpt", spec)
+    _, cfg = detect_checkpoint(ckpt)
+    extract_dense(ckpt, work / "dense.safetensors")
+    for L in cfg.expert_layers:
+        extract_layer(ckpt, L, work / f"layer_{L}.safetensors")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    refs = {}
+    for impl in ("default", "eager"):
+        try:
+            m = load_native(ckpt, torch.device(device), torch.float32, None if impl == "default" else impl)
+            if not hasattr(m.config, "vision_start_token_id"):
+                m.config.vision_start_token_id = 151652
+            cases = []
+            for text in PROMPTS:
+                ids = tok(text, return_tensors="pt").input_ids.to(device)
+                full = m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
+                g = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+                cases.append(dict(ids=ids, full=full, tokens=g.sequences[0, ids.shape[1]:].tolist(),
+                                  steps=torch.stack([l[0].float() for l in g.logits])))
+            refs[impl] = dict(cases=cases, experts_implementation=getattr(m.config, "_experts_implementation", None))
+            del m
+        except Exception as err:
+            refs[impl] = dict(error=f"{type(err).__name__}: {err}")
+    out = {"spec": spec, "native": {k: {kk: vv for kk, vv in v.items() if kk != "cases"} for k, v in refs.items()}}
+    for cap_name, cap in (("all", None), ("top_k", cfg.experts_per_token)):
+        rt = load_runtime(work / "dense.safetensors", work, ckpt, capacity=cap, device=device, dtype=torch.float32)
+        for impl, ref in refs.items():
+            if "cases" not in ref:
+                continue
+            rows = []
+            for case in ref["cases"]:
+                ids = case["ids"]
+                rt.model.setup_caches(1, ids.shape[1])
+                prefill = rt.model.forward(ids, torch.arange(ids.shape[1], device=device))[0].float()
+                g = generate(rt, ids, new_tokens, return_logits=True)
+                steps = torch.stack([l[0] for l in g.logits]).to(device)
+                rows.append(dict(tokens_identical=g.tokens[0] == case["tokens"],
+                                 max_abs_diff_prefill=(prefill - case["full"]).abs().max().item(),
+                                 max_abs_diff_steps=(steps - case["steps"]).abs().max().item(),
+                                 logit_scale=case["full"].abs().max().item()))
+            out[f"ours_{cap_name}_vs_native_{impl}"] = dict(
+                all_tokens_identical=all(r["tokens_identical"] for r in rows),
+                max_abs_logit_diff=max(max(r["max_abs_diff_prefill"], r["max_abs_diff_steps"]) for r in rows),
+                prompts=rows)
+        rt.cache.close()
+        del rt
+    torch.cuda.empty_cache() if device.startswith("cuda") else None
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # true float32 matmuls (also torch's default)
+    torch.backends.cudnn.allow_tf32 = False
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": a.device,
+              "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__, "dtype": "float32",
+              "new_tokens": a.new_tokens, "layouts": {}}
+    for name, spec in LAYOUTS.items():
+        work = Path(tempfile.mkdtemp(prefix=f"parity.{name}."))
+        try:
+            result["layouts"][name] = check_layout(name, spec, work, a.device, a.new_tokens)
+        except Exception as err:
+            result["layouts"][name] = {"error": f"{type(err).__name__}: {err}"}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = {}
+    for name, r in result["layouts"].items():
+        for k, v in r.items():
+            if k.startswith("ours_"):
+                summary[f"{name}:{k}"] = {"tokens_identical": v["all_tokens_identical"],
+                                          "max_abs_logit_diff": v["max_abs_logit_diff"]}
+    result["summary"] = summary
+    text = json.dumps(result, indent=1)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Generation, cache profiling and the comparison report through the Snakemake command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pandas as pd
+import pytest
+import yaml
+
+from moe_offload.checkpoint import header_tensors
+
+from conftest import REPO, SMALL, set_config, snakemake
+
+SCHEMA = yaml.safe_load((REPO / "workflow/schemas/compare.schema.yaml").read_text())
+
+
+def _small(workdir: Path, **overrides) -> None:
+    set_config(workdir, model={"source": "synthetic", "synthetic": {**SMALL, "layout": "qwen3_omni_thinker", **overrides}})
+
+
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+
+
+def _jobs(plan: str) -> set[str]:
+    """Rule names in the job-stats table of a dry run."""
+    if "Job stats:" not in plan:
+        return set()
+    table = plan.split("Job stats:")[1].split("\ntotal")[0].splitlines()[3:]  # past the header and rule
+    return {line.split()[0] for line in table if line.strip()}
+
+
+@pytest.mark.slow
+def test_main_job_on_the_default(workdir):
+    """`snakemake --cores 4 results/compare.json` (what `make run` does) on the embedded default."""
+    proc = snakemake(workdir, "--cores", "4", "results/compare.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((workdir / "results/compare.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert report["model"]["num_layers"] == 48 and report["model"]["extraction_valid"]
+    assert [d["depth"] for d in report["depths"]] == [1, 8, 16, 24, 48]
+    assert report["parity"]["tokens_identical"] and report["parity"]["max_abs_logit_diff"] <= 1e-4
+    full = report["depths"][-1]
+    assert full["fidelity"]["top1_agreement"] == 1.0
+    # the runtime's LRU counters at the configured capacity are the simulator's at that capacity
+    profile = pd.read_csv(workdir / "results/cache/profile.csv")
+    cap = full["cache"]["capacity"]
+    row = profile[(profile.policy == "lru") & (profile.scope == "per_layer") & (profile.capacity == cap)].iloc[0]
+    assert (row.hits, row.misses) == (full["cache"]["hits"], full["cache"]["misses"])
+    for (scope, capacity), group in profile.groupby(["scope", "capacity"]):
+        rates = dict(zip(group.policy, group.hit_rate))
+        assert rates["belady"] >= max(rates["lru"], rates["lfu"]), (scope, capacity)
+    for plot in report["plots"]:
+        assert (workdir / plot).stat().st_size > 10_000
+    assert (workdir / "logs/extract/layer_3.log").read_text()
+    again = snakemake(workdir, "--cores", "4", "results/compare.json")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    html = snakemake(workdir, "--report", "results/report.html")
+    assert html.returncode == 0, html.stderr[-2000:]
+    text = (workdir / "results/report.html").read_text(errors="replace")
+    assert "hit_rate.png" in text and "fidelity.png" in text and "memory_speed.png" in text
+
+
+def test_plan_of_the_main_job_is_whole_and_writes_nothing(workdir):
+    proc = snakemake(workdir, "-n", "results/compare.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = _jobs(proc.stdout)
+    assert {"download", "extract_layer", "extract_dense", "validate_layer", "validate_all", "generate_native",
+            "generate_depth", "profile_cache", "plots", "compare"} <= jobs
+    assert not (workdir / "results").exists() and not (workdir / "logs").exists()
+
+
+@pytest.mark.slow
+def test_depth_run_extracts_only_the_layers_it_needs(workdir):
+    set_config(workdir, model={"synthetic": {**SMALL, "layout": "qwen3_omni_thinker", "num_layers": 12}})
+    proc = snakemake(workdir, "--cores", "2", "results/generate/depth_4.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    extracted = sorted(p.name for p in (workdir / "results/experts").iterdir())
+    assert extracted == ["dense.safetensors"] + [f"layer_{i}.safetensors" for i in range(4)]
+    run = json.loads((workdir / "results/generate/depth_4.json").read_text())
+    assert run["depth"] == 4 and len(run["prompts"]) == 3
+    for p in run["prompts"]:
+        assert set(p) >= {"prompt", "input_ids", "output_ids", "text", "fidelity"}
+        assert 1 <= len(p["output_ids"]) <= 32
+    assert run["memory"]["bound"]["total_bytes"] > 0 and run["cache"]["misses"] > 0
+    trace = pd.read_parquet(workdir / "results/traces/depth_4.parquet")
+    assert sorted(trace.layer.unique()) == [0, 1, 2, 3]
+    assert (trace.experts.map(len) == SMALL["experts_per_token"]).all()
+    # new prompts rerun generation, never extraction
+    set_config(workdir, generate={"prompts": ["A different prompt"]})
+    jobs = _jobs(snakemake(workdir, "-n", "results/generate/depth_4.json").stdout)
+    assert {"generate_native", "generate_depth"} <= jobs
+    assert not jobs & {"download", "extract_layer", "extract_dense", "validate_layer"}
+
+
+@pytest.mark.slow
+def test_depth_out_of_range_is_one_line(workdir):
+    _small(workdir)
+    proc = snakemake(workdir, "--cores", "2", "results/generate/depth_99.json")
+    assert proc.returncode != 0
+    assert _errors(proc) == ["error: depth 99 is out of range: the model has 8 layers"]
+    assert not (workdir / "results/generate/depth_99.json").exists()
+
+
+@pytest.mark.slow
+def test_capacity_below_top_k_is_one_line(workdir):
+    _small(workdir)
+    set_config(workdir, cache={"capacity": 2})
+    proc = snakemake(workdir, "--cores", "2", "results/generate/depth_1.json")
+    assert proc.returncode != 0
+    lines = _errors(proc)
+    assert len(lines) == 1 and "capacity 2" in lines[0] and "experts_per_token 4" in lines[0], lines
+    assert not (workdir / "results/generate/depth_1.json").exists()
+
+
+@pytest.mark.slow
+def test_layer_file_failing_validation_stops_generation(workdir):
+    _small(workdir)
+    assert snakemake(workdir, "--cores", "1", "results/experts/layer_1.safetensors").returncode == 0
+    path = workdir / "results/experts/layer_1.safetensors"
+    info = header_tensors(path)["thinker.model.layers.1.mlp.experts.9.down_proj.weight"]
+    data = bytearray(path.read_bytes())
+    data[info.offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    proc = snakemake(workdir, "--cores", "2", "results/generate/depth_2.json")
+    assert proc.returncode != 0
+    assert any("layer 1 expert 9 down_proj: extracted bytes differ from source" in l for l in _errors(proc))
+    assert not (workdir / "results/checksums/layer_1.json").exists()
+    assert not (workdir / "results/generate/depth_2.json").exists()

@@ -1,0 +1,55 @@
+"""The cache simulator replays the runtime's router trace and counts exactly the runtime's hits and misses."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from moe_offload.cache_sim import access_sequence, simulate
+from moe_offload.extract import extract_dense, extract_layer
+from moe_offload.generate import generate, load_runtime
+from moe_offload.layouts import detect_checkpoint
+from moe_offload.profile import default_capacities, profile_cache
+
+PROMPTS = ["The capital of France is", "Once upon a time there was a small robot", "Write a short poem about the moon"]
+
+
+@pytest.fixture(scope="module")
+def extracted(omni_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runtime_files")
+    _, cfg = detect_checkpoint(omni_ckpt)
+    for layer in cfg.expert_layers:
+        extract_layer(omni_ckpt, layer, out / f"layer_{layer}.safetensors")
+    extract_dense(omni_ckpt, out / "dense.safetensors")
+    return omni_ckpt, out, cfg
+
+
+def _run(extracted, capacity, scope, policy="lru"):
+    ckpt, out, _ = extracted
+    rt = load_runtime(out / "dense.safetensors", out, ckpt, capacity=capacity, scope=scope, policy=policy)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    for i, text in enumerate(PROMPTS):  # one cache across prompts, as the workflow's depth runs do
+        generate(rt, tok(text)["input_ids"], 12, prompt=i)
+    return rt.cache.stats(), pd.DataFrame(rt.model.trace)
+
+
+@pytest.mark.parametrize("scope, capacity", [("per_layer", 4), ("per_layer", 7), ("global", 40), ("global", 100)])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_simulation_equals_runtime_counters(extracted, scope, capacity, policy):
+    counted, trace = _run(extracted, capacity, scope, policy)
+    simulated = simulate(access_sequence(trace), policy, scope, capacity)
+    assert counted["misses"] > 0 and counted["hits"] > 0
+    assert (simulated["hits"], simulated["misses"]) == (counted["hits"], counted["misses"])
+
+
+def test_profile_of_a_runtime_trace_puts_belady_on_top(extracted):
+    _, _, cfg = extracted
+    _, trace = _run(extracted, cfg.num_experts, "per_layer")
+    caps = default_capacities(cfg.experts_per_token, cfg.num_experts)
+    table, summary = profile_cache(trace, caps, [c * len(cfg.expert_layers) for c in caps], cfg.expert_bytes,
+                                   cfg.num_experts, cfg.experts_per_token, 0.9)
+    for (scope, capacity), group in table.groupby(["scope", "capacity"]):
+        rates = dict(zip(group["policy"], group["hit_rate"]))
+        assert rates["belady"] >= rates["lru"] and rates["belady"] >= rates["lfu"], (scope, capacity)
+    assert summary["tokens"] == trace[["prompt", "step", "position"]].drop_duplicates().shape[0]

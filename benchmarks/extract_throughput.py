@@ -1,0 +1,294 @@
+"""Extraction throughput against a plain copy of the same bytes on the same disk, and each job's peak RSS.
+
+Builds (or reuses, --ckpt) a synthetic checkpoint at the real Qwen3-Omni thinker's expert dimensions
+(hidden 2048, moe_intermediate 768, 128 experts, bf16; 1.125 GiB of experts per layer), with shards
+smaller than a layer so every layer straddles a shard boundary. Then, in two modes:
+
+  warm: the shards are in the page cache (read once beforehand); outputs are not fsynced, exactly as
+        the workflow's job leaves them
+  cold: before each job every shard is fsynced and dropped from the page cache with
+        posix_fadvise(DONTNEED) (no root needed; fincore confirms), and the timing includes an fsync
+        of what was written (the disk may still have a cache of its own below the guest)
+
+each layer is extracted by `extract_layer` in a fresh subprocess (its own peak RSS, sampled inside it),
+and the baselines copy bytes on the same disk: `shutil.copyfile` of the shards (kernel copy) and a
+user-space read+write in 16 MiB chunks of exactly the layers' byte count. Prints one JSON object.
+
+  PYTHONPATH=src python benchmarks/extract_throughput.py --layers 3 --out benchmarks/results/extract_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+GiB = 1024 ** 3
+REAL = dict(num_experts=128, experts_per_token=8, hidden_size=2048, moe_intermediate_size=768, num_heads=32,
+            num_kv_heads=4, head_dim=128, initializer_range=0.02)
+
+# The job, run in a fresh interpreter: the extraction call alone is timed; a thread samples RSS.
+CHILD = r"""
+import json, sys, threading, time
+from pathlib import Path
+t0 = time.perf_counter()
+from moe_offload.extract import extract_layer
+def status():
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+stop = False
+def sample():
+    while not stop:
+        s = status()
+        for k in peak:
+            peak[k] = max(peak[k], s.get(k, 0))
+        time.sleep(0.005)
+th = threading.Thread(target=sample, daemon=True); th.start()
+after_import = status()
+t1 = time.perf_counter()
+n = extract_layer(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+t2 = time.perf_counter()
+stop = True; th.join()
+end = status()
+print(json.dumps({"bytes": n, "extract_seconds": t2 - t1, "import_seconds": t1 - t0,
+                  "rss_after_import": after_import["VmRSS"], "vm_hwm": end["VmHWM"],
+                  "sampled_peak_rss": peak["VmRSS"], "sampled_peak_rss_anon": peak["RssAnon"],
+                  "sampled_peak_rss_file": peak["RssFile"]}))
+"""
+
+
+def drop_cache(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_bytes(paths) -> int | None:
+    """Bytes of these files in the page cache (util-linux fincore), or None where it is missing."""
+    if not shutil.which("fincore"):
+        return None
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
+                         capture_output=True, text=True)
+    try:
+        return sum(int(line.split()[0]) for line in out.stdout.split("\n") if line.strip())
+    except ValueError:
+        return None
+
+
+def warm_up(paths) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def fsync_path(path) -> float:
+    t = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t
+
+
+def extract_jobs(ckpt, layers, out_dir, shards, cold):
+    rows = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for L in layers:
+        out = out_dir / f"layer_{L}.safetensors"
+        out.unlink(missing_ok=True)
+        if cold:
+            drop_cache(shards)
+        cached = cached_bytes(shards)
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(L), str(out)], env=env,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode:
+            raise RuntimeError(f"layer {L} job failed: {proc.stderr[-2000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row.update(layer=L, job_wall_seconds=wall, shard_bytes_cached_before=cached)
+        row["fsync_seconds"] = fsync_path(out) if cold else 0.0
+        row["timed_seconds"] = row["extract_seconds"] + row["fsync_seconds"]
+        rows.append(row)
+    return rows
+
+
+def copy_shards(shards, dst_dir, cold):
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    total, seconds = 0, 0.0
+    for s in shards:
+        dst = dst_dir / s.name
+        dst.unlink(missing_ok=True)
+        if cold:
+            drop_cache(shards)
+        t = time.perf_counter()
+        shutil.copyfile(s, dst)
+        if cold:
+            fd = os.open(dst, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        seconds += time.perf_counter() - t
+        total += s.stat().st_size
+        dst.unlink()
+    return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
+
+
+def read_write_same_bytes(shards, nbytes, dst, cold, chunk=16 << 20):
+    """User-space read of `nbytes` from the shards in order, written to one file in `chunk` pieces."""
+    if cold:
+        drop_cache(shards)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    left = nbytes
+    t = time.perf_counter()
+    with open(dst, "wb") as out:
+        for s in shards:
+            with open(s, "rb", buffering=0) as f:
+                while left > 0:
+                    n = f.readinto(view[: min(chunk, left)])
+                    if not n:
+                        break
+                    out.write(view[:n])
+                    left -= n
+            if left <= 0:
+                break
+        if cold:
+            out.flush()
+            os.fsync(out.fileno())
+    seconds = time.perf_counter() - t
+    dst.unlink()
+    return {"bytes": nbytes - left, "seconds": seconds, "gb_per_s": (nbytes - left) / seconds / 1e9}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt", default=None, help="reuse this checkpoint directory (built there if absent)")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--layout", default="qwen3_moe", choices=["qwen3_moe", "qwen3_omni_thinker"])
+    p.add_argument("--max-shard-size", default="1GB", help="smaller than a layer (1.2 GB) so every layer straddles shards")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--workdir", default=None, help="scratch on the disk to measure (default: a temp dir, removed)")
+    p.add_argument("--modes", default="warm,cold")
+    p.add_argument("--keep-ckpt", action="store_true")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+
+    from moe_offload.layouts import detect_checkpoint
+    from moe_offload.synthetic import build_synthetic
+
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="extract_bench."))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(a.ckpt) if a.ckpt else work / "ckpt"
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "host_cpus": os.cpu_count(),
+              "disk_of_workdir": str(work)}
+    built_here = False
+    try:
+        t = time.perf_counter()
+        if not (ckpt / "config.json").exists():
+            spec = dict(REAL, layout=a.layout, num_layers=a.layers, vocab_size=a.vocab_size, seed=0,
+                        max_shard_size=a.max_shard_size, mlp_only_layers=[])
+            build_synthetic(ckpt, spec)
+            built_here = True
+            result["build_seconds"] = time.perf_counter() - t
+            result["spec"] = spec
+        layout, cfg = detect_checkpoint(ckpt)
+        from moe_offload.checkpoint import Checkpoint
+
+        ck = Checkpoint(ckpt)
+        shards = [ckpt / s for s in ck.shard_names]
+        layers = cfg.expert_layers
+        layer_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2 * cfg.num_experts
+        straddle = {L: sorted({ck.weight_map[n] for n in layout.expert_names(L, cfg.num_experts)}) for L in layers}
+        result.update(layout=layout.name, layers=layers, num_experts=cfg.num_experts, layer_expert_bytes=layer_bytes,
+                      shards=[{"name": s.name, "bytes": s.stat().st_size} for s in shards],
+                      layer_shards=straddle)
+        out_dir = work / "out"
+        out_dir.mkdir(exist_ok=True)
+        modes = {}
+        for mode in a.modes.split(","):
+            cold = mode == "cold"
+            if not cold:
+                warm_up(shards)
+            rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            jobs = extract_jobs(ckpt, layers, out_dir, shards, cold)
+            rusage_children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+            for f in out_dir.glob("layer_*.safetensors"):
+                f.unlink()
+            if not cold:
+                warm_up(shards)
+            copy = copy_shards(shards, work / "copy", cold)
+            if not cold:
+                warm_up(shards)
+            rw = read_write_same_bytes(shards, layer_bytes * len(layers), work / "rw.bin", cold)
+            ext_bytes = sum(j["bytes"] for j in jobs)
+            ext_s = sum(j["timed_seconds"] for j in jobs)
+            ext_wall = sum(j["job_wall_seconds"] + j["fsync_seconds"] for j in jobs)
+            ext_gbps = ext_bytes / ext_s / 1e9
+            peak = max(j["vm_hwm"] for j in jobs)
+            modes[mode] = {
+                "page_cache": ("source shards dropped from the page cache before each job (fsync + fadvise DONTNEED), "
+                               "fsync of the output included" if cold else
+                               "source shards in the page cache, outputs not fsynced (as the workflow's job)"),
+                "extract": {"bytes": ext_bytes, "seconds": ext_s, "gb_per_s": ext_gbps,
+                            "gb_per_s_including_process_start": ext_bytes / ext_wall / 1e9,
+                            "per_layer_gb_per_s": [j["bytes"] / j["timed_seconds"] / 1e9 for j in jobs]},
+                "copy_shards_copyfile": copy,
+                "read_write_same_bytes": rw,
+                "ratio_extract_to_copyfile": ext_gbps / copy["gb_per_s"],
+                "ratio_extract_to_read_write": ext_gbps / rw["gb_per_s"],
+                "max_peak_rss_bytes_one_job": peak,
+                "max_peak_rss_gib_one_job": peak / GiB,
+                "rusage_children_maxrss_bytes": rusage_children_max,
+                "rusage_children_maxrss_before_bytes": rusage0 * 1024,
+                "jobs": jobs,
+            }
+            print(f"# {mode}: extract {ext_gbps:.2f} GB/s, copyfile {copy['gb_per_s']:.2f} GB/s, "
+                  f"read+write {rw['gb_per_s']:.2f} GB/s, peak RSS {peak / GiB:.2f} GiB", file=sys.stderr, flush=True)
+        result["modes"] = modes
+        worst_ratio = min(min(m["ratio_extract_to_copyfile"], m["ratio_extract_to_read_write"]) for m in modes.values())
+        worst_rss = max(m["max_peak_rss_bytes_one_job"] for m in modes.values())
+        result["summary"] = {
+            "worst_ratio_extract_to_copy": worst_ratio, "ratio_target": 0.7, "ratio_ok": worst_ratio >= 0.7,
+            "max_peak_rss_gib_one_job": worst_rss / GiB, "rss_target_gib": 2.5, "rss_ok": worst_rss <= 2.5 * GiB,
+            **{f"{m}_extract_gb_per_s": v["extract"]["gb_per_s"] for m, v in modes.items()},
+            **{f"{m}_copyfile_gb_per_s": v["copy_shards_copyfile"]["gb_per_s"] for m, v in modes.items()},
+            **{f"{m}_read_write_gb_per_s": v["read_write_same_bytes"]["gb_per_s"] for m, v in modes.items()},
+        }
+    finally:
+        shutil.rmtree(work / "out", ignore_errors=True)
+        shutil.rmtree(work / "copy", ignore_errors=True)
+        if built_here and not a.keep_ckpt:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(result, indent=1)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -119,9 +119,19 @@ class TextConfig:
         return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
 
     @property
+    def expert_params(self) -> int:
+        """One expert's gate, up and down projections."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
     def expert_bytes(self) -> int:
-        """One expert's gate, up and down projections in the checkpoint's bf16."""
-        return 3 * self.hidden_size * self.moe_intermediate_size * 2
+        """One expert as the checkpoint stores it (bf16)."""
+        return self.expert_params * 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextConfig":
+        """Back from the manifest's `text_config` (JSON turned the tuples into lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .atomic import write_json
 from .errors import InputError
+from .layouts import TextConfig
 
 log = logging.getLogger("moe_offload")
 
@@ -62,7 +63,7 @@ def extract_layer(smk) -> None:
     from .extract import extract_layer as extract
 
     manifest, layer = _manifest(smk), int(smk.wildcards.layer)
-    total = manifest["num_experts"] * 3 * manifest["text_config"]["hidden_size"] * manifest["text_config"]["moe_intermediate_size"] * 2
+    total = manifest["num_experts"] * TextConfig.from_dict(manifest["text_config"]).expert_bytes
     with progress_bar(smk, total, "B", f"layer {layer}") as bar:
         nbytes = extract(manifest["path"], layer, smk.output[0], bar)
     log.info("layer %d: wrote %d bytes of experts to %s", layer, nbytes, smk.output[0])
@@ -107,8 +108,10 @@ def generate_native(smk) -> None:
 
     run = smk.params.run
     impl = smk.params.experts_implementation
-    result = run_native(_manifest(smk)["path"], list(smk.params.prompts), run["max_new_tokens"], run["device"],
-                        run["dtype"], smk.output.json, smk.output.logits, None if impl == "default" else impl)
+    prompts = list(smk.params.prompts)
+    with progress_bar(smk, len(prompts), "prompt", "native generation") as bar:
+        result = run_native(_manifest(smk)["path"], prompts, run["max_new_tokens"], run["device"], run["dtype"],
+                            smk.output.json, smk.output.logits, None if impl == "default" else impl, bar)
     log.info("native: load %.2f s, decode %.2f tok/s on %s", result["load_s"], result["tok_s"], result["device"])
 
 
@@ -118,9 +121,10 @@ def generate_depth(smk) -> None:
     run, depth = smk.params.run, int(smk.wildcards.depth)
     layer_files = {int(Path(p).stem.split("_")[1]): Path(p) for p in smk.input.layers}
     native = json.loads(Path(smk.input.native).read_text())
-    result = run_depth(_manifest(smk)["path"], smk.input.dense, layer_files, depth, dict(smk.params.cache),
-                       run["device"], run["dtype"], run["max_new_tokens"], native, smk.input.native_logits,
-                       smk.output.json, smk.output.trace)
+    with progress_bar(smk, len(native["prompts"]), "prompt", f"depth {depth} generation") as bar:
+        result = run_depth(_manifest(smk)["path"], smk.input.dense, layer_files, depth, dict(smk.params.cache),
+                           run["device"], run["dtype"], run["max_new_tokens"], native, smk.input.native_logits,
+                           smk.output.json, smk.output.trace, bar)
     log.info("depth %d: decode %.2f tok/s, hit rate %s, top-1 agreement %.3f", depth, result["tok_s"],
              result["cache"]["hit_rate"], result["fidelity"]["top1_agreement"])
 
@@ -131,13 +135,12 @@ def profile_cache(smk) -> None:
     from .profile import default_capacities, profile_cache as profile
 
     manifest, params = _manifest(smk), smk.params.profile
-    cfg = manifest["text_config"]
+    cfg = TextConfig.from_dict(manifest["text_config"])
     k, experts = manifest["experts_per_token"], manifest["num_experts"]
     per_layer = params["capacities"] or default_capacities(k, experts)
     trace = pd.read_parquet(smk.input.trace)
     layers = trace["layer"].nunique()
-    expert_bytes = 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * 2  # the checkpoint's bf16 experts
-    table, summary = profile(trace, per_layer, [c * layers for c in per_layer], expert_bytes, experts, k,
+    table, summary = profile(trace, per_layer, [c * layers for c in per_layer], cfg.expert_bytes, experts, k,
                              params["hit_rate_target"])
     from .atomic import atomic_path
 

@@ -47,7 +47,7 @@ def _decode_rate(runs: list[dict]) -> float:
 
 
 def run_native(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
-               out_json, out_logits, experts_implementation: str | None = None) -> dict:
+               out_json, out_logits, experts_implementation: str | None = None, progress=None) -> dict:
     from .layouts import detect_checkpoint
     from .native import load_native, native_generate, native_teacher_forced_logits
 
@@ -65,6 +65,8 @@ def run_native(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: 
         run = native_generate(model, ids, max_new_tokens, tok.eos_token_id)
         runs.append({"prompt": prompt, "input_ids": ids, **run,
                      "text": tok.decode(run["output_ids"], skip_special_tokens=True)})
+        if progress is not None:
+            progress.update(1)
     meter.end_phase("generate")
     logits = {f"prompt_{i}": native_teacher_forced_logits(model, r["input_ids"], r["output_ids"]).contiguous()
               for i, r in enumerate(runs)}
@@ -90,7 +92,8 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: int, cache: dict, device: str,
-              dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace) -> dict:
+              dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace,
+              progress=None) -> dict:
     from .generate import fidelity, generate, load_runtime, teacher_forced_logits
 
     device, torch_dtype = _device(device), getattr(torch, dtype)
@@ -114,6 +117,8 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
                      "first_difference": _first_difference(out, ref["output_ids"])})
         prefill_stats.append(g.prefill_stats)
         decode_stats.append(g.decode_stats)
+        if progress is not None:
+            progress.update(1)
     meter.end_phase("generate")
     counters = rt.cache.stats()  # generation only: taken before the fidelity pass below
     trace = pd.DataFrame(rt.model.trace, columns=["prompt", "step", "position", "layer", "experts", "weights"])
@@ -133,7 +138,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     layers = [L for L in cfg.expert_layers if L < depth]
     experts_held = (min(rt.cache.capacity, cfg.num_experts) * len(layers) if cache["scope"] == "per_layer"
                     else min(rt.cache.capacity, cfg.num_experts * len(layers)))
-    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype_bytes(torch_dtype)
+    expert_bytes = cfg.expert_params * dtype_bytes(torch_dtype)
     dense_bytes = rt.dense_bytes
     seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
     kv = _kv_bytes(cfg, depth, seq, torch_dtype)

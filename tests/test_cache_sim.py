@@ -274,3 +274,26 @@ def test_profile_rejects_mismatched_trace():
         profile_cache(df, [2], [2], 1, 8, 3, 0.5)  # wrong top-k
     with pytest.raises(ValueError):
         profile_cache(df, [2], [2], 1, 4, 2, 0.5)  # expert indices beyond num_experts
+
+
+def test_lfu_heap_matches_a_brute_force_lfu():
+    """cache_policy.LFU evicts in O(log n); a plain scan over residents must agree on every access."""
+    import random as _random
+
+    from moe_offload.cache_policy import LFU
+
+    rng = _random.Random(7)
+    for _ in range(30):
+        capacity = rng.randint(1, 12)
+        keys = [rng.choice(range(rng.randint(2, 30))) for _ in range(rng.randint(50, 400))]
+        fast, count, resident = LFU(capacity), {}, []  # resident: least recently used first
+        for key in keys:
+            count[key] = count.get(key, 0) + 1
+            hit, evicted = key in resident, None
+            if hit:
+                resident.remove(key)
+            elif len(resident) >= capacity:
+                evicted = min(resident, key=count.__getitem__)
+                resident.remove(evicted)
+            resident.append(key)
+            assert fast.access(key) == (hit, evicted)

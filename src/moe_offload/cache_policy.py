@@ -10,6 +10,7 @@ layers one pool of `capacity` slots.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from typing import Hashable
 
@@ -36,25 +37,34 @@ class LRU:
 
 class LFU:
     """Evict the resident used least often so far (counting every access since the start, resident or
-    not); ties go to the least recently used."""
+    not); ties go to the least recently used. A heap with lazy deletion keeps eviction O(log n), which
+    matters for global pools of thousands of experts."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._count: dict[Hashable, int] = {}
-        self._resident: OrderedDict[Hashable, None] = OrderedDict()
+        self._last: dict[Hashable, int] = {}  # resident key -> tick of its latest access
+        self._heap: list[tuple[int, int, Hashable]] = []  # (count, tick, key); stale entries skipped
+        self._tick = 0
 
     def access(self, key) -> tuple[bool, Hashable | None]:
+        self._tick += 1
         self._count[key] = self._count.get(key, 0) + 1
-        if key in self._resident:
-            self._resident.move_to_end(key)
-            return True, None
+        hit = key in self._last
         evicted = None
-        if len(self._resident) >= self.capacity:
-            # min over insertion/recency order: the first minimum is the least recently used one
-            evicted = min(self._resident, key=self._count.__getitem__)
-            del self._resident[evicted]
-        self._resident[key] = None
-        return False, evicted
+        if not hit and len(self._last) >= self.capacity:
+            while True:
+                count, tick, victim = heapq.heappop(self._heap)
+                if self._last.get(victim) == tick and self._count[victim] == count:
+                    break
+            del self._last[victim]
+            evicted = victim
+        self._last[key] = self._tick
+        heapq.heappush(self._heap, (self._count[key], self._tick, key))
+        if len(self._heap) > 4 * self.capacity + 64:  # drop stale entries now and then
+            self._heap = [(self._count[k], t, k) for k, t in self._last.items()]
+            heapq.heapify(self._heap)
+        return hit, evicted
 
 
 ONLINE_POLICIES = {"lru": LRU, "lfu": LFU}

@@ -1,23 +1,53 @@
 """Proof that extracted files hold exactly the source's bytes, and that nothing is missing or doubled.
 
-Both sides are read with our own header parser straight from the files at their declared offsets, a
-read path independent of the extractor's (which goes through the safetensors library). Expectations
-(which experts, which projections, shapes, dtypes) come from config.json, not from the extracted file.
+Both sides are read straight from the files at the offsets their headers declare, through a header
+reader written here apart from checkpoint.read_header (which the extractor uses), so that one bug cannot
+both misplace bytes and approve them. Expectations (which experts, which projections, shapes, dtypes)
+come from config.json and the source index, not from the extracted file.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from collections import Counter
 from pathlib import Path
 
 import xxhash
 
-from .checkpoint import Checkpoint, TensorInfo, header_tensors, read_header
+from .checkpoint import Checkpoint, TensorInfo
 from .errors import InputError
 from .layouts import PROJECTIONS, detect, read_config
 
 CHUNK = 16 * 1024 * 1024
 TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def declared_tensors(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """(metadata, tensors at absolute offsets) as a safetensors file's header declares them."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        base = 8 + n
+        tensors = {name: TensorInfo(name, path, e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
+                                    e["data_offsets"][1] - e["data_offsets"][0])
+                   for name, e in header.items() if name != "__metadata__"}
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"{path}: unreadable safetensors header ({type(err).__name__}: {err})") from None
+    return header.get("__metadata__", {}), tensors
+
+
+def _source(ckpt: Checkpoint, name: str, shards: dict) -> TensorInfo:
+    shard = ckpt.path / ckpt.weight_map[name]
+    if shard not in shards:
+        shards[shard] = declared_tensors(shard)[1]
+    try:
+        return shards[shard][name]
+    except KeyError:
+        raise InputError(f"tensor {name}: the index names {shard.name}, whose header lacks it") from None
 
 
 def hash_tensor(info: TensorInfo) -> str:
@@ -49,7 +79,7 @@ def _config_dtype(config: dict) -> str | None:
 
 def _check_tensors(ckpt: Checkpoint, extracted_path: Path, expected: list[str], label, shapes=None, dtype=None) -> dict:
     """Compare every expected tensor of one extracted file with its source; label(name) names it in errors."""
-    extracted = header_tensors(extracted_path)
+    extracted, shards = declared_tensors(extracted_path)[1], {}
     for name in expected:
         if name not in extracted:
             raise InputError(f"{label(name)}: missing from {extracted_path}")
@@ -60,7 +90,7 @@ def _check_tensors(ckpt: Checkpoint, extracted_path: Path, expected: list[str], 
     for name in expected:
         if name not in ckpt.weight_map:
             raise InputError(f"{label(name)}: not in the source index {ckpt.path}")
-        ours, src = extracted[name], ckpt.info(name)
+        ours, src = extracted[name], _source(ckpt, name, shards)
         want_shape = shapes(name) if shapes else src.shape
         if src.shape != want_shape:
             raise InputError(f"{label(name)}: source {src.file.name} has shape {list(src.shape)}, config.json says {list(want_shape)}")
@@ -81,7 +111,7 @@ def validate_layer(checkpoint_dir: str | Path, layer: int, extracted_path: str |
     layout, cfg = detect(config)
     cfg.check_layer(layer)
     ckpt, extracted_path = Checkpoint(checkpoint_dir), Path(extracted_path)
-    meta = read_header(extracted_path)[0].get("__metadata__", {})
+    meta = declared_tensors(extracted_path)[0]
     if meta.get("layer") != str(layer):
         raise InputError(f"{extracted_path}: header says layer {meta.get('layer')}, expected layer {layer}")
     expected = layout.expert_names(layer, cfg.num_experts)
@@ -95,7 +125,7 @@ def validate_layer(checkpoint_dir: str | Path, layer: int, extracted_path: str |
     tensors = _check_tensors(ckpt, extracted_path, expected, label,
                              shapes=lambda n: shapes[n.rsplit(".", 2)[-2]], dtype=_config_dtype(config))
     # The cache reads one expert as one byte range: its three tensors must be adjacent, in order.
-    infos = header_tensors(extracted_path)
+    infos = declared_tensors(extracted_path)[1]
     for e in range(cfg.num_experts):
         parts = [infos[layout.expert(layer, e, p)] for p in PROJECTIONS]
         if any(a.offset + a.nbytes != b.offset for a, b in zip(parts, parts[1:])):

@@ -56,6 +56,16 @@ def set_config(workdir: Path, **sections) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
+def use_small_synthetic(workdir: Path, **overrides) -> None:
+    """Point the scratch workflow at a small synthetic Qwen3-Omni checkpoint (SMALL, with overrides)."""
+    set_config(workdir, model={"source": "synthetic", "synthetic": {**SMALL, "layout": "qwen3_omni_thinker", **overrides}})
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The one-line errors our steps print (Snakemake's own report around them is not counted)."""
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
                           timeout=timeout)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
 import jsonschema
 import pandas as pd
@@ -13,17 +11,11 @@ import yaml
 
 from moe_offload.checkpoint import header_tensors
 
-from conftest import REPO, SMALL, set_config, snakemake
+from conftest import REPO, SMALL, error_lines, set_config, snakemake, use_small_synthetic
 
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/compare.schema.yaml").read_text())
 
 
-def _small(workdir: Path, **overrides) -> None:
-    set_config(workdir, model={"source": "synthetic", "synthetic": {**SMALL, "layout": "qwen3_omni_thinker", **overrides}})
-
-
-def _errors(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
 
 
 def _jobs(plan: str) -> set[str]:
@@ -42,6 +34,8 @@ def test_main_job_on_the_default(workdir):
     report = json.loads((workdir / "results/compare.json").read_text())
     jsonschema.validate(report, SCHEMA)
     assert report["model"]["num_layers"] == 48 and report["model"]["extraction_valid"]
+    checksums = json.loads((workdir / "results/checksums/all.json").read_text())
+    assert checksums["valid"] and sorted(map(int, checksums["layers"])) == list(range(48))
     assert [d["depth"] for d in report["depths"]] == [1, 8, 16, 24, 48]
     assert report["parity"]["tokens_identical"] and report["parity"]["max_abs_logit_diff"] <= 1e-4
     full = report["depths"][-1]
@@ -76,7 +70,7 @@ def test_plan_of_the_main_job_is_whole_and_writes_nothing(workdir):
 
 @pytest.mark.slow
 def test_depth_run_extracts_only_the_layers_it_needs(workdir):
-    set_config(workdir, model={"synthetic": {**SMALL, "layout": "qwen3_omni_thinker", "num_layers": 12}})
+    use_small_synthetic(workdir, num_layers=12)
     proc = snakemake(workdir, "--cores", "2", "results/generate/depth_4.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     extracted = sorted(p.name for p in (workdir / "results/experts").iterdir())
@@ -99,27 +93,27 @@ def test_depth_run_extracts_only_the_layers_it_needs(workdir):
 
 @pytest.mark.slow
 def test_depth_out_of_range_is_one_line(workdir):
-    _small(workdir)
+    use_small_synthetic(workdir)
     proc = snakemake(workdir, "--cores", "2", "results/generate/depth_99.json")
     assert proc.returncode != 0
-    assert _errors(proc) == ["error: depth 99 is out of range: the model has 8 layers"]
+    assert error_lines(proc) == ["error: depth 99 is out of range: the model has 8 layers"]
     assert not (workdir / "results/generate/depth_99.json").exists()
 
 
 @pytest.mark.slow
 def test_capacity_below_top_k_is_one_line(workdir):
-    _small(workdir)
+    use_small_synthetic(workdir)
     set_config(workdir, cache={"capacity": 2})
     proc = snakemake(workdir, "--cores", "2", "results/generate/depth_1.json")
     assert proc.returncode != 0
-    lines = _errors(proc)
+    lines = error_lines(proc)
     assert len(lines) == 1 and "capacity 2" in lines[0] and "experts_per_token 4" in lines[0], lines
     assert not (workdir / "results/generate/depth_1.json").exists()
 
 
 @pytest.mark.slow
 def test_layer_file_failing_validation_stops_generation(workdir):
-    _small(workdir)
+    use_small_synthetic(workdir)
     assert snakemake(workdir, "--cores", "1", "results/experts/layer_1.safetensors").returncode == 0
     path = workdir / "results/experts/layer_1.safetensors"
     info = header_tensors(path)["thinker.model.layers.1.mlp.experts.9.down_proj.weight"]
@@ -128,6 +122,6 @@ def test_layer_file_failing_validation_stops_generation(workdir):
     path.write_bytes(bytes(data))
     proc = snakemake(workdir, "--cores", "2", "results/generate/depth_2.json")
     assert proc.returncode != 0
-    assert any("layer 1 expert 9 down_proj: extracted bytes differ from source" in l for l in _errors(proc))
+    assert any("layer 1 expert 9 down_proj: extracted bytes differ from source" in l for l in error_lines(proc))
     assert not (workdir / "results/checksums/layer_1.json").exists()
     assert not (workdir / "results/generate/depth_2.json").exists()

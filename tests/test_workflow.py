@@ -8,37 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from moe_offload.validate import validate_layer
 
-from conftest import SMALL, set_config, snakemake
+from conftest import error_lines, set_config, snakemake, use_small_synthetic
 
 
-def _small_synthetic(workdir: Path, **overrides) -> None:
-    set_config(workdir, model={"source": "synthetic", "synthetic": {**SMALL, "layout": "qwen3_omni_thinker", **overrides}})
-
-
-def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
-
-
-@pytest.mark.slow
-def test_default_workflow_validates_every_layer_and_second_run_is_idle(workdir):
-    first = snakemake(workdir, "--cores", "2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    summary = json.loads((workdir / "results/checksums/all.json").read_text())
-    assert summary["valid"] and summary["layout"] == "qwen3_omni_thinker"
-    assert sorted(map(int, summary["layers"])) == list(range(48))
-    manifest = json.loads((workdir / "results/model/manifest.json").read_text())
-    assert manifest["num_layers"] == 48 and manifest["num_experts"] >= 16
-    for layer in (0, 17, 47):
-        assert (workdir / f"logs/extract/layer_{layer}.log").read_text()
-    second = snakemake(workdir, "--cores", "2")
-    assert second.returncode == 0
-    assert "Nothing to be done" in second.stdout + second.stderr
 
 
 def test_dry_run_plans_without_writing(workdir):
@@ -50,7 +27,7 @@ def test_dry_run_plans_without_writing(workdir):
 
 @pytest.mark.slow
 def test_named_layer_target_extracts_that_layer_only(workdir):
-    _small_synthetic(workdir)
+    use_small_synthetic(workdir)
     proc = snakemake(workdir, "--cores", "1", "extract_layer_5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (workdir / "results/experts").iterdir()) == ["layer_5.safetensors"]
@@ -72,12 +49,12 @@ def test_qwen3_moe_local_checkpoint(workdir, qwen3_moe_ckpt):
     assert manifest["path"] == str(qwen3_moe_ckpt.resolve())  # used in place, not copied
     bad = snakemake(workdir, "--cores", "1", "results/experts/layer_2.safetensors")
     assert bad.returncode != 0
-    assert "error: layer 2 has no experts" in _error_lines(bad)[0]
+    assert "error: layer 2 has no experts" in error_lines(bad)[0]
 
 
 @pytest.mark.slow
 def test_kill_9_mid_extraction_then_resume(workdir):
-    _small_synthetic(workdir, num_layers=16)
+    use_small_synthetic(workdir, num_layers=16)
     checksums = workdir / "results/checksums"
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1"], cwd=workdir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -105,13 +82,13 @@ def test_kill_9_mid_extraction_then_resume(workdir):
 
 @pytest.mark.slow
 def test_config_change_reruns_only_affected_stages(workdir):
-    _small_synthetic(workdir)
+    use_small_synthetic(workdir)
     assert snakemake(workdir, "--cores", "2").returncode == 0
     # another source's settings are not this run's input: nothing to do
     set_config(workdir, model={"repo_id": "Qwen/Qwen3-30B-A3B", "revision": "v2"})
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     # a different model (seed) must re-extract every layer
-    _small_synthetic(workdir, seed=1)
+    use_small_synthetic(workdir, seed=1)
     plan = snakemake(workdir, "-n").stdout
     assert "download" in plan and "extract_layer" in plan and "validate_all" in plan
 
@@ -120,7 +97,7 @@ def test_invalid_config_value_is_one_line(workdir):
     set_config(workdir, model={"source": "sideways"})
     proc = snakemake(workdir, "-n")
     assert proc.returncode != 0
-    assert _error_lines(proc) == ["error: invalid config value at model.source: 'sideways' is not one of "
+    assert error_lines(proc) == ["error: invalid config value at model.source: 'sideways' is not one of "
                                   "['synthetic', 'local', 'hf']"]
 
 
@@ -128,7 +105,7 @@ def test_missing_local_path_is_one_line(workdir):
     set_config(workdir, model={"source": "local", "path": "/no/such/checkpoint"})
     proc = snakemake(workdir, "-n")
     assert proc.returncode != 0
-    assert _error_lines(proc) == ["error: checkpoint directory /no/such/checkpoint does not exist"]
+    assert error_lines(proc) == ["error: checkpoint directory /no/such/checkpoint does not exist"]
 
 
 @pytest.mark.slow
@@ -152,15 +129,15 @@ def test_damaged_checkpoint_fails_download_and_leaves_no_manifest(workdir, omni_
     set_config(workdir, model={"source": "local", "path": str(ckpt)})
     proc = snakemake(workdir, "--cores", "1")
     assert proc.returncode != 0
-    lines = _error_lines(proc)
+    lines = error_lines(proc)
     assert len(lines) == 1 and message in lines[0], proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (workdir / "results/model/manifest.json").exists()
 
 
 @pytest.mark.slow
 def test_layer_out_of_range_leaves_nothing(workdir):
-    _small_synthetic(workdir)
+    use_small_synthetic(workdir)
     proc = snakemake(workdir, "--cores", "1", "results/experts/layer_99.safetensors")
     assert proc.returncode != 0
-    assert _error_lines(proc) == ["error: layer 99 is out of range: the model has layers 0..7"]
+    assert error_lines(proc) == ["error: layer 99 is out of range: the model has layers 0..7"]
     assert not list((workdir / "results/experts").glob("*layer_99*"))

@@ -57,13 +57,18 @@ class Attention(nn.Module):
         return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.wo)
 
 
+def swiglu(x, gate, up, down):
+    """Qwen3's MLP, the same for an expert and for a dense layer: down(silu(gate x) * up x)."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
 class DenseMLP(nn.Module):
     def __init__(self, w: dict[str, torch.Tensor]):
         super().__init__()
         self.gate, self.up, self.down = (w[f"mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
 
     def forward(self, x):
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return swiglu(x, self.gate, self.up, self.down)
 
 
 class MoE(nn.Module):
@@ -84,15 +89,21 @@ class MoE(nn.Module):
         if self.cfg.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w.to(logits.dtype)
-        chosen = top_i.tolist()  # one host sync per layer: the loads depend on it anyway
-        self.record(self.layer, chosen, top_w, b, t)
+        # The one device-to-host sync of the layer: the host must know the experts to load them.
+        host = torch.stack((top_i.to(torch.float32), top_w.to(torch.float32))).cpu()
+        chosen = host[0].to(torch.long).tolist()
+        self.record(self.layer, chosen, host[1].tolist(), b, t)
         out = torch.zeros_like(flat)
         for e in step_accesses(chosen):
             gate, up, down = self.cache.get(self.layer, e)
-            tok, slot = torch.where(top_i == e)
-            xe = flat[tok]
-            ye = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down) * top_w[tok, slot, None]
-            out.index_add_(0, tok, ye)
+            if len(chosen) == 1:  # decoding one token: no index tensors, no sync
+                slot = chosen[0].index(e)
+                out += swiglu(flat, gate, up, down) * top_w[:, slot, None]
+                continue
+            # indices built on the host from `chosen` (torch.where would sync once per expert)
+            rows = [(tok, experts.index(e)) for tok, experts in enumerate(chosen) if e in experts]
+            tok, slot = torch.tensor(rows, device=flat.device).unbind(1)
+            out.index_add_(0, tok, swiglu(flat[tok], gate, up, down) * top_w[tok, slot, None])
         return out.view(b, t, h)
 
 
@@ -154,10 +165,9 @@ class Transformer(nn.Module):
         self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=ref.device).tril()
         self.max_seq_len = max_seq_len
 
-    def record(self, layer: int, chosen: list[list[int]], weights: torch.Tensor, b: int, t: int) -> None:
+    def record(self, layer: int, chosen: list[list[int]], w: list[list[float]], b: int, t: int) -> None:
         if not self.record_trace:
             return
-        w = weights.float().tolist()
         prompt, step = self.trace_context["prompt"], self.trace_context["step"]
         for i, (experts, ws) in enumerate(zip(chosen, w)):
             row_b, row_t = divmod(i, t)

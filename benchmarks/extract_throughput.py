@@ -11,8 +11,10 @@ smaller than a layer so every layer straddles a shard boundary. Then, in two mod
         of what was written (the disk may still have a cache of its own below the guest)
 
 each layer is extracted by `extract_layer` in a fresh subprocess (its own peak RSS, sampled inside it),
-and the baselines copy bytes on the same disk: `shutil.copyfile` of the shards (kernel copy) and a
-user-space read+write in 16 MiB chunks of exactly the layers' byte count. Prints one JSON object.
+and the baselines copy bytes on the same disk: `shutil.copyfile` of the shards (a kernel copy) and, per
+layer, a user-space read+write in 16 MiB chunks of exactly that layer's bytes. A what-if row writes the
+extractor's exact output with one os.copy_file_range per tensor (what a kernel-copy extractor would get).
+Prints one JSON object.
 
   PYTHONPATH=src python benchmarks/extract_throughput.py --layers 3 --out benchmarks/results/extract_throughput.json
 """
@@ -22,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +38,8 @@ GiB = 1024 ** 3
 REAL = dict(num_experts=128, experts_per_token=8, hidden_size=2048, moe_intermediate_size=768, num_heads=32,
             num_kv_heads=4, head_dim=128, initializer_range=0.02)
 
-# The job, run in a fresh interpreter: the extraction call alone is timed; a thread samples RSS.
+# The job, run in a fresh interpreter: the extraction call alone is timed (the imports are not: they are
+# import_seconds, and in gb_per_s_including_process_start); a thread samples RSS.
 CHILD = r"""
 import json, sys, threading, time
 from pathlib import Path
@@ -155,31 +156,82 @@ def copy_shards(shards, dst_dir, cold):
     return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
 
 
-def read_write_same_bytes(shards, nbytes, dst, cold, chunk=16 << 20):
-    """User-space read of `nbytes` from the shards in order, written to one file in `chunk` pieces."""
-    if cold:
-        drop_cache(shards)
+def layer_ranges(ck, layout, cfg, layer):
+    """The layer's expert tensors as (shard path, offset, nbytes), in the extractor's output order."""
+    infos = [ck.info(n) for n in layout.expert_names(layer, cfg.num_experts)]
+    return infos
+
+
+def read_write_same_bytes(ck, layout, cfg, layers, shards, out_dir, cold, chunk=16 << 20):
+    """Per layer, user-space read of that layer's bytes (each shard's span of the layer, sequentially) written
+    to one file in `chunk` pieces: the same bytes as the extraction, with no tensor library in between."""
     buf = bytearray(chunk)
     view = memoryview(buf)
-    left = nbytes
-    t = time.perf_counter()
-    with open(dst, "wb") as out:
-        for s in shards:
-            with open(s, "rb", buffering=0) as f:
-                while left > 0:
-                    n = f.readinto(view[: min(chunk, left)])
-                    if not n:
-                        break
-                    out.write(view[:n])
-                    left -= n
-            if left <= 0:
-                break
+    total, seconds = 0, 0.0
+    for L in layers:
+        infos = layer_ranges(ck, layout, cfg, L)
+        spans = {}
+        for i in infos:
+            lo, hi = spans.get(i.file, (i.offset, i.offset + i.nbytes))
+            spans[i.file] = (min(lo, i.offset), max(hi, i.offset + i.nbytes))
+        dst = out_dir / f"rw_{L}.bin"
         if cold:
+            drop_cache(shards)
+        t = time.perf_counter()
+        with open(dst, "wb") as out:
+            for path, (lo, hi) in spans.items():
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(lo)
+                    left = hi - lo
+                    while left > 0:
+                        n = f.readinto(view[: min(chunk, left)])
+                        if not n:
+                            raise RuntimeError(f"{path}: short read")
+                        out.write(view[:n])
+                        left -= n
+                        total += n
+            if cold:
+                out.flush()
+                os.fsync(out.fileno())
+        seconds += time.perf_counter() - t
+        dst.unlink()
+    return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
+
+
+def range_copy_same_tensors(ck, layout, cfg, layers, shards, out_dir, cold):
+    """What-if: the extractor's output (header + each tensor's bytes, in its order) written with one
+    os.copy_file_range per tensor (a kernel copy: no mmap, no user-space buffer)."""
+    from moe_offload.extract import _header_bytes
+
+    total, seconds = 0, 0.0
+    for L in layers:
+        infos = layer_ranges(ck, layout, cfg, L)
+        dst = out_dir / f"rc_{L}.safetensors"
+        if cold:
+            drop_cache(shards)
+        t = time.perf_counter()
+        fds = {}
+        with open(dst, "wb") as out:
+            out.write(_header_bytes(infos, {"format": "pt"}))
             out.flush()
-            os.fsync(out.fileno())
-    seconds = time.perf_counter() - t
-    dst.unlink()
-    return {"bytes": nbytes - left, "seconds": seconds, "gb_per_s": (nbytes - left) / seconds / 1e9}
+            ofd = out.fileno()
+            for i in infos:
+                fd = fds.get(i.file) or fds.setdefault(i.file, os.open(i.file, os.O_RDONLY))
+                off, left = i.offset, i.nbytes
+                while left > 0:
+                    n = os.copy_file_range(fd, ofd, left, off)
+                    if n <= 0:
+                        raise RuntimeError(f"{i.file}: copy_file_range returned {n}")
+                    off += n
+                    left -= n
+                total += i.nbytes
+            if cold:
+                os.fsync(ofd)
+        for fd in fds.values():
+            os.close(fd)
+        seconds += time.perf_counter() - t
+        dst.unlink()
+    return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
 
 
 def main():
@@ -231,9 +283,7 @@ def main():
             cold = mode == "cold"
             if not cold:
                 warm_up(shards)
-            rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             jobs = extract_jobs(ckpt, layers, out_dir, shards, cold)
-            rusage_children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
             for f in out_dir.glob("layer_*.safetensors"):
                 f.unlink()
             if not cold:
@@ -241,7 +291,10 @@ def main():
             copy = copy_shards(shards, work / "copy", cold)
             if not cold:
                 warm_up(shards)
-            rw = read_write_same_bytes(shards, layer_bytes * len(layers), work / "rw.bin", cold)
+            rw = read_write_same_bytes(ck, layout, cfg, layers, shards, out_dir, cold)
+            if not cold:
+                warm_up(shards)
+            rc = range_copy_same_tensors(ck, layout, cfg, layers, shards, out_dir, cold)
             ext_bytes = sum(j["bytes"] for j in jobs)
             ext_s = sum(j["timed_seconds"] for j in jobs)
             ext_wall = sum(j["job_wall_seconds"] + j["fsync_seconds"] for j in jobs)
@@ -256,12 +309,15 @@ def main():
                             "per_layer_gb_per_s": [j["bytes"] / j["timed_seconds"] / 1e9 for j in jobs]},
                 "copy_shards_copyfile": copy,
                 "read_write_same_bytes": rw,
+                "what_if_copy_file_range_per_tensor": rc,
                 "ratio_extract_to_copyfile": ext_gbps / copy["gb_per_s"],
                 "ratio_extract_to_read_write": ext_gbps / rw["gb_per_s"],
                 "max_peak_rss_bytes_one_job": peak,
                 "max_peak_rss_gib_one_job": peak / GiB,
-                "rusage_children_maxrss_bytes": rusage_children_max,
-                "rusage_children_maxrss_before_bytes": rusage0 * 1024,
+                "peak_rss_note": ("each job's own kernel high-water mark (VmHWM) at its end; sampled_peak_rss_file is "
+                                  "the part that is the source shards' mmapped page-cache pages, reclaimable. "
+                                  "getrusage(RUSAGE_CHILDREN) is not used: a child forked from this large parent "
+                                  "is charged the parent's RSS before its exec"),
                 "jobs": jobs,
             }
             print(f"# {mode}: extract {ext_gbps:.2f} GB/s, copyfile {copy['gb_per_s']:.2f} GB/s, "
@@ -283,6 +339,7 @@ def main():
             shutil.rmtree(ckpt, ignore_errors=True)
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    result["load_average_1_5_15_at_end"] = list(os.getloadavg())  # other processes on the machine add noise
     text = json.dumps(result, indent=1)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ it, then on the same prompt ids and the same number of new tokens, each after a 
 
 Prints one JSON object: tok/s (median of --repeats timed runs), ratios ours/native, per-layer per-token
 ms and the 48-layer extrapolation, peak memory next to its bound (dense + capacity x expert + KV), a
-parity line (greedy tokens identical to native, max |logit difference|), and on cuda a profile of one
-decode of ours (GPU busy fraction, host syncs, kernel launches per token).
+parity line (greedy tokens identical to native, max |logit difference|), and on cuda, after every timed
+run, torch.profiler passes over our decode and native's generate (GPU busy fraction, host syncs, kernel
+launches per token).
 
   PYTHONPATH=src python benchmarks/generate_speed.py --dims tiny --layers 48 --device cpu
   PYTHONPATH=src python3 benchmarks/generate_speed.py --dims real --layers 4 --device cuda --dtype bfloat16
@@ -111,7 +112,7 @@ def free(device):
 
 # ---- the runs ---------------------------------------------------------------------------------------------
 
-def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_logits=False, profile=False):
+def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_logits=False):
     device = torch.device(a.device)
     peak = Peak(device)
     t0 = time.perf_counter()
@@ -156,49 +157,69 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     if keep_logits:
         g = generate(rt, ids, a.max_new_tokens, return_logits=True)
         extra["logits"] = torch.stack([l[0] for l in g.logits])
-    if profile and device.type == "cuda":
-        out["profile"] = profile_decode(rt, ids, cfg)
     rt.cache.close()
     del rt, warm, runs
     free(device)
     return out, extra
 
 
-def profile_decode(rt, ids, cfg, new_tokens=9):
-    """One short generate under torch.profiler: where a decoded token's time goes."""
+@torch.inference_mode()
+def profile_decode(rt, ids, cfg, steps=8):
+    """Decode forwards alone (after a prefill, every expert they use already resident when the cache holds
+    them all), timed plainly and then under torch.profiler: where a decoded token's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    generate(rt, ids, new_tokens)
-    sync(rt.device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        g = generate(rt, ids, new_tokens)
-    sync(rt.device)
+    model, dev = rt.model, rt.device
+    x = torch.as_tensor([ids], device=dev)
+    t = x.shape[1]
+
+    def decode(profiled=False):
+        model.setup_caches(1, t + steps + 1)
+        tok = model.forward(x, torch.arange(t, device=dev))[:, -1].argmax(-1)
+        sync(dev)
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if profiled else None
+        if prof:
+            prof.__enter__()
+        start = time.perf_counter()
+        for s in range(steps):
+            tok = model.forward(tok[:, None], torch.tensor([t + s], device=dev))[:, -1].argmax(-1)
+        sync(dev)
+        seconds = time.perf_counter() - start
+        if prof:
+            prof.__exit__(None, None, None)
+        return seconds, prof
+
+    decode()
+    plain_s, _ = decode()
+    profiled_s, prof = decode(profiled=True)
     events = prof.key_averages()
 
     def dev_time(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
 
     total_dev_us = sum(dev_time(e) for e in events)
-    kernels = sum(e.count for e in events if dev_time(e) > 0 and e.device_type == torch.autograd.DeviceType.CUDA)
     by_name = {e.key: e for e in events}
+    forwards = steps
 
-    def count(name):
-        return by_name[name].count if name in by_name else 0
+    def per_fwd(name):
+        return by_name[name].count / forwards if name in by_name else 0
 
-    wall_us = 1e6 * (g.prefill_seconds + g.decode_seconds)
-    steps = new_tokens  # one prefill + new_tokens-1 decode forwards
     top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    top_gpu = sorted(events, key=dev_time, reverse=True)[:8]
     return {
-        "note": "one generate() of prefill + %d decode steps under torch.profiler (profiling adds overhead)" % (new_tokens - 1),
-        "wall_ms": wall_us / 1000, "gpu_kernel_ms": total_dev_us / 1000,
-        "gpu_busy_fraction": total_dev_us / wall_us if wall_us else None,
-        "forwards": steps, "moe_layers": len(cfg.expert_layers),
-        "gpu_kernels_per_forward": kernels / steps,
-        "host_syncs_per_forward": {k: count(k) / steps for k in
-                                   ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                    "aten::nonzero", "aten::item")},
+        "note": f"{steps} decode forwards (batch 1) after an unprofiled prefill; counts per decode forward; "
+                "gpu_busy = summed kernel time over the profiled loop's wall time (profiling slows the host side)",
+        "decode_ms_per_token_plain": 1000 * plain_s / steps,
+        "decode_ms_per_token_profiled": 1000 * profiled_s / steps,
+        "gpu_kernel_ms_total": total_dev_us / 1000,
+        "gpu_busy_fraction_approx": total_dev_us / 1e6 / profiled_s,
+        "moe_layers": len(cfg.expert_layers),
+        "per_forward": {k: per_fwd(k) for k in ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync",
+                                                  "cudaStreamSynchronize", "aten::nonzero", "aten::index",
+                                                  "aten::index_add_", "aten::mm", "aten::_local_scalar_dense")},
         "top_self_cpu_ops": [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000,
                               "self_gpu_ms": dev_time(e) / 1000} for e in top_cpu],
+        "top_gpu_ops": [{"op": e.key, "count": e.count, "self_gpu_ms": dev_time(e) / 1000} for e in top_gpu],
     }
 
 
@@ -232,6 +253,58 @@ def run_native(a, files, ids, impl, keep_logits=False):
     return out, extra
 
 
+def profile_native(model, ids, new_tokens=17):
+    """transformers' generate() under torch.profiler (its prefill included): kernels and syncs per token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        r = native_generate(model, ids, new_tokens)
+    events = prof.key_averages()
+
+    def dev_time(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    by_name = {e.key: e for e in events}
+    n = new_tokens
+    wall = r["prefill_s"] + r["decode_s"]
+    return {"note": f"one generate() of {n} tokens (prefill included) under torch.profiler; counts per token",
+            "gpu_kernel_ms_total": sum(dev_time(e) for e in events) / 1000, "wall_ms_profiled": 1000 * wall,
+            "gpu_busy_fraction_approx": sum(dev_time(e) for e in events) / 1e6 / wall,
+            "per_token": {k: by_name[k].count / n if k in by_name else 0 for k in
+                          ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync", "cudaStreamSynchronize",
+                           "aten::nonzero", "aten::mm", "aten::_grouped_mm", "aten::_local_scalar_dense")},
+            "top_gpu_ops": [{"op": e.key[:80], "count": e.count, "self_gpu_ms": dev_time(e) / 1000}
+                            for e in sorted(events, key=dev_time, reverse=True)[:8]]}
+
+
+def run_profiles(a, files, cfg, ids) -> dict:
+    """After every timed run: once torch.profiler has run with CUDA activity, later kernel launches in the
+    process stay slower (seen here: native_default 227 tok/s unprofiled, 162 after a profile), so no
+    figure is timed after one."""
+    device, out = torch.device(a.device), {}
+    for label, cap in (("ours_full", None), ("ours_topk", cfg.experts_per_token)):
+        try:
+            rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=cap, device=a.device, dtype=a.dtype)
+            generate(rt, ids, a.max_new_tokens)  # the same warm-up as the timed runs
+            out[label] = profile_decode(rt, ids, cfg)
+            rt.cache.close()
+            del rt
+        except Exception as err:
+            out[label] = {"error": f"{type(err).__name__}: {err}"}
+        free(device)
+    try:
+        model = load_native(files["ckpt"], device, a.dtype)
+        if not hasattr(model.config, "vision_start_token_id"):
+            model.config.vision_start_token_id = 151652
+        native_generate(model, ids, 17)
+        out["native_default"] = profile_native(model, ids)
+        del model
+    except Exception as err:
+        out["native_default"] = {"error": f"{type(err).__name__}: {err}"}
+    free(device)
+    return out
+
+
 def parity(ours: dict, native: dict) -> dict:
     n = min(len(ours["logits"]), len(native["logits"]))
     d = (ours["logits"][:n] - native["logits"][:n]).abs()
@@ -252,7 +325,10 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default=None, help="where the checkpoint and extracted files go (default: a temp dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the workdir")
-    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--no-profile", action="store_true", help="cuda: skip the torch.profiler pass (run after all timings)")
+    p.add_argument("--only", default=None, help="comma-separated run labels to do (default: all)")
+    p.add_argument("--recheck", action="store_true", help="run ours_full once more after the other runs of ours")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     a.layers = a.layers or (48 if a.dims == "tiny" else 4)
@@ -260,6 +336,8 @@ def main():
     a.max_new_tokens = a.max_new_tokens or (64 if a.device.startswith("cuda") else 32)
     device = torch.device(a.device)
     torch.set_grad_enabled(False)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="genspeed."))
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": a.device,
@@ -292,6 +370,9 @@ def main():
         runs, extras = {}, {}
 
         def record(fn, *args, **kw):
+            label = kw.get("label") or f"native_{args[3]}"
+            if a.only and label not in a.only.split(","):
+                return
             try:
                 r, e = fn(*args, **kw)
                 runs[r["label"]], extras[r["label"]] = r, e
@@ -303,20 +384,24 @@ def main():
                 free(device)
 
         k = cfg.experts_per_token
-        record(run_ours, a, files, cfg, ids, None, label="ours_full", keep_logits=True, profile=not a.no_profile)
+        record(run_ours, a, files, cfg, ids, None, label="ours_full", keep_logits=True)
         record(run_ours, a, files, cfg, ids, None, label="ours_full_no_trace", trace=False)
-        record(run_ours, a, files, cfg, ids, k, label="ours_topk", profile=not a.no_profile)
+        record(run_ours, a, files, cfg, ids, k, label="ours_topk")
         if device.type == "cuda":
             record(run_ours, a, files, cfg, ids, k, label="ours_topk_pinned", pin=True)
+        if a.recheck:  # the full cache again, last: shows how much the order of runs moves the figures
+            record(run_ours, a, files, cfg, ids, None, label="ours_full_repeat")
         record(run_native, a, files, ids, "default", keep_logits=True)
         record(run_native, a, files, ids, "eager", keep_logits=True)
         result["runs"] = runs
+        if device.type == "cuda" and not a.no_profile:
+            result["profiles"] = run_profiles(a, files, cfg, ids)
 
         def tok(label):
             return runs.get(label, {}).get("tok_s")
 
         ratios = {}
-        for o in ("ours_full", "ours_full_no_trace", "ours_topk", "ours_topk_pinned"):
+        for o in ("ours_full", "ours_full_no_trace", "ours_full_repeat", "ours_topk", "ours_topk_pinned"):
             for n in ("native_default", "native_eager"):
                 if tok(o) and tok(n):
                     ratios[f"{o}/{n}"] = tok(o) / tok(n)
@@ -336,6 +421,7 @@ def main():
     finally:
         if not a.keep and not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    result["load_average_1_5_15_at_end"] = list(os.getloadavg())  # other processes on the machine add noise
     text = json.dumps(result, indent=1)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

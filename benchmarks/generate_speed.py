@@ -131,7 +131,7 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     seq = len(ids) + a.max_new_tokens
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * seq * dbytes
     bound = rt.dense_bytes + n_moe * cap_per_layer * expert_bytes + kv
-    resident = len(rt.cache.resident)
+    resident = len(rt.cache.slot)
     bound_resident = rt.dense_bytes + resident * expert_bytes + kv
     out = {
         "label": label, "capacity_per_layer": cap_per_layer, "pin_memory": pin, "record_trace": trace,

@@ -68,6 +68,12 @@ def _metadata_int(path: str | Path, key: str) -> int | None:
 class ExpertCache:
     """`get(layer, expert)` returns that expert's (gate [I,H], up [I,H], down [H,I]) on `device` in `dtype`.
 
+    Resident experts live in preallocated slabs, one per pool (a layer, or the global pool):
+    `w1[slot]` = gate rows then up rows [2I, H], `w2[slot]` = down [H, I], so memory is exactly the
+    capacity times one expert, and a decode step can gather its top-k experts in one indexing op
+    (`slabs`, with a device table expert -> slot). `get` returns views into a slot: valid until the
+    slot is reused by a later miss.
+
     scope "per_layer" gives each layer `capacity` slots, "global" one pool of `capacity` slots.
     On CUDA, `pin_memory` reads into one reused pinned staging buffer (so the copy can be async) and
     `side_stream` issues the copy and cast on a separate stream that the compute stream then waits on.
@@ -86,7 +92,7 @@ class ExpertCache:
             self.policy = Scoped(policy, scope, capacity)
         except ValueError as err:
             raise InputError(str(err)) from None
-        self.layout, self.capacity, self.scope = layout, capacity, scope
+        self.layout, self.capacity, self.scope, self.policy_name = layout, capacity, scope, policy
         self.device, self.dtype = torch.device(device), dtype
         self.spans: dict[int, list[ExpertSpan]] = {}
         self._fds: dict[int, int] = {}
@@ -97,14 +103,24 @@ class ExpertCache:
             self.spans[layer] = _expert_spans(path, layout, layer)
         for layer, path in sorted(layer_files.items()):
             self._fds[layer] = os.open(path, os.O_RDONLY)
-        self.resident: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.slot: dict[tuple[int, int], int] = {}  # resident key -> slot in its pool's slab
+        self._pools: dict[int | None, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # w1, w2, free slots
+        self._tables: dict[int, torch.Tensor] = {}  # layer -> [E] slot of each expert on device, -1 if absent
         cuda = self.device.type == "cuda"
         max_bytes = max((s.nbytes for spans in self.spans.values() for s in spans), default=0)
         # One reused pinned buffer: the read lands in it and the H2D copy reads from it asynchronously.
         self._staging = torch.empty(max_bytes, dtype=torch.uint8, pin_memory=True) if cuda and pin_memory else None
         self._staging_free = torch.cuda.Event() if self._staging is not None else None
         self._stream = torch.cuda.Stream(self.device) if cuda and side_stream else None
+        for layer in self.spans:
+            self._pool(layer)  # allocate every slab now: the memory held is the bound, from the start
         self.reset_stats()
+
+    @property
+    def keeps_step_resident(self) -> bool:
+        """With LRU and capacity >= top-k, no access of a step evicts another expert of the same step
+        (they are the most recent), so a step may gather all its experts after loading them."""
+        return self.policy_name == "lru"
 
     def reset_stats(self) -> None:
         self.hits = self.misses = self.evictions = self.bytes_loaded = 0
@@ -121,6 +137,29 @@ class ExpertCache:
     def expert_bytes(self, layer: int, expert: int) -> int:
         return self.spans[layer][expert].nbytes
 
+    def _pool(self, layer: int):
+        pool_id = layer if self.scope == "per_layer" else None
+        if pool_id not in self._pools:
+            gate, _, down = self.spans[layer][0].parts
+            (i, h), slots = gate[2], self.capacity
+            slots = min(slots, sum(len(s) for s in self.spans.values()) if pool_id is None else len(self.spans[layer]))
+            w1 = torch.empty(slots, 2 * i, h, dtype=self.dtype, device=self.device)
+            w2 = torch.empty(slots, *down[2], dtype=self.dtype, device=self.device)
+            self._pools[pool_id] = (w1, w2, list(range(slots - 1, -1, -1)))
+        if layer not in self._tables:
+            self._tables[layer] = torch.full((len(self.spans[layer]),), -1, dtype=torch.long, device=self.device)
+        return self._pools[pool_id]
+
+    def slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1 [slots, 2I, H], w2 [slots, H, I], table [E]): w1[table[e]] is expert e's gate and up."""
+        w1, w2, _ = self._pool(layer)
+        return w1, w2, self._tables[layer]
+
+    def _views(self, layer: int, slot: int):
+        w1, w2, _ = self._pool(layer)
+        i = w1.shape[1] // 2
+        return w1[slot, :i], w1[slot, i:], w2[slot]
+
     def get(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (layer, expert)
         if layer not in self.spans:
@@ -130,16 +169,19 @@ class ExpertCache:
         hit, evicted = self.policy.access(key)
         if hit:
             self.hits += 1
-            return self.resident[key]
+            return self._views(layer, self.slot[key])
         self.misses += 1
+        free = self._pool(layer)[2]
         if evicted is not None:
             self.evictions += 1
-            del self.resident[evicted]
+            free.append(self.slot.pop(evicted))
+            self._tables[evicted[0]][evicted[1]] = -1
+        slot = self.slot[key] = free.pop()
         start = time.perf_counter()
-        weights = self._load(layer, expert)
+        self._load(layer, expert, slot)
         self.load_seconds += time.perf_counter() - start
-        self.resident[key] = weights
-        return weights
+        self._tables[layer][expert] = slot
+        return self._views(layer, slot)
 
     def _read(self, span: ExpertSpan, fd: int) -> torch.Tensor:
         if self._staging is not None:
@@ -154,31 +196,33 @@ class ExpertCache:
         self.bytes_loaded += n
         return buf
 
-    def _load(self, layer: int, expert: int):
+    def _load(self, layer: int, expert: int, slot: int) -> None:
         span = self.spans[layer][expert]
         raw = self._read(span, self._fds[layer])
+        targets = self._views(layer, slot)
         if self.device.type != "cuda":
-            flat = raw.view(torch.bfloat16)  # fresh buffer per load: bf16 views of it may be kept as is
-            return tuple(flat[a:b].view(shape).to(self.dtype) for a, b, shape in span.parts)
-        stream = self._stream or torch.cuda.current_stream(self.device)
+            flat = raw.view(torch.bfloat16)
+            for target, (a, b, shape) in zip(targets, span.parts):
+                target.copy_(flat[a:b].view(shape))  # casts to the compute dtype
+            return
+        main = torch.cuda.current_stream(self.device)
+        stream = self._stream or main
+        if self._stream is not None:
+            stream.wait_stream(main)  # the slot's previous expert may still be read by queued kernels
         with torch.cuda.stream(stream):
-            # Copy bf16 (half the bytes of f32) and cast on the device.
+            # Copy bf16 (half the bytes of f32) and cast on the device, into the slot.
             flat = raw.to(self.device, non_blocking=self._staging is not None).view(torch.bfloat16)
-            out = tuple(flat[a:b].view(shape).to(self.dtype) for a, b, shape in span.parts)
+            for target, (a, b, shape) in zip(targets, span.parts):
+                target.copy_(flat[a:b].view(shape))
             if self._staging is not None:
                 self._staging_free.record(stream)
         if self._stream is not None:
-            main = torch.cuda.current_stream(self.device)
             main.wait_stream(self._stream)
-            for t in out:  # allocated on the side stream, used (and freed) on the main one
-                t.record_stream(main)
-        return out
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self.resident.clear()
 
     def __del__(self):
         try:

@@ -93,6 +93,8 @@ class MoE(nn.Module):
         host = torch.stack((top_i.to(torch.float32), top_w.to(torch.float32))).cpu()
         chosen = host[0].to(torch.long).tolist()
         self.record(self.layer, chosen, host[1].tolist(), b, t)
+        if len(chosen) == 1 and self.cache.keeps_step_resident:
+            return self._decode_one(flat, top_i, top_w, chosen[0]).view(b, t, h)
         out = torch.zeros_like(flat)
         for e in step_accesses(chosen):
             gate, up, down = self.cache.get(self.layer, e)
@@ -105,6 +107,18 @@ class MoE(nn.Module):
             tok, slot = torch.tensor(rows, device=flat.device).unbind(1)
             out.index_add_(0, tok, swiglu(flat[tok], gate, up, down) * top_w[tok, slot, None])
         return out.view(b, t, h)
+
+    def _decode_one(self, flat, top_i, top_w, chosen: list[int]):
+        """One token: load what is missing, then gather the k experts' slots and apply them in two
+        batched matmuls (a handful of kernels instead of a dozen per expert)."""
+        for e in step_accesses([chosen]):
+            self.cache.get(self.layer, e)
+        w1, w2, table = self.cache.slabs(self.layer)
+        slots = table[top_i[0]]  # on the device: no host round trip
+        gate_up = torch.matmul(w1[slots], flat[0])  # [k, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch.matmul(w2[slots], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [k, H]
+        return (y * top_w[0, :, None]).sum(0, keepdim=True)
 
 
 class Block(nn.Module):

@@ -150,6 +150,9 @@ class ExpertCache:
             self._tables[layer] = torch.full((len(self.spans[layer]),), -1, dtype=torch.long, device=self.device)
         return self._pools[pool_id]
 
+    def is_resident(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.slot
+
     def slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1 [slots, 2I, H], w2 [slots, H, I], table [E]): w1[table[e]] is expert e's gate and up."""
         w1, w2, _ = self._pool(layer)

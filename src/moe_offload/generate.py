@@ -141,6 +141,7 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
     s1 = runtime.cache.stats()
 
     # Decode: one token per forward, until max_new_tokens or every row has produced an eos.
+    pos = torch.zeros(1, dtype=torch.long, device=device)
     start, step = time.perf_counter(), 0
     while True:
         if return_logits:
@@ -153,7 +154,8 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
         if step >= max_new_tokens or all(done):
             break
         model.trace_context = {"prompt": prompt, "step": step}
-        logits = model.forward(tok[:, None], torch.tensor([t + step - 1], device=device))[:, -1]
+        pos.fill_(t + step - 1)  # on the device: building a new tensor from the host would sync
+        logits = model.forward(tok[:, None], pos, positions=[t + step - 1])[:, -1]
         tok = sample(logits, temperature, top_k, top_p, generator)
     _sync(device)
     decode_seconds = time.perf_counter() - start

@@ -79,22 +79,32 @@ class MoE(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
         super().__init__()
         self.cfg, self.layer, self.router, self.cache, self.record = cfg, layer, w["mlp.gate.weight"], cache, record
+        self.defer = False  # set by Transformer for an optimistic one-token step (see Transformer.decode)
+        self.pending = None
 
-    def forward(self, x):
-        b, t, h = x.shape
-        flat = x.reshape(-1, h)
+    def route(self, flat):
         logits = F.linear(flat, self.router)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top_w, top_i = torch.topk(probs, self.cfg.experts_per_token, dim=-1)
         if self.cfg.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        top_w = top_w.to(logits.dtype)
+        return top_w.to(logits.dtype), top_i
+
+    def forward(self, x):
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        top_w, top_i = self.route(flat)
+        if self.defer:  # assume the routed experts are resident; the Transformer checks after the step
+            self.pending = (top_i, top_w)
+            return self._apply_slots(flat, top_i, top_w).view(b, t, h)
         # The one device-to-host sync of the layer: the host must know the experts to load them.
         host = torch.stack((top_i.to(torch.float32), top_w.to(torch.float32))).cpu()
         chosen = host[0].to(torch.long).tolist()
         self.record(self.layer, chosen, host[1].tolist(), b, t)
         if len(chosen) == 1 and self.cache.keeps_step_resident:
-            return self._decode_one(flat, top_i, top_w, chosen[0]).view(b, t, h)
+            for e in step_accesses(chosen):
+                self.cache.get(self.layer, e)
+            return self._apply_slots(flat, top_i, top_w).view(b, t, h)
         out = torch.zeros_like(flat)
         for e in step_accesses(chosen):
             gate, up, down = self.cache.get(self.layer, e)
@@ -108,15 +118,12 @@ class MoE(nn.Module):
             out.index_add_(0, tok, swiglu(flat[tok], gate, up, down) * top_w[tok, slot, None])
         return out.view(b, t, h)
 
-    def _decode_one(self, flat, top_i, top_w, chosen: list[int]):
-        """One token: load what is missing, then gather the k experts' slots and apply them in two
-        batched matmuls (a handful of kernels instead of a dozen per expert)."""
-        for e in step_accesses([chosen]):
-            self.cache.get(self.layer, e)
+    def _apply_slots(self, flat, top_i, top_w):
+        """One token through its k resident experts: gather their slots (device table, no host round
+        trip) and apply them in two batched matmuls, a handful of kernels instead of a dozen per expert."""
         w1, w2, table = self.cache.slabs(self.layer)
-        slots = table[top_i[0]]  # on the device: no host round trip
-        gate_up = torch.matmul(w1[slots], flat[0])  # [k, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
+        slots = table[top_i[0]]
+        gate, up = torch.matmul(w1[slots], flat[0]).chunk(2, dim=-1)  # [k, I] each
         y = torch.matmul(w2[slots], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [k, H]
         return (y * top_w[0, :, None]).sum(0, keepdim=True)
 
@@ -143,7 +150,7 @@ class Transformer(nn.Module):
         depth = cfg.num_layers if depth is None else depth
         if not 1 <= depth <= cfg.num_layers:
             raise InputError(f"depth {depth} is out of range: the model has {cfg.num_layers} layers")
-        self.cfg, self.layout, self.depth = cfg, layout, depth
+        self.cfg, self.layout, self.depth, self.cache = cfg, layout, depth, cache
         self.embed = dense[f"{layout.prefix}embed_tokens.weight"]
         self.norm = dense[f"{layout.prefix}norm.weight"]
         self.lm_head = dense.get(layout.lm_head)
@@ -188,17 +195,50 @@ class Transformer(nn.Module):
             self.trace.append(dict(prompt=prompt[row_b] if isinstance(prompt, (list, tuple)) else prompt,
                                    step=step, position=self._pos[row_t], layer=layer, experts=experts, weights=ws))
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        self._pos = input_pos.tolist()
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None):
+        """positions: input_pos as host ints, when the caller has them (saves a device round trip)."""
+        self._pos = input_pos.tolist() if positions is None else positions
         end = self._pos[-1] + 1
         if end > self.max_seq_len:
             raise InputError(f"position {end - 1} is past the KV cache ({self.max_seq_len}): call setup_caches")
         mask = self.causal[input_pos, :end]
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         x = F.embedding(input_ids, self.embed)
-        for block in self.layers:
+        start = 0
+        if input_ids.numel() == 1 and self.cache.keeps_step_resident:
+            x, start = self._optimistic(x, cos, sin, input_pos, mask)
+        for block in self.layers[start:]:
             x = block(x, cos, sin, input_pos, mask)
         return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+
+    def _optimistic(self, x, cos, sin, input_pos, mask):
+        """One token through every layer assuming each routed expert is already resident, with a single
+        host sync at the end instead of one per layer; then the cache replays the accesses in order.
+        Returns (x, len(layers)) when every expert was resident, else the input of the first layer that
+        routed to an absent expert and its index, for the caller to redo from there the careful way
+        (its KV entries at this position are simply overwritten)."""
+        moes, inputs = [b.mlp for b in self.layers if isinstance(b.mlp, MoE)], []
+        try:
+            for m in moes:
+                m.defer = True
+            for block in self.layers:
+                inputs.append(x)
+                x = block(x, cos, sin, input_pos, mask)
+        finally:
+            for m in moes:
+                m.defer = False
+        if not moes:
+            return x, len(self.layers)
+        host = torch.stack([torch.stack((i[0].to(torch.float32), w[0].to(torch.float32)))
+                            for i, w in (m.pending for m in moes)]).cpu()
+        for m, (experts, weights) in zip(moes, host.tolist()):
+            chosen = [int(e) for e in experts]
+            if not all(self.cache.is_resident(m.layer, e) for e in chosen):
+                return inputs[m.layer], m.layer
+            for e in step_accesses([chosen]):
+                self.cache.get(m.layer, e)  # all hits: counted, and recency refreshed in order
+            self.record(m.layer, [chosen], [weights], 1, 1)
+        return x, len(self.layers)
 
 
 def load_dense(path: str | Path, layout: Layout, depth: int, device, dtype) -> dict[str, torch.Tensor]:

@@ -169,6 +169,7 @@ class Transformer(nn.Module):
         self.trace_context: dict = {"prompt": 0, "step": 0}
         self.record_trace = True
         self._pos = None
+        self._graph = None  # the captured decode step on CUDA (see _replay_graph)
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         c, ref = self.cfg, self.embed
@@ -206,17 +207,24 @@ class Transformer(nn.Module):
         x = F.embedding(input_ids, self.embed)
         start = 0
         if input_ids.numel() == 1 and self.cache.keeps_step_resident:
-            x, start = self._optimistic(x, cos, sin, input_pos, mask)
+            if self.embed.is_cuda:
+                logits, inputs, pending = self._replay_graph(input_ids, input_pos)
+            else:
+                logits, inputs, pending = self._optimistic(x, self.causal[input_pos], input_pos)
+            start = self._settle(pending)
+            if start == len(self.layers):
+                return logits
+            x = inputs[start]
         for block in self.layers[start:]:
             x = block(x, cos, sin, input_pos, mask)
         return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
 
-    def _optimistic(self, x, cos, sin, input_pos, mask):
-        """One token through every layer assuming each routed expert is already resident, with a single
-        host sync at the end instead of one per layer; then the cache replays the accesses in order.
-        Returns (x, len(layers)) when every expert was resident, else the input of the first layer that
-        routed to an absent expert and its index, for the caller to redo from there the careful way
-        (its KV entries at this position are simply overwritten)."""
+    def _optimistic(self, x, mask, input_pos):
+        """One token through every layer assuming each routed expert is already resident: no host sync
+        at all. Returns logits, each layer's input, and each MoE layer's (top_i, top_w) for `_settle`.
+        The mask covers the whole KV cache (later positions masked out) so shapes never change and the
+        step can be a CUDA graph."""
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         moes, inputs = [b.mlp for b in self.layers if isinstance(b.mlp, MoE)], []
         try:
             for m in moes:
@@ -227,18 +235,48 @@ class Transformer(nn.Module):
         finally:
             for m in moes:
                 m.defer = False
-        if not moes:
-            return x, len(self.layers)
-        host = torch.stack([torch.stack((i[0].to(torch.float32), w[0].to(torch.float32)))
-                            for i, w in (m.pending for m in moes)]).cpu()
-        for m, (experts, weights) in zip(moes, host.tolist()):
+        logits = F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+        return logits, inputs, [(m.layer, *m.pending) for m in moes]
+
+    def _settle(self, pending) -> int:
+        """One host sync for the whole step; the cache then replays the step's accesses in order. Returns
+        len(layers) when every routed expert was resident, else the first layer that routed to an
+        absent one: the caller redoes the step from there the careful way (its KV entries at this
+        position are simply overwritten)."""
+        if not pending:
+            return len(self.layers)
+        host = torch.stack([torch.stack((i[0].to(torch.float32), w[0].to(torch.float32))) for _, i, w in pending])
+        for (layer, _, _), (experts, weights) in zip(pending, host.cpu().tolist()):
             chosen = [int(e) for e in experts]
-            if not all(self.cache.is_resident(m.layer, e) for e in chosen):
-                return inputs[m.layer], m.layer
+            if not all(self.cache.is_resident(layer, e) for e in chosen):
+                return layer
             for e in step_accesses([chosen]):
-                self.cache.get(m.layer, e)  # all hits: counted, and recency refreshed in order
-            self.record(m.layer, [chosen], [weights], 1, 1)
-        return x, len(self.layers)
+                self.cache.get(layer, e)  # all hits: counted, and recency refreshed in order
+            self.record(layer, [chosen], [weights], 1, 1)
+        return len(self.layers)
+
+    def _replay_graph(self, input_ids, input_pos):
+        """The optimistic step as a CUDA graph (gpt-fast's "reduce-overhead", by hand): one replay
+        launches every kernel of every layer. Captured at the first decode step, again after the KV
+        cache grows; slabs, slot tables and weights are static tensors it reads at each replay."""
+        g = self._graph
+        if g is None or g["max_seq_len"] != self.max_seq_len:
+            ids, pos = input_ids.clone(), input_pos.clone()
+            run = lambda: self._optimistic(F.embedding(ids, self.embed), self.causal[pos], pos)  # noqa: E731
+            side = torch.cuda.Stream(self.embed.device)
+            side.wait_stream(torch.cuda.current_stream(self.embed.device))
+            with torch.cuda.stream(side):  # warm-up at the real token and position: writes what the step writes
+                run()
+            torch.cuda.current_stream(self.embed.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
+            g = self._graph = {"graph": graph, "ids": ids, "pos": pos, "out": out, "max_seq_len": self.max_seq_len}
+        g["ids"].copy_(input_ids)
+        g["pos"].copy_(input_pos)
+        g["graph"].replay()
+        logits, inputs, pending = g["out"]
+        return logits.clone(), inputs, pending
 
 
 def load_dense(path: str | Path, layout: Layout, depth: int, device, dtype) -> dict[str, torch.Tensor]:

@@ -35,16 +35,16 @@ def _header_bytes(infos: list[TensorInfo], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _copy_range(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int) -> None:
-    """Copy bytes file to file inside the kernel (no user-space buffer), falling back to pread/pwrite
-    where copy_file_range is unavailable."""
+def _copy_range(src: int, dst: int, nbytes: int, src_offset: int) -> None:
+    """Append nbytes of src (from src_offset) to dst inside the kernel, no user-space buffer, falling
+    back to pread/write where copy_file_range is unavailable. The output's own file position is used
+    (no explicit output offset): measured faster, and the output is written front to back anyway."""
     done = 0
     while done < nbytes:
         try:
-            n = os.copy_file_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
+            n = os.copy_file_range(src, dst, nbytes - done, src_offset + done)
         except (AttributeError, OSError):  # no copy_file_range on this platform or filesystem pair
-            chunk = os.pread(src, min(COPY_CHUNK, nbytes - done), src_offset + done)
-            n = os.pwrite(dst, chunk, dst_offset + done)
+            n = os.write(dst, os.pread(src, min(COPY_CHUNK, nbytes - done), src_offset + done))
         if n == 0:
             raise InputError(f"source ended {nbytes - done} bytes early (truncated shard?)")
         done += n
@@ -59,13 +59,11 @@ def write_tensors(ckpt: Checkpoint, names: list[str], out_path: str | Path, meta
     try:
         with atomic_path(out_path) as tmp, open(tmp, "wb") as out:
             out.write(header)
-            out.flush()
-            pos = len(header)
+            out.flush()  # the tensors follow at the file position, written by the kernel
             for info in infos:
                 if info.file not in sources:
                     sources[info.file] = os.open(info.file, os.O_RDONLY)
-                _copy_range(sources[info.file], out.fileno(), info.nbytes, info.offset, pos)
-                pos += info.nbytes
+                _copy_range(sources[info.file], out.fileno(), info.nbytes, info.offset)
                 if progress is not None:
                     progress.update(info.nbytes)
     finally:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
 GiB = 1024 ** 3
 REAL = dict(num_experts=128, experts_per_token=8, hidden_size=2048, moe_intermediate_size=768, num_heads=32,
@@ -340,11 +341,7 @@ def main():
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
     result["load_average_1_5_15_at_end"] = list(os.getloadavg())  # other processes on the machine add noise
-    text = json.dumps(result, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
-    print(text)
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

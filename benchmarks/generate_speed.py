@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shutil
@@ -45,6 +44,7 @@ from moe_offload.generate import generate, load_runtime  # noqa: E402
 from moe_offload.layouts import detect_checkpoint  # noqa: E402
 from moe_offload.native import load_native, native_generate  # noqa: E402
 from moe_offload.synthetic import build_synthetic  # noqa: E402
+from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
 DIMS = {
     # config/config.yaml's synthetic model
@@ -422,11 +422,7 @@ def main():
         if not a.keep and not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
     result["load_average_1_5_15_at_end"] = list(os.getloadavg())  # other processes on the machine add noise
-    text = json.dumps(result, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
-    print(text)
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

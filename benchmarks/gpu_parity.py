@@ -11,7 +11,6 @@ over the prefill's full logits and every decode step's logits.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from moe_offload.generate import generate, load_runtime  # noqa: E402
 from moe_offload.layouts import detect_checkpoint  # noqa: E402
 from moe_offload.native import load_native  # noqa: E402
 from moe_offload.synthetic import build_synthetic  # noqa: E402
+from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
 BASE = dict(num_layers=6, num_experts=32, experts_per_token=4, hidden_size=128, moe_intermediate_size=64,
             num_heads=4, num_kv_heads=2, head_dim=32, seed=1, max_shard_size="1MB")
@@ -117,11 +117,7 @@ def main():
                 summary[f"{name}:{k}"] = {"tokens_identical": v["all_tokens_identical"],
                                           "max_abs_logit_diff": v["max_abs_logit_diff"]}
     result["summary"] = summary
-    text = json.dumps(result, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
-    print(text)
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

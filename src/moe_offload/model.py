@@ -170,6 +170,10 @@ class Transformer(nn.Module):
         self.record_trace = True
         self._pos = None
         self._graph = None  # the captured decode step on CUDA (see _replay_graph)
+        # One-token steps go optimistic (one host sync per token, see _optimistic) on CUDA, where the
+        # host must not wait for the GPU layer by layer; on CPU nothing runs ahead, so by default not.
+        self.optimistic: bool | None = None
+        self._expect_resident = True
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         c, ref = self.cfg, self.embed
@@ -205,8 +209,10 @@ class Transformer(nn.Module):
         mask = self.causal[input_pos, :end]
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         x = F.embedding(input_ids, self.embed)
-        start = 0
-        if input_ids.numel() == 1 and self.cache.keeps_step_resident:
+        start, misses = 0, self.cache.misses
+        one_token = input_ids.numel() == 1 and self.cache.keeps_step_resident
+        optimistic = self.embed.is_cuda if self.optimistic is None else self.optimistic
+        if one_token and optimistic and self._expect_resident:
             if self.embed.is_cuda:
                 logits, inputs, pending = self._replay_graph(input_ids, input_pos)
             else:
@@ -217,6 +223,8 @@ class Transformer(nn.Module):
             x = inputs[start]
         for block in self.layers[start:]:
             x = block(x, cos, sin, input_pos, mask)
+        if one_token:  # a step that loaded experts predicts another: go the careful way until one does not
+            self._expect_resident = self.cache.misses == misses
         return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
 
     def _optimistic(self, x, mask, input_pos):

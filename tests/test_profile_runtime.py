@@ -56,3 +56,17 @@ def test_profile_of_a_runtime_trace_puts_belady_on_top(extracted):
         rates = dict(zip(group["policy"], group["hit_rate"]))
         assert rates["belady"] >= rates["lru"] and rates["belady"] >= rates["lfu"], (scope, capacity)
     assert summary["tokens"] == trace[["prompt", "step", "position"]].drop_duplicates().shape[0]
+
+
+def test_recommendation_picks_the_cheapest_online_policy_reaching_the_target():
+    from moe_offload.profile import recommend
+
+    hit = lambda c, r, m: {"capacity": c, "hit_rate": r, "memory_bytes": m}  # noqa: E731
+    summary = {"hit_rate_target": 0.9, "smallest_capacity_for_target": {
+        "lru": {"per_layer": hit(8, 0.91, 800), "global": hit(300, 0.92, 300)},
+        "lfu": {"per_layer": None, "global": None},
+        "belady": {"per_layer": hit(4, 0.95, 400), "global": hit(100, 0.9, 100)}}}
+    rec = recommend(summary, 48)
+    assert (rec["policy"], rec["scope"], rec["capacity"], rec["belady_capacity"]) == ("lru", "global", 300, 100)
+    summary["smallest_capacity_for_target"]["lru"] = {"per_layer": None, "global": None}
+    assert recommend(summary, 48)["reached"] is False

@@ -135,3 +135,22 @@ def profile_cache(
         "smallest_capacity_for_target": targets,
     }
     return table, summary
+
+
+def recommend(summary: dict, layers: int) -> dict:
+    """The cheapest online policy and scope that reaches the target, next to Belady's floor."""
+    targets = summary["smallest_capacity_for_target"]
+    online = [(t["memory_bytes"], policy, scope, t) for policy in ("lru", "lfu") for scope, t in targets[policy].items()
+              if t is not None]
+    if not online:
+        return {"reached": False, "text": f"no simulated capacity of an online policy reaches hit rate "
+                                          f"{summary['hit_rate_target']}: hold every expert or accept misses"}
+    memory, policy, scope, best = min(online)
+    floor = targets["belady"][scope]
+    unit = "experts per layer" if scope == "per_layer" else f"experts in one pool for {layers} layers"
+    return {"reached": True, "policy": policy, "scope": scope, "capacity": best["capacity"],
+            "hit_rate": best["hit_rate"], "memory_bytes": memory,
+            "belady_capacity": floor["capacity"] if floor else None,
+            "text": f"{policy.upper()} with {best['capacity']} {unit} reaches hit rate {best['hit_rate']:.3f} "
+                    f"holding {memory / 2**20:.1f} MiB of experts; Belady's optimum needs "
+                    f"{floor['capacity'] if floor else '?'}"}

@@ -132,7 +132,7 @@ def generate_depth(smk) -> None:
 def profile_cache(smk) -> None:
     import pandas as pd
 
-    from .profile import default_capacities, profile_cache as profile
+    from .profile import default_capacities, profile_cache as profile, recommend
 
     manifest, params = _manifest(smk), smk.params.profile
     cfg = TextConfig.from_dict(manifest["text_config"])
@@ -149,25 +149,6 @@ def profile_cache(smk) -> None:
     write_json(smk.output.json, {"trace": str(smk.input.trace), "hit_rate_target": params["hit_rate_target"],
                                  "recommendation": recommend(summary, layers), "summary": summary})
     log.info("profiled %d accesses over %d tokens", summary["accesses"], summary["tokens"])
-
-
-def recommend(summary: dict, layers: int) -> dict:
-    """The cheapest online policy and scope that reaches the target, next to Belady's floor."""
-    targets = summary["smallest_capacity_for_target"]
-    online = [(t["memory_bytes"], policy, scope, t) for policy in ("lru", "lfu") for scope, t in targets[policy].items()
-              if t is not None]
-    if not online:
-        return {"reached": False, "text": f"no simulated capacity of an online policy reaches hit rate "
-                                          f"{summary['hit_rate_target']}: hold every expert or accept misses"}
-    memory, policy, scope, best = min(online)
-    floor = targets["belady"][scope]
-    unit = "experts per layer" if scope == "per_layer" else f"experts in one pool for {layers} layers"
-    return {"reached": True, "policy": policy, "scope": scope, "capacity": best["capacity"],
-            "hit_rate": best["hit_rate"], "memory_bytes": memory,
-            "belady_capacity": floor["capacity"] if floor else None,
-            "text": f"{policy.upper()} with {best['capacity']} {unit} reaches hit rate {best['hit_rate']:.3f} "
-                    f"holding {memory / 2**20:.1f} MiB of experts; Belady's optimum needs "
-                    f"{floor['capacity'] if floor else '?'}"}
 
 
 def plots(smk) -> None:

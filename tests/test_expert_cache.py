@@ -127,3 +127,21 @@ def test_experts_must_be_contiguous(setup, tmp_path):
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
     with pytest.raises(InputError, match="expert 0's tensors are not one contiguous byte range"):
         ExpertCache({0: path}, layout, 4)
+
+
+def test_get_many_equals_one_get_per_expert(setup):
+    """Parallel reads of a step's misses decide exactly what the same gets one by one decide."""
+    _, layout, cfg, files = setup
+    rng = random.Random(3)
+    steps = [(rng.choice(sorted(files)), sorted(rng.sample(range(cfg.num_experts), cfg.experts_per_token)))
+             for _ in range(200)]
+    many, one = make(setup, capacity=3), make(setup, capacity=3)
+    for layer, experts in steps:
+        many.get_many(layer, experts)
+        for e in experts:
+            one.get(layer, e)
+        assert set(many.slot) == set(one.slot)
+        for e in experts:
+            for a, b in zip(many.get(layer, e), one.get(layer, e)):
+                assert torch.equal(a, b)
+    assert many.stats() | {"load_seconds": 0} == one.stats() | {"load_seconds": 0}

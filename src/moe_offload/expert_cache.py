@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from .cache_policy import Scoped
 from .checkpoint import header_tensors, read_header
 from .errors import InputError
 from .layouts import PROJECTIONS, Layout
+
+
+READ_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,13 @@ class ExpertCache:
         self._tables: dict[int, torch.Tensor] = {}  # layer -> [E] slot of each expert on device, -1 if absent
         cuda = self.device.type == "cuda"
         max_bytes = max((s.nbytes for spans in self.spans.values() for s in spans), default=0)
-        # One reused pinned buffer: the read lands in it and the H2D copy reads from it asynchronously.
-        self._staging = torch.empty(max_bytes, dtype=torch.uint8, pin_memory=True) if cuda and pin_memory else None
-        self._staging_free = torch.cuda.Event() if self._staging is not None else None
+        # Reused pinned buffers, one per expert a step can miss: reads land in them (in parallel) and
+        # the H2D copies read from them asynchronously.
+        self._readers = ThreadPoolExecutor(max_workers=READ_THREADS)  # preadv releases the GIL
+        n_staging = experts_per_token or 1
+        self._staging = [torch.empty(max_bytes, dtype=torch.uint8, pin_memory=True)
+                         for _ in range(n_staging)] if cuda and pin_memory else None
+        self._staging_free = [torch.cuda.Event() for _ in range(n_staging)] if self._staging else None
         self._stream = torch.cuda.Stream(self.device) if cuda and side_stream else None
         for layer in self.spans:
             self._pool(layer)  # allocate every slab now: the memory held is the bound, from the start
@@ -164,49 +172,67 @@ class ExpertCache:
         return w1[slot, :i], w1[slot, i:], w2[slot]
 
     def get(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (layer, expert)
+        self.get_many(layer, [expert])
+        return self._views(layer, self.slot[(layer, expert)])
+
+    def get_many(self, layer: int, experts: list[int]) -> None:
+        """Make `experts` of `layer` resident, deciding hits and evictions in order exactly as that many
+        `get` calls would, then reading the misses' bytes in parallel. With LRU (keeps_step_resident)
+        none of them evicts another; with another policy, call `get` one expert at a time."""
         if layer not in self.spans:
             raise InputError(f"no expert file was given for layer {layer}")
-        if not 0 <= expert < len(self.spans[layer]):
-            raise InputError(f"layer {layer} has experts 0..{len(self.spans[layer]) - 1}, asked for {expert}")
-        hit, evicted = self.policy.access(key)
-        if hit:
-            self.hits += 1
-            return self._views(layer, self.slot[key])
-        self.misses += 1
-        free = self._pool(layer)[2]
-        if evicted is not None:
-            self.evictions += 1
-            free.append(self.slot.pop(evicted))
-            self._tables[evicted[0]][evicted[1]] = -1
-        slot = self.slot[key] = free.pop()
+        misses = []
+        for expert in experts:
+            if not 0 <= expert < len(self.spans[layer]):
+                raise InputError(f"layer {layer} has experts 0..{len(self.spans[layer]) - 1}, asked for {expert}")
+            key = (layer, expert)
+            hit, evicted = self.policy.access(key)
+            if hit:
+                self.hits += 1
+                continue
+            self.misses += 1
+            free = self._pool(layer)[2]
+            if evicted is not None:
+                self.evictions += 1
+                free.append(self.slot.pop(evicted))
+                self._tables[evicted[0]][evicted[1]] = -1
+            self.slot[key] = free.pop()
+            misses.append(expert)
+        if not misses:
+            return
         start = time.perf_counter()
-        self._load(layer, expert, slot)
+        spans = [self.spans[layer][e] for e in misses]
+        if self._staging is not None and len(misses) > len(self._staging):
+            for e in misses:  # more misses than staging buffers (a prefill): one at a time
+                self._load(layer, e, self._read(self.spans[layer][e], self._fds[layer], 0))
+        else:
+            reads = self._readers.map(lambda i: self._read(spans[i], self._fds[layer], i), range(len(misses)))
+            for e, raw in zip(misses, list(reads)):
+                self._load(layer, e, raw)
+        self.bytes_loaded += sum(span.nbytes for span in spans)
         self.load_seconds += time.perf_counter() - start
-        self._tables[layer][expert] = slot
-        return self._views(layer, slot)
 
-    def _read(self, span: ExpertSpan, fd: int) -> torch.Tensor:
+    def _read(self, span: ExpertSpan, fd: int, buffer: int) -> torch.Tensor:
         if self._staging is not None:
-            self._staging_free.synchronize()  # the previous async copy out of the buffer must be done
-            buf = self._staging[: span.nbytes]
+            self._staging_free[buffer].synchronize()  # the previous async copy out of it must be done
+            buf = self._staging[buffer][: span.nbytes]
         else:
             buf = torch.empty(span.nbytes, dtype=torch.uint8)
         # One positional read straight into the (possibly pinned) buffer: no intermediate bytes object.
         n = os.preadv(fd, [buf.numpy()], span.offset)
         if n != span.nbytes:
             raise InputError(f"short read: {n} of {span.nbytes} bytes at offset {span.offset}")
-        self.bytes_loaded += n
         return buf
 
-    def _load(self, layer: int, expert: int, slot: int) -> None:
-        span = self.spans[layer][expert]
-        raw = self._read(span, self._fds[layer])
+    def _load(self, layer: int, expert: int, raw: torch.Tensor) -> None:
+        """Copy one expert's bytes (read into `raw`) into its slot, cast to the compute dtype."""
+        span, slot = self.spans[layer][expert], self.slot[(layer, expert)]
         targets = self._views(layer, slot)
         if self.device.type != "cuda":
             flat = raw.view(torch.bfloat16)
             for target, (a, b, shape) in zip(targets, span.parts):
-                target.copy_(flat[a:b].view(shape))  # casts to the compute dtype
+                target.copy_(flat[a:b].view(shape))
+            self._tables[layer][expert] = slot
             return
         main = torch.cuda.current_stream(self.device)
         stream = self._stream or main
@@ -218,11 +244,16 @@ class ExpertCache:
             for target, (a, b, shape) in zip(targets, span.parts):
                 target.copy_(flat[a:b].view(shape))
             if self._staging is not None:
-                self._staging_free.record(stream)
+                self._staging_free[self._buffer_of(raw)].record(stream)
         if self._stream is not None:
             main.wait_stream(self._stream)
+        self._tables[layer][expert] = slot
+
+    def _buffer_of(self, raw: torch.Tensor) -> int:
+        return next(i for i, b in enumerate(self._staging) if b.data_ptr() == raw.data_ptr())
 
     def close(self) -> None:
+        self._readers.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

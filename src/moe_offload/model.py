@@ -102,8 +102,7 @@ class MoE(nn.Module):
         chosen = host[0].to(torch.long).tolist()
         self.record(self.layer, chosen, host[1].tolist(), b, t)
         if len(chosen) == 1 and self.cache.keeps_step_resident:
-            for e in step_accesses(chosen):
-                self.cache.get(self.layer, e)
+            self.cache.get_many(self.layer, step_accesses(chosen))  # misses read in parallel
             return self._apply_slots(flat, top_i, top_w).view(b, t, h)
         out = torch.zeros_like(flat)
         for e in step_accesses(chosen):
@@ -258,8 +257,7 @@ class Transformer(nn.Module):
             chosen = [int(e) for e in experts]
             if not all(self.cache.is_resident(layer, e) for e in chosen):
                 return layer
-            for e in step_accesses([chosen]):
-                self.cache.get(layer, e)  # all hits: counted, and recency refreshed in order
+            self.cache.get_many(layer, step_accesses([chosen]))  # all hits: counted, recency refreshed in order
             self.record(layer, [chosen], [weights], 1, 1)
         return len(self.layers)
 

@@ -5,7 +5,8 @@ Builds (or reuses, --ckpt) a synthetic checkpoint at the real Qwen3-Omni thinker
 smaller than a layer so every layer straddles a shard boundary. Then, in two modes:
 
   warm: the shards are in the page cache (read once beforehand); outputs are not fsynced, exactly as
-        the workflow's job leaves them
+        the workflow's job leaves them; each timed unit starts after os.sync(), so no unit pays for
+        writing back another's output
   cold: before each job every shard is fsynced and dropped from the page cache with
         posix_fadvise(DONTNEED) (no root needed; fincore confirms), and the timing includes an fsync
         of what was written (the disk may still have a cache of its own below the guest)
@@ -123,6 +124,7 @@ def extract_jobs(ckpt, layers, out_dir, shards, cold):
         if cold:
             drop_cache(shards)
         cached = cached_bytes(shards)
+        os.sync()  # every timed unit starts with no dirty pages pending (earlier outputs, the build)
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(L), str(out)], env=env,
                               capture_output=True, text=True)
@@ -145,6 +147,7 @@ def copy_shards(shards, dst_dir, cold):
         dst.unlink(missing_ok=True)
         if cold:
             drop_cache(shards)
+        os.sync()  # every timed unit starts with no dirty pages pending (earlier outputs, the build)
         t = time.perf_counter()
         shutil.copyfile(s, dst)
         if cold:
@@ -178,6 +181,7 @@ def read_write_same_bytes(ck, layout, cfg, layers, shards, out_dir, cold, chunk=
         dst = out_dir / f"rw_{L}.bin"
         if cold:
             drop_cache(shards)
+        os.sync()  # every timed unit starts with no dirty pages pending (earlier outputs, the build)
         t = time.perf_counter()
         with open(dst, "wb") as out:
             for path, (lo, hi) in spans.items():
@@ -210,6 +214,7 @@ def range_copy_same_tensors(ck, layout, cfg, layers, shards, out_dir, cold):
         dst = out_dir / f"rc_{L}.safetensors"
         if cold:
             drop_cache(shards)
+        os.sync()  # every timed unit starts with no dirty pages pending (earlier outputs, the build)
         t = time.perf_counter()
         fds = {}
         with open(dst, "wb") as out:

@@ -72,8 +72,9 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return header, start
 
 
-def header_tensors(path: str | Path) -> dict[str, TensorInfo]:
-    header, start = read_header(path)
+def header_tensors(path: str | Path, parsed: tuple[dict, int] | None = None) -> dict[str, TensorInfo]:
+    """Each tensor of a safetensors file at its absolute offset; `parsed`: read_header's result, if at hand."""
+    header, start = parsed or read_header(path)
     return {
         name: TensorInfo(name, Path(path), e["dtype"], tuple(e["shape"]), start + e["data_offsets"][0],
                          e["data_offsets"][1] - e["data_offsets"][0])

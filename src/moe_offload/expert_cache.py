@@ -34,10 +34,11 @@ class ExpertSpan:
     parts: tuple[tuple[int, int, tuple[int, ...]], ...]  # per projection: (start, end) in bf16 elements, shape
 
 
-def _expert_spans(path: Path, layout: Layout, layer: int) -> list[ExpertSpan]:
-    header, _ = read_header(path)
-    meta = header.get("__metadata__") or {}
-    tensors = header_tensors(path)
+def _expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSpan], dict]:
+    """Each expert's byte range in a layer file, and the file's metadata, from one read of its header."""
+    parsed = read_header(path)
+    meta = parsed[0].get("__metadata__") or {}
+    tensors = header_tensors(path, parsed)
     num = int(meta["num_experts"]) if "num_experts" in meta else None
     if num is None:  # count experts by name when the metadata lacks it
         num = 0
@@ -59,14 +60,7 @@ def _expert_spans(path: Path, layout: Layout, layer: int) -> list[ExpertSpan]:
             raise InputError(f"{path}: layer {layer} expert {e}'s tensors are not one contiguous byte range")
         parts = tuple(((i.offset - start) // 2, (i.offset - start + i.nbytes) // 2, i.shape) for i in infos)
         spans.append(ExpertSpan(start, end - start, parts))
-    return spans
-
-
-def _metadata_int(path: str | Path, key: str) -> int | None:
-    if not Path(path).is_file():
-        return None  # reported, naming the layer, below
-    value = (read_header(path)[0].get("__metadata__") or {}).get(key)
-    return int(value) if value is not None else None
+    return spans, meta
 
 
 class ExpertCache:
@@ -79,16 +73,25 @@ class ExpertCache:
     slot is reused by a later miss.
 
     scope "per_layer" gives each layer `capacity` slots, "global" one pool of `capacity` slots.
-    On CUDA, `pin_memory` reads into one reused pinned staging buffer (so the copy can be async) and
-    `side_stream` issues the copy and cast on a separate stream that the compute stream then waits on.
+    On CUDA, `pin_memory` reads into reused pinned staging buffers, one per expert a step can miss (so
+    reads run in parallel and copies are async), and `side_stream` issues the copy and cast on a
+    separate stream that the compute stream then waits on.
     """
 
     def __init__(self, layer_files: dict[int, str | Path], layout: Layout, capacity: int, scope: str = "per_layer",
                  policy: str = "lru", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  pin_memory: bool = False, experts_per_token: int | None = None, side_stream: bool = False):
+        self.spans: dict[int, list[ExpertSpan]] = {}
+        top_k_recorded = []
+        for layer, path in sorted(layer_files.items()):
+            path = Path(path)
+            if not path.is_file():
+                raise InputError(f"expert file for layer {layer} does not exist: {path}")
+            self.spans[layer], meta = _expert_spans(path, layout, layer)
+            if "experts_per_token" in meta:
+                top_k_recorded.append(int(meta["experts_per_token"]))
         if experts_per_token is None:  # the extractor records it in each layer file's metadata
-            known = [k for k in (_metadata_int(p, "experts_per_token") for p in layer_files.values()) if k is not None]
-            experts_per_token = max(known, default=None)
+            experts_per_token = max(top_k_recorded, default=None)
         if experts_per_token is not None and capacity < experts_per_token:
             raise InputError(f"cache capacity {capacity} is below experts_per_token {experts_per_token}: "
                              f"one token needs {experts_per_token} experts of a layer")
@@ -98,13 +101,7 @@ class ExpertCache:
             raise InputError(str(err)) from None
         self.layout, self.capacity, self.scope, self.policy_name = layout, capacity, scope, policy
         self.device, self.dtype = torch.device(device), dtype
-        self.spans: dict[int, list[ExpertSpan]] = {}
         self._fds: dict[int, int] = {}
-        for layer, path in sorted(layer_files.items()):
-            path = Path(path)
-            if not path.is_file():
-                raise InputError(f"expert file for layer {layer} does not exist: {path}")
-            self.spans[layer] = _expert_spans(path, layout, layer)
         for layer, path in sorted(layer_files.items()):
             self._fds[layer] = os.open(path, os.O_RDONLY)
         self.slot: dict[tuple[int, int], int] = {}  # resident key -> slot in its pool's slab
@@ -204,11 +201,11 @@ class ExpertCache:
         spans = [self.spans[layer][e] for e in misses]
         if self._staging is not None and len(misses) > len(self._staging):
             for e in misses:  # more misses than staging buffers (a prefill): one at a time
-                self._load(layer, e, self._read(self.spans[layer][e], self._fds[layer], 0))
+                self._load(layer, e, self._read(self.spans[layer][e], self._fds[layer], 0), 0)
         else:
             reads = self._readers.map(lambda i: self._read(spans[i], self._fds[layer], i), range(len(misses)))
-            for e, raw in zip(misses, list(reads)):
-                self._load(layer, e, raw)
+            for i, (e, raw) in enumerate(zip(misses, list(reads))):
+                self._load(layer, e, raw, i)
         self.bytes_loaded += sum(span.nbytes for span in spans)
         self.load_seconds += time.perf_counter() - start
 
@@ -224,8 +221,9 @@ class ExpertCache:
             raise InputError(f"short read: {n} of {span.nbytes} bytes at offset {span.offset}")
         return buf
 
-    def _load(self, layer: int, expert: int, raw: torch.Tensor) -> None:
-        """Copy one expert's bytes (read into `raw`) into its slot, cast to the compute dtype."""
+    def _load(self, layer: int, expert: int, raw: torch.Tensor, buffer: int) -> None:
+        """Copy one expert's bytes (read into `raw`, pinned staging buffer number `buffer` when pinned)
+        into its slot, cast to the compute dtype."""
         span, slot = self.spans[layer][expert], self.slot[(layer, expert)]
         targets = self._views(layer, slot)
         if self.device.type != "cuda":
@@ -244,13 +242,10 @@ class ExpertCache:
             for target, (a, b, shape) in zip(targets, span.parts):
                 target.copy_(flat[a:b].view(shape))
             if self._staging is not None:
-                self._staging_free[self._buffer_of(raw)].record(stream)
+                self._staging_free[buffer].record(stream)
         if self._stream is not None:
             main.wait_stream(self._stream)
         self._tables[layer][expert] = slot
-
-    def _buffer_of(self, raw: torch.Tensor) -> int:
-        return next(i for i, b in enumerate(self._staging) if b.data_ptr() == raw.data_ptr())
 
     def close(self) -> None:
         self._readers.shutdown(wait=True)

@@ -145,3 +145,14 @@ def test_get_many_equals_one_get_per_expert(setup):
             for a, b in zip(many.get(layer, e), one.get(layer, e)):
                 assert torch.equal(a, b)
     assert many.stats() | {"load_seconds": 0} == one.stats() | {"load_seconds": 0}
+
+
+@pytest.mark.parametrize("scope, capacity, slots", [("per_layer", 3, 9), ("per_layer", 99, 24), ("global", 5, 5),
+                                                    ("global", 99, 24)])
+def test_slabs_hold_capacity_times_one_expert(setup, scope, capacity, slots):
+    """The memory the cache reserves is its bound: min(capacity, experts there) slots of one expert each."""
+    _, _, cfg, files = setup
+    cache = make(setup, capacity=capacity, scope=scope)
+    assert len(files) * cfg.num_experts == 24
+    assert cache.slots == slots
+    assert cache.slab_bytes == slots * cfg.expert_params * 4  # float32

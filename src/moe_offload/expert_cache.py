@@ -158,6 +158,16 @@ class ExpertCache:
     def is_resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.slot
 
+    @property
+    def slots(self) -> int:
+        """Experts the cache can hold, over all its pools."""
+        return sum(w1.shape[0] for w1, _, _ in self._pools.values())
+
+    @property
+    def slab_bytes(self) -> int:
+        """The memory the cache holds for experts: every slot, preallocated."""
+        return sum(w1.nbytes + w2.nbytes for w1, w2, _ in self._pools.values())
+
     def slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1 [slots, 2I, H], w2 [slots, H, I], table [E]): w1[table[e]] is expert e's gate and up."""
         w1, w2, _ = self._pool(layer)

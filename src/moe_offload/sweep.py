@@ -135,15 +135,11 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
         max_diff = max(max_diff, (theirs - ours).abs().max().item())
         run["fidelity"] = scores[-1]
     cfg = rt.config
-    layers = [L for L in cfg.expert_layers if L < depth]
-    experts_held = (min(rt.cache.capacity, cfg.num_experts) * len(layers) if cache["scope"] == "per_layer"
-                    else min(rt.cache.capacity, cfg.num_experts * len(layers)))
-    expert_bytes = cfg.expert_params * dtype_bytes(torch_dtype)
-    dense_bytes = rt.dense_bytes
     seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
     kv = _kv_bytes(cfg, depth, seq, torch_dtype)
-    bound = {"dense_bytes": dense_bytes, "expert_cache_bytes": experts_held * expert_bytes, "experts_held": experts_held,
-             "kv_cache_bytes": kv, "total_bytes": dense_bytes + experts_held * expert_bytes + kv}
+    experts = rt.cache.slab_bytes  # capacity x one expert in the compute dtype, per pool
+    bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slots,
+             "kv_cache_bytes": kv, "total_bytes": rt.dense_bytes + experts + kv}
     result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **_environment(device, torch_dtype),
               "load_s": load_s, "tok_s": _decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
               "memory": meter.report(bound),

@@ -46,7 +46,7 @@ CHILD = r"""
 import json, sys, threading, time
 from pathlib import Path
 t0 = time.perf_counter()
-from moe_offload.extract import extract_layer
+from moe_offload.checkpoint.extract import extract_layer
 def status():
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -206,7 +206,7 @@ def read_write_same_bytes(ck, layout, cfg, layers, shards, out_dir, cold, chunk=
 def range_copy_same_tensors(ck, layout, cfg, layers, shards, out_dir, cold):
     """What-if: the extractor's output (header + each tensor's bytes, in its order) written with one
     os.copy_file_range per tensor (a kernel copy: no mmap, no user-space buffer)."""
-    from moe_offload.extract import _header_bytes
+    from moe_offload.checkpoint.extract import _header_bytes
 
     total, seconds = 0, 0.0
     for L in layers:
@@ -253,8 +253,8 @@ def main():
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
-    from moe_offload.layouts import detect_checkpoint
-    from moe_offload.synthetic import build_synthetic
+    from moe_offload.checkpoint.layouts import detect_checkpoint
+    from moe_offload.checkpoint.synthetic import build_synthetic
 
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="extract_bench."))
     work.mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def main():
             result["build_seconds"] = time.perf_counter() - t
             result["spec"] = spec
         layout, cfg = detect_checkpoint(ckpt)
-        from moe_offload.checkpoint import Checkpoint
+        from moe_offload.checkpoint.shards import Checkpoint
 
         ck = Checkpoint(ckpt)
         shards = [ckpt / s for s in ck.shard_names]

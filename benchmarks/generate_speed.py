@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from moe_offload.extract import extract_dense, extract_layer  # noqa: E402
-from moe_offload.generate import generate, load_runtime  # noqa: E402
-from moe_offload.layouts import detect_checkpoint  # noqa: E402
-from moe_offload.native import load_native, native_generate  # noqa: E402
-from moe_offload.synthetic import build_synthetic  # noqa: E402
+from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa: E402
+from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
+from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
+from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
+from moe_offload.checkpoint.synthetic import build_synthetic  # noqa: E402
 from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
 DIMS = {

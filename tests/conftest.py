@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_offload.synthetic import build_synthetic
+from moe_offload.checkpoint.synthetic import build_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles"]

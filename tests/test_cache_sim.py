@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_offload.cache_policy import Scoped
-from moe_offload.cache_sim import (
+from moe_offload.runtime.cache_policy import Scoped
+from moe_offload.analysis.cache_sim import (
     POLICIES,
     SCOPES,
     access_sequence,
@@ -20,7 +20,7 @@ from moe_offload.cache_sim import (
     reuse_distances,
     simulate,
 )
-from moe_offload.profile import CSV_COLUMNS, default_capacities, profile_cache
+from moe_offload.analysis.profile import CSV_COLUMNS, default_capacities, profile_cache
 
 
 def one_layer(experts):
@@ -280,7 +280,7 @@ def test_lfu_heap_matches_a_brute_force_lfu():
     """cache_policy.LFU evicts in O(log n); a plain scan over residents must agree on every access."""
     import random as _random
 
-    from moe_offload.cache_policy import LFU
+    from moe_offload.runtime.cache_policy import LFU
 
     rng = _random.Random(7)
     for _ in range(30):

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_offload.cache_policy import Scoped
-from moe_offload.checkpoint import Checkpoint, read_bytes
+from moe_offload.runtime.cache_policy import Scoped
+from moe_offload.checkpoint.shards import Checkpoint, read_bytes
 from moe_offload.errors import InputError
-from moe_offload.expert_cache import ExpertCache
-from moe_offload.extract import extract_layer
-from moe_offload.layouts import PROJECTIONS, detect_checkpoint
-from moe_offload.synthetic import build_synthetic
+from moe_offload.runtime.expert_cache import ExpertCache
+from moe_offload.checkpoint.extract import extract_layer
+from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
+from moe_offload.checkpoint.synthetic import build_synthetic
 
 SPEC = dict(layout="qwen3_omni_thinker", num_layers=3, num_experts=8, experts_per_token=2, hidden_size=32,
             moe_intermediate_size=16, num_heads=2, num_kv_heads=1, head_dim=16, seed=0, max_shard_size="200KB")

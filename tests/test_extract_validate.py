@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from moe_offload.checkpoint import Checkpoint, header_tensors
+from moe_offload.checkpoint.shards import Checkpoint, header_tensors
 from moe_offload.errors import InputError
-from moe_offload.extract import extract_dense, extract_layer
-from moe_offload.layouts import PROJECTIONS, detect_checkpoint
-from moe_offload.validate import validate_all, validate_dense, validate_layer
+from moe_offload.checkpoint.extract import extract_dense, extract_layer
+from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
+from moe_offload.checkpoint.validate import validate_all, validate_dense, validate_layer
 
 
 @pytest.fixture(scope="module", params=["omni", "qwen3_moe"])

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM, Qwen3OmniMoeThinkerForConditionalGeneration
 
-from moe_offload.extract import extract_dense, extract_layer
-from moe_offload.generate import fidelity, generate, load_runtime, teacher_forced_logits
-from moe_offload.layouts import detect_checkpoint
-from moe_offload.synthetic import build_synthetic
+from moe_offload.checkpoint.extract import extract_dense, extract_layer
+from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
+from moe_offload.checkpoint.layouts import detect_checkpoint
+from moe_offload.checkpoint.synthetic import build_synthetic
 
 BASE = dict(num_layers=4, num_experts=16, experts_per_token=4, hidden_size=64, moe_intermediate_size=32, num_heads=4,
             num_kv_heads=2, head_dim=16, seed=0, max_shard_size="1MB")

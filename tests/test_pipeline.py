@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from moe_offload.checkpoint import header_tensors
+from moe_offload.checkpoint.shards import header_tensors
 
 from conftest import REPO, SMALL, error_lines, set_config, snakemake, use_small_synthetic
 

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from moe_offload.cache_sim import access_sequence, simulate
-from moe_offload.extract import extract_dense, extract_layer
-from moe_offload.generate import generate, load_runtime
-from moe_offload.layouts import detect_checkpoint
-from moe_offload.profile import default_capacities, profile_cache
+from moe_offload.analysis.cache_sim import access_sequence, simulate
+from moe_offload.checkpoint.extract import extract_dense, extract_layer
+from moe_offload.runtime.generate import generate, load_runtime
+from moe_offload.checkpoint.layouts import detect_checkpoint
+from moe_offload.analysis.profile import default_capacities, profile_cache
 
 PROMPTS = ["The capital of France is", "Once upon a time there was a small robot", "Write a short poem about the moon"]
 
@@ -59,7 +59,7 @@ def test_profile_of_a_runtime_trace_puts_belady_on_top(extracted):
 
 
 def test_recommendation_picks_the_cheapest_online_policy_reaching_the_target():
-    from moe_offload.profile import recommend
+    from moe_offload.analysis.profile import recommend
 
     hit = lambda c, r, m: {"capacity": c, "hit_rate": r, "memory_bytes": m}  # noqa: E731
     summary = {"hit_rate_target": 0.9, "smallest_capacity_for_target": {

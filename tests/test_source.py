@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from moe_offload.checkpoint import Checkpoint
+from moe_offload.checkpoint.shards import Checkpoint
 from moe_offload.errors import InputError
-from moe_offload.layouts import detect_checkpoint
-from moe_offload.source import build_manifest, hub_patterns
-from moe_offload.synthetic import build_synthetic
-from moe_offload.validate import hash_file
+from moe_offload.checkpoint.layouts import detect_checkpoint
+from moe_offload.checkpoint.source import build_manifest, hub_patterns
+from moe_offload.checkpoint.synthetic import build_synthetic
+from moe_offload.checkpoint.validate import hash_file
 
 from conftest import small_spec
 
@@ -55,7 +55,7 @@ def _hub_cache(ckpt, cache, repo="Qwen/Tiny-Omni", sha="0" * 40):
 
 def test_hf_source_through_the_hub_client_offline(omni_ckpt, tmp_path):
     snapshot = _hub_cache(omni_ckpt, tmp_path / "hub")
-    code = ("import json, sys; from moe_offload.source import obtain, build_manifest; "
+    code = ("import json, sys; from moe_offload.checkpoint.source import obtain, build_manifest; "
             "p = obtain({'source': 'hf', 'repo_id': 'Qwen/Tiny-Omni', 'revision': 'main', 'cache_dir': sys.argv[1]}, None); "
             "print(json.dumps(build_manifest(p, {})))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -67,7 +67,7 @@ def test_hf_source_through_the_hub_client_offline(omni_ckpt, tmp_path):
 
 
 def test_hf_source_unreachable_is_one_line(tmp_path):
-    code = ("from moe_offload.source import obtain; "
+    code = ("from moe_offload.checkpoint.source import obtain; "
             "obtain({'source': 'hf', 'repo_id': 'Qwen/Absent', 'revision': 'main', 'cache_dir': '%s'}, None)" % tmp_path)
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                          capture_output=True, text=True)

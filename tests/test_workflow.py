@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from moe_offload.validate import validate_layer
+from moe_offload.checkpoint.validate import validate_layer
 
 from conftest import error_lines, set_config, snakemake, use_small_synthetic
 

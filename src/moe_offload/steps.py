@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .atomic import write_json
 from .errors import InputError
-from .layouts import TextConfig
+from .checkpoint.layouts import TextConfig
 
 log = logging.getLogger("moe_offload")
 
@@ -48,7 +48,7 @@ def _manifest(smk) -> dict:
 
 
 def download(smk) -> None:
-    from .source import build_manifest, obtain
+    from .checkpoint.source import build_manifest, obtain
 
     model_cfg = smk.params.model
     path = obtain(model_cfg, smk.params.synthetic_dir)
@@ -60,7 +60,7 @@ def download(smk) -> None:
 
 
 def extract_layer(smk) -> None:
-    from .extract import extract_layer as extract
+    from .checkpoint.extract import extract_layer as extract
 
     manifest, layer = _manifest(smk), int(smk.wildcards.layer)
     total = manifest["num_experts"] * TextConfig.from_dict(manifest["text_config"]).expert_bytes
@@ -70,14 +70,14 @@ def extract_layer(smk) -> None:
 
 
 def extract_dense(smk) -> None:
-    from .extract import extract_dense as extract
+    from .checkpoint.extract import extract_dense as extract
 
     nbytes = extract(_manifest(smk)["path"], smk.output[0])
     log.info("dense: wrote %d bytes to %s", nbytes, smk.output[0])
 
 
 def validate_layer(smk) -> None:
-    from .validate import validate_layer as validate
+    from .checkpoint.validate import validate_layer as validate
 
     layer = int(smk.wildcards.layer)
     report = validate(_manifest(smk)["path"], layer, smk.input.experts)
@@ -86,7 +86,7 @@ def validate_layer(smk) -> None:
 
 
 def validate_dense(smk) -> None:
-    from .validate import validate_dense as validate
+    from .checkpoint.validate import validate_dense as validate
 
     report = validate(_manifest(smk)["path"], smk.input.dense)
     log.info("dense: %d tensors match the source", len(report["tensors"]))
@@ -94,7 +94,7 @@ def validate_dense(smk) -> None:
 
 
 def validate_all(smk) -> None:
-    from .validate import validate_all as validate
+    from .checkpoint.validate import validate_all as validate
 
     dense = json.loads(Path(smk.input.dense).read_text())
     layers = [json.loads(Path(p).read_text()) for p in smk.input.layers]
@@ -104,7 +104,7 @@ def validate_all(smk) -> None:
 
 
 def generate_native(smk) -> None:
-    from .sweep import run_native
+    from .analysis.runs import run_native
 
     run = smk.params.run
     impl = smk.params.experts_implementation
@@ -116,7 +116,7 @@ def generate_native(smk) -> None:
 
 
 def generate_depth(smk) -> None:
-    from .sweep import run_depth
+    from .analysis.runs import run_depth
 
     run, depth = smk.params.run, int(smk.wildcards.depth)
     layer_files = {int(Path(p).stem.split("_")[1]): Path(p) for p in smk.input.layers}
@@ -132,7 +132,7 @@ def generate_depth(smk) -> None:
 def profile_cache(smk) -> None:
     import pandas as pd
 
-    from .profile import default_capacities, profile_cache as profile, recommend
+    from .analysis.profile import default_capacities, profile_cache as profile, recommend
 
     manifest, params = _manifest(smk), smk.params.profile
     cfg = TextConfig.from_dict(manifest["text_config"])
@@ -154,8 +154,8 @@ def profile_cache(smk) -> None:
 def plots(smk) -> None:
     import pandas as pd
 
-    from .compare import memory_summary
-    from .plots import plot_fidelity, plot_hit_rate, plot_memory_speed
+    from .analysis.compare import memory_summary
+    from .analysis.plots import plot_fidelity, plot_hit_rate, plot_memory_speed
 
     native = json.loads(Path(smk.input.native).read_text())
     depths = [json.loads(Path(p).read_text()) for p in smk.input.depths]
@@ -165,7 +165,7 @@ def plots(smk) -> None:
 
 
 def compare(smk) -> None:
-    from .compare import build_compare, validate_compare
+    from .analysis.compare import build_compare, validate_compare
 
     read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
     report = build_compare(_manifest(smk), read(smk.input.checksums), read(smk.input.native),

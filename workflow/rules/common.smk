@@ -4,7 +4,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from moe_offload.errors import InputError, config_error_line
-from moe_offload.source import planned_text_config
+from moe_offload.checkpoint.source import planned_text_config
 
 try:
     validate(config, schema="../schemas/config.schema.yaml")

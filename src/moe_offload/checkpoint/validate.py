@@ -15,8 +15,8 @@ from pathlib import Path
 
 import xxhash
 
-from .checkpoint import Checkpoint, TensorInfo
-from .errors import InputError
+from .shards import Checkpoint, TensorInfo
+from ..errors import InputError
 from .layouts import PROJECTIONS, detect, read_config
 
 CHUNK = 16 * 1024 * 1024

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from .cache_policy import Scoped
-from .checkpoint import header_tensors, read_header
-from .errors import InputError
-from .layouts import PROJECTIONS, Layout
+from ..checkpoint.shards import header_tensors, read_header
+from ..errors import InputError
+from ..checkpoint.layouts import PROJECTIONS, Layout
 
 
 READ_THREADS = min(8, os.cpu_count() or 1)

@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
 
-from .layouts import detect_checkpoint
+from ..checkpoint.layouts import detect_checkpoint
 
 
 def load_native(checkpoint_dir, device: torch.device, dtype: torch.dtype, experts_implementation: str | None = None):

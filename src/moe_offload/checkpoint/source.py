@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import INDEX_NAME, Checkpoint, read_header
-from .errors import InputError
+from .shards import INDEX_NAME, Checkpoint, read_header
+from ..errors import InputError
 from .layouts import Layout, TextConfig, detect, detect_checkpoint, layout_by_name, text_config_from_dict
 from .validate import hash_file
 

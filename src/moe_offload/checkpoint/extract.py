@@ -15,9 +15,9 @@ import logging
 import os
 from pathlib import Path
 
-from .atomic import atomic_path
-from .checkpoint import Checkpoint, TensorInfo
-from .errors import InputError
+from ..atomic import atomic_path
+from .shards import Checkpoint, TensorInfo
+from ..errors import InputError
 from .layouts import PROJECTIONS, Layout, detect_checkpoint
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from .cache_policy import ONLINE_POLICIES, Key, Scoped, step_accesses
+from ..runtime.cache_policy import ONLINE_POLICIES, Key, Scoped, step_accesses
 
 POLICIES = (*ONLINE_POLICIES, "belady")
 SCOPES = ("per_layer", "global")

@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .atomic import atomic_path  # noqa: E402
+from ..atomic import atomic_path  # noqa: E402
 
 STYLE = {"belady": dict(color="black", linestyle="--", marker="", label="Belady (optimal, ceiling)"),
          "lru": dict(color="tab:blue", marker="o", label="LRU"),

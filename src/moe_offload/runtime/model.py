@@ -16,9 +16,9 @@ from safetensors import safe_open
 from torch import nn
 
 from .cache_policy import step_accesses
-from .errors import InputError
+from ..errors import InputError
 from .expert_cache import ExpertCache
-from .layouts import Layout, TextConfig
+from ..checkpoint.layouts import Layout, TextConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .expert_cache import ExpertCache
-from .layouts import Layout, TextConfig, detect_checkpoint
+from ..checkpoint.layouts import Layout, TextConfig, detect_checkpoint
 from .model import Transformer, load_dense
 
 

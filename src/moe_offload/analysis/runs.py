@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from .atomic import atomic_path, write_json
-from .errors import InputError
-from .memory import MemoryMeter, dtype_bytes
+from ..atomic import atomic_path, write_json
+from ..errors import InputError
+from ..runtime.memory import MemoryMeter, dtype_bytes
 
 
 def _device(name: str) -> torch.device:
@@ -48,8 +48,8 @@ def _decode_rate(runs: list[dict]) -> float:
 
 def run_native(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
                out_json, out_logits, experts_implementation: str | None = None, progress=None) -> dict:
-    from .layouts import detect_checkpoint
-    from .native import load_native, native_generate, native_teacher_forced_logits
+    from ..checkpoint.layouts import detect_checkpoint
+    from ..runtime.native import load_native, native_generate, native_teacher_forced_logits
 
     device, torch_dtype = _device(device), getattr(torch, dtype)
     _, cfg = detect_checkpoint(checkpoint_dir)
@@ -94,7 +94,7 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: int, cache: dict, device: str,
               dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace,
               progress=None) -> dict:
-    from .generate import fidelity, generate, load_runtime, teacher_forced_logits
+    from ..runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
 
     device, torch_dtype = _device(device), getattr(torch, dtype)
     tok = AutoTokenizer.from_pretrained(checkpoint_dir)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

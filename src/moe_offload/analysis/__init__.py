@@ -1,0 +1,1 @@
+"""Analysis stage: generation runs, cache simulation and profile, comparison, plots."""

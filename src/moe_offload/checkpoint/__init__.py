@@ -1,0 +1,1 @@
+"""Checkpoint stage: layouts, shards, sources, synthetic builds, extraction, validation."""

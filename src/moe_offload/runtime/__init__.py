@@ -1,0 +1,1 @@
+"""Runtime stage: expert files and cache, cache policy, the selective model, decoding, native baseline."""

@@ -112,12 +112,68 @@ def free(device):
 
 # ---- the runs ---------------------------------------------------------------------------------------------
 
-def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_logits=False):
+def hbm_probe(device, rows=65536, cols=32768, dtype=torch.bfloat16) -> dict:
+    """What a memory-bound decode can read per second here: a [rows, cols] matrix times a vector (4.3 GB
+    of bf16 read once, far past L2), median of 20 timed products after warm-ups."""
+    w = torch.randn(rows, cols, dtype=dtype, device=device)
+    x = torch.randn(cols, dtype=dtype, device=device)
+    for _ in range(3):
+        torch.mv(w, x)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mv(w, x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    s = statistics.median(times)
+    del w
+    free(device)
+    return {"what": f"torch.mv of a [{rows}, {cols}] {str(dtype).replace('torch.', '')} matrix, median of 20",
+            "bytes": rows * cols * 2, "seconds": s, "bytes_per_second": rows * cols * 2 / s}
+
+
+def h2d_probe(device, nbytes: int, n=64) -> dict:
+    """Pinned host -> device copies of one expert's bytes: what a cache miss costs at best."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    s = (time.perf_counter() - start) / n
+    return {"what": f"{n} pinned host-to-device copies of {nbytes} bytes (one expert)", "seconds_per_copy": s,
+            "bytes_per_second": nbytes / s}
+
+
+def bytes_per_token(rt) -> int:
+    """The fewest bytes one decoded token must read: every dense weight of the layers run (the embedding
+    only its row), the top-k experts of each MoE layer, in the compute dtype. KV reads are left out (a
+    few MB at these lengths)."""
+    cfg, m = rt.config, rt.model
+    total = m.norm.nbytes + m.lm_head.nbytes + m.embed[0].nbytes
+    for block in m.layers:
+        a = block.attn
+        total += a.wqkv.nbytes + a.wo.nbytes + a.q_norm.nbytes + a.k_norm.nbytes + block.ln1.nbytes + block.ln2.nbytes
+        if hasattr(block.mlp, "router"):
+            w1, w2, _ = rt.cache.slabs(block.mlp.layer)
+            total += block.mlp.router.nbytes + cfg.experts_per_token * (w1[0].nbytes + w2[0].nbytes)
+        else:
+            total += block.mlp.gate.nbytes + block.mlp.up.nbytes + block.mlp.down.nbytes
+    return total
+
+
+def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_logits=False, kernels=None,
+             host_tier=False):
     device = torch.device(a.device)
     peak = Peak(device)
     t0 = time.perf_counter()
     rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=capacity, device=a.device, dtype=a.dtype,
-                      pin_memory=pin)
+                      pin_memory=pin, use_kernels=kernels, host_tier=host_tier)
     rt.model.record_trace = trace
     load_s = time.perf_counter() - t0
     warm = generate(rt, ids, a.max_new_tokens)
@@ -135,6 +191,8 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     bound_resident = rt.dense_bytes + resident * expert_bytes + kv
     out = {
         "label": label, "capacity_per_layer": cap_per_layer, "pin_memory": pin, "record_trace": trace,
+        "host_tier_bytes": rt.cache.host_tier_bytes,
+        "fused_kernels": rt.model.kernels, "bytes_per_token": bytes_per_token(rt),
         "load_seconds": load_s, "warmup_tok_s": warm.decode_tokens_per_second,
         "tok_s": statistics.median(toks), "tok_s_runs": toks,
         "prefill_seconds": statistics.median(g.prefill_seconds for g in runs),
@@ -318,6 +376,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dims", choices=sorted(DIMS), default="tiny")
     p.add_argument("--layers", type=int, default=None, help="default: 48 tiny, 4 real")
+    p.add_argument("--experts", type=int, default=None, help="experts per layer (default: the dims' own)")
     p.add_argument("--layout", default="qwen3_omni_thinker", choices=["qwen3_omni_thinker", "qwen3_moe"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default float32 on cpu, bfloat16 on cuda")
@@ -329,9 +388,12 @@ def main():
     p.add_argument("--no-profile", action="store_true", help="cuda: skip the torch.profiler pass (run after all timings)")
     p.add_argument("--only", default=None, help="comma-separated run labels to do (default: all)")
     p.add_argument("--recheck", action="store_true", help="run ours_full once more after the other runs of ours")
+    p.add_argument("--capacities", default="", help="comma-separated per-layer capacities to run offloaded, "
+                   "each with and without the host tier (labels ours_cap{C}, ours_cap{C}_host)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     a.layers = a.layers or (48 if a.dims == "tiny" else 4)
+    a.capacities = [int(c) for c in a.capacities.split(",") if c]
     a.dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     a.max_new_tokens = a.max_new_tokens or (64 if a.device.startswith("cuda") else 32)
     device = torch.device(a.device)
@@ -347,6 +409,8 @@ def main():
               "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
     try:
         spec = dict(DIMS[a.dims], layout=a.layout, num_layers=a.layers, seed=0, mlp_only_layers=[])
+        if a.experts:
+            spec["num_experts"] = a.experts
         t0 = time.perf_counter()
         ckpt = work / "ckpt"
         if not (ckpt / "config.json").exists():
@@ -384,11 +448,20 @@ def main():
                 free(device)
 
         k = cfg.experts_per_token
+        if device.type == "cuda":
+            result["hbm_probe"] = hbm_probe(device)
+            result["h2d_probe"] = h2d_probe(device, cfg.expert_bytes)
         record(run_ours, a, files, cfg, ids, None, label="ours_full", keep_logits=True)
+        if device.type == "cuda":
+            record(run_ours, a, files, cfg, ids, None, label="ours_full_torch", kernels=False)
         record(run_ours, a, files, cfg, ids, None, label="ours_full_no_trace", trace=False)
         record(run_ours, a, files, cfg, ids, k, label="ours_topk")
         if device.type == "cuda":
             record(run_ours, a, files, cfg, ids, k, label="ours_topk_pinned", pin=True)
+        for c in a.capacities:  # offloaded: misses read from the page cache (pinned staging) or the host tier
+            record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}", pin=device.type == "cuda")
+            record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}_host", pin=device.type == "cuda",
+                   host_tier=True)
         if a.recheck:  # the full cache again, last: shows how much the order of runs moves the figures
             record(run_ours, a, files, cfg, ids, None, label="ours_full_repeat")
         record(run_native, a, files, ids, "default", keep_logits=True)
@@ -400,8 +473,27 @@ def main():
         def tok(label):
             return runs.get(label, {}).get("tok_s")
 
+        if "hbm_probe" in result:  # each resident speed against the bound measured in this run
+            bw = result["hbm_probe"]["bytes_per_second"]
+            result["bound"] = {}
+            h2d = result["h2d_probe"]["bytes_per_second"]
+            resident_s = 1 / tok("ours_full") if tok("ours_full") else None
+            for label, r in runs.items():
+                if "bytes_per_token" not in r:
+                    continue
+                s = r["decode_stats_last_run"]
+                steps = max(a.max_new_tokens - 1, 1)
+                misses = s["misses"] / steps
+                entry = {"hbm_bound_tok_s": bw / r["bytes_per_token"], "misses_per_token": misses,
+                         "hit_rate": s["hit_rate"]}
+                if misses == 0:
+                    entry["fraction_of_hbm_bound"] = r["tok_s"] / entry["hbm_bound_tok_s"]
+                elif resident_s:  # offloaded: the resident step plus each miss's bytes over pinned H2D
+                    entry["offload_bound_tok_s"] = 1 / (resident_s + misses * cfg.expert_bytes / h2d)
+                    entry["fraction_of_offload_bound"] = r["tok_s"] / entry["offload_bound_tok_s"]
+                result["bound"][label] = entry
         ratios = {}
-        for o in ("ours_full", "ours_full_no_trace", "ours_full_repeat", "ours_topk", "ours_topk_pinned"):
+        for o in [label for label in runs if label.startswith("ours_")]:
             for n in ("native_default", "native_eager"):
                 if tok(o) and tok(n):
                     ratios[f"{o}/{n}"] = tok(o) / tok(n)

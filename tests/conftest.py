@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The fused decode kernels are Triton; without a GPU they run under Triton's interpreter, which must be
+# chosen before triton is first imported. The runtime uses them on the CPU only when asked to.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import shutil
 import subprocess
 import sys

@@ -52,6 +52,27 @@ def test_get_returns_the_checkpoint_tensors(setup):
                     assert torch.equal(got, want.to(dtype))
 
 
+def test_host_tier_reads_each_file_once_and_serves_misses_from_ram(setup, monkeypatch):
+    ckpt_dir, layout, cfg, files = setup
+    ckpt = Checkpoint(ckpt_dir)
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: reads.append(sum(len(b) for b in bufs)) or real(fd, bufs, off))
+    cache = make(setup, capacity=cfg.experts_per_token, host_tier=True)
+    expert_bytes = cache.expert_bytes(0, 0)
+    assert cache.host_tier_bytes == len(files) * cfg.num_experts * expert_bytes
+    assert sum(reads) == cache.host_tier_bytes  # every expert's bytes read once, at start
+    reads.clear()
+    rng = random.Random(0)
+    for _ in range(40):  # misses and evictions, all served from RAM
+        L, e = rng.choice(cfg.expert_layers), rng.randrange(cfg.num_experts)
+        for proj, got in zip(PROJECTIONS, cache.get(L, e)):
+            info = ckpt.info(layout.expert(L, e, proj))
+            assert torch.equal(got, torch.frombuffer(bytearray(read_bytes(info)), dtype=torch.bfloat16).view(info.shape))
+    assert reads == [] and cache.misses > 0 and cache.evictions > 0
+    assert cache.bytes_loaded == cache.misses * expert_bytes
+
+
 def test_one_read_of_exactly_the_expert_bytes_per_miss(setup, monkeypatch):
     _, _, cfg, _ = setup
     reads = []

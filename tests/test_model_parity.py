@@ -68,7 +68,7 @@ def test_logits_and_greedy_tokens_match_transformers(model, capacity, optimistic
     GPU) onto the CPU, redo from the first layer that needed a load included."""
     cfg = model["cfg"]
     cap = {"all": cfg.num_experts, "top_k": cfg.experts_per_token, "between": 6}[capacity]
-    rt = model["runtime"](capacity=cap)
+    rt = model["runtime"](capacity=cap, use_kernels=False)
     rt.model.optimistic = optimistic
     for case in model["cases"]:
         ids = case["ids"]
@@ -87,6 +87,25 @@ def test_logits_and_greedy_tokens_match_transformers(model, capacity, optimistic
         assert s["evictions"] == 0
     else:
         assert s["evictions"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capacity", ["all", "between"])
+def test_fused_kernels_match_transformers(model, capacity):
+    """The decode step CUDA runs: every layer through the fused Triton kernels (here under Triton's
+    interpreter, which is slow: one prompt, a few tokens), redo from a layer that missed included
+    (capacity 6 misses)."""
+    cfg, case, steps = model["cfg"], model["cases"][0], 6
+    assert not model["runtime"](capacity=cfg.num_experts).model.kernels  # on the CPU only when asked for
+    rt = model["runtime"](capacity=cfg.num_experts if capacity == "all" else 6, use_kernels=True)
+    assert rt.model.kernels
+    rt.model.optimistic = True
+    gen = generate(rt, case["ids"], steps, return_logits=True)
+    assert gen.tokens[0] == case["tokens"][:steps]
+    for ours, theirs in zip(gen.logits, case["step_logits"]):
+        assert (ours[0] - theirs).abs().max().item() <= TOL
+    if capacity == "between":
+        assert gen.decode_stats["misses"] > 0  # the redo path ran
 
 
 def test_truncated_depth_matches_truncated_transformers(model):
@@ -203,3 +222,28 @@ def test_runtime_rejects_bad_arguments(model, tmp_path):
         load_runtime(tmp_path / "dense.safetensors", tmp_path, model["ckpt"])
     with pytest.raises(InputError, match="max_new_tokens"):
         generate(model["runtime"](), model["cases"][0]["ids"], 0)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_checkpoint_stored_in_any_float_dtype(tmp_path, storage):
+    """Fine-tunes are often saved in float16 or float32: extracted, validated and run like bf16 ones."""
+    from moe_offload.checkpoint.validate import validate_dense, validate_layer
+
+    spec = dict(BASE, layout="qwen3_omni_thinker", num_layers=2, storage_dtype=storage)
+    ckpt = build_synthetic(tmp_path / "ckpt", spec)
+    _, cfg = detect_checkpoint(ckpt)
+    extract_dense(ckpt, tmp_path / "dense.safetensors")
+    validate_dense(ckpt, tmp_path / "dense.safetensors")
+    for layer in cfg.expert_layers:
+        extract_layer(ckpt, layer, tmp_path / f"layer_{layer}.safetensors")
+        validate_layer(ckpt, layer, tmp_path / f"layer_{layer}.safetensors")
+    ref, tok = load_reference(Qwen3OmniMoeThinkerForConditionalGeneration, ckpt), AutoTokenizer.from_pretrained(ckpt)
+    rt = load_runtime(tmp_path / "dense.safetensors", tmp_path, ckpt, capacity=cfg.experts_per_token)
+    assert {s.dtype for spans in rt.cache.spans.values() for s in spans} == {getattr(torch, storage)}
+    enc = tok(PROMPTS[0], return_tensors="pt")
+    with torch.inference_mode():
+        want = ref.generate(**enc, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    gen = generate(rt, enc.input_ids, 8, return_logits=True)
+    assert gen.tokens[0] == want.sequences[0, enc.input_ids.shape[1]:].tolist()
+    for ours, theirs in zip(gen.logits, want.logits):
+        assert (ours[0] - theirs[0]).abs().max().item() <= TOL

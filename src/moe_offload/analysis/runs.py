@@ -102,7 +102,8 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     start = time.perf_counter()
     rt = load_runtime(dense_path, layer_files, checkpoint_dir, depth=depth, capacity=cache["capacity"],
                       scope=cache["scope"], policy=cache["policy"], device=str(device), dtype=torch_dtype,
-                      pin_memory=cache.get("pin_memory", False), side_stream=cache.get("side_stream", False))
+                      pin_memory=cache.get("pin_memory", False), side_stream=cache.get("side_stream", False),
+                      host_tier=cache.get("host_tier", False), use_kernels=cache.get("fused_kernels"))
     load_s = time.perf_counter() - start
     meter.end_phase("load")
     runs, prefill_stats, decode_stats = [], [], []

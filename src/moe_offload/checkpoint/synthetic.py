@@ -142,7 +142,7 @@ def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
         for name, param in model.named_parameters():
             if "norm" in name and param.dim() == 1:
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
-    model = model.to(torch.bfloat16)
+    model = model.to(getattr(torch, spec.get("storage_dtype", "bfloat16")))  # fine-tunes are often f16 or f32
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -31,7 +31,13 @@ class ExpertSpan:
 
     offset: int  # absolute byte offset of the range
     nbytes: int
-    parts: tuple[tuple[int, int, tuple[int, ...]], ...]  # per projection: (start, end) in bf16 elements, shape
+    parts: tuple[tuple[int, int, tuple[int, ...]], ...]  # per projection: (start, end) in elements, shape
+    dtype: torch.dtype  # the file's storage dtype (converted to the compute dtype on the device)
+
+
+# The float storage dtypes a layer file may hold (safetensors' names); checkpoints are usually bf16, fine-tunes
+# often float16 or float32.
+STORAGE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def _expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSpan], dict]:
@@ -51,15 +57,19 @@ def _expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSp
             info = tensors.get(layout.expert(layer, e, proj))
             if info is None:
                 raise InputError(f"{path}: lacks tensor {layout.expert(layer, e, proj)}")
-            if info.dtype != "BF16":
-                raise InputError(f"{path}: {info.name} is {info.dtype}, expected BF16")
+            if info.dtype not in STORAGE_DTYPES:
+                raise InputError(f"{path}: {info.name} is {info.dtype}, expected one of {', '.join(STORAGE_DTYPES)}")
+            if infos and info.dtype != infos[0].dtype:
+                raise InputError(f"{path}: layer {layer} expert {e} mixes {infos[0].dtype} and {info.dtype}")
             infos.append(info)
         start = min(i.offset for i in infos)
         end = max(i.offset + i.nbytes for i in infos)
         if end - start != sum(i.nbytes for i in infos):
             raise InputError(f"{path}: layer {layer} expert {e}'s tensors are not one contiguous byte range")
-        parts = tuple(((i.offset - start) // 2, (i.offset - start + i.nbytes) // 2, i.shape) for i in infos)
-        spans.append(ExpertSpan(start, end - start, parts))
+        dtype = STORAGE_DTYPES[infos[0].dtype]
+        size = dtype.itemsize
+        parts = tuple(((i.offset - start) // size, (i.offset - start + i.nbytes) // size, i.shape) for i in infos)
+        spans.append(ExpertSpan(start, end - start, parts, dtype))
     return spans, meta
 
 
@@ -76,11 +86,16 @@ class ExpertCache:
     On CUDA, `pin_memory` reads into reused pinned staging buffers, one per expert a step can miss (so
     reads run in parallel and copies are async), and `side_stream` issues the copy and cast on a
     separate stream that the compute stream then waits on.
+
+    `host_tier` keeps every expert of the given layers in host RAM (pinned on CUDA), read once from the
+    layer files at start: a miss is then one copy from RAM (one DMA on CUDA) instead of a file read.
+    It costs the experts' bytes in RAM, so it is for hosts that can hold them.
     """
 
     def __init__(self, layer_files: dict[int, str | Path], layout: Layout, capacity: int, scope: str = "per_layer",
                  policy: str = "lru", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 pin_memory: bool = False, experts_per_token: int | None = None, side_stream: bool = False):
+                 pin_memory: bool = False, experts_per_token: int | None = None, side_stream: bool = False,
+                 host_tier: bool = False):
         self.spans: dict[int, list[ExpertSpan]] = {}
         top_k_recorded = []
         for layer, path in sorted(layer_files.items()):
@@ -117,6 +132,14 @@ class ExpertCache:
                          for _ in range(n_staging)] if cuda and pin_memory else None
         self._staging_free = [torch.cuda.Event() for _ in range(n_staging)] if self._staging else None
         self._stream = torch.cuda.Stream(self.device) if cuda and side_stream else None
+        self._host: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (its experts' bytes, file offset of [0])
+        if host_tier:
+            for layer, spans in self.spans.items():
+                start = min(s.offset for s in spans)
+                end = max(s.offset + s.nbytes for s in spans)
+                buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=cuda)
+                self._read_into(buf, self._fds[layer], start)
+                self._host[layer] = (buf, start)
         for layer in self.spans:
             self._pool(layer)  # allocate every slab now: the memory held is the bound, from the start
         self.reset_stats()
@@ -209,7 +232,10 @@ class ExpertCache:
             return
         start = time.perf_counter()
         spans = [self.spans[layer][e] for e in misses]
-        if self._staging is not None and len(misses) > len(self._staging):
+        if layer in self._host:  # no file reads: each miss is a copy out of RAM
+            for e, span in zip(misses, spans):
+                self._load(layer, e, self._read(span, self._fds[layer], 0, layer), None)
+        elif self._staging is not None and len(misses) > len(self._staging):
             for e in misses:  # more misses than staging buffers (a prefill): one at a time
                 self._load(layer, e, self._read(self.spans[layer][e], self._fds[layer], 0), 0)
         else:
@@ -219,7 +245,23 @@ class ExpertCache:
         self.bytes_loaded += sum(span.nbytes for span in spans)
         self.load_seconds += time.perf_counter() - start
 
-    def _read(self, span: ExpertSpan, fd: int, buffer: int) -> torch.Tensor:
+    @property
+    def host_tier_bytes(self) -> int:
+        return sum(buf.nbytes for buf, _ in self._host.values())
+
+    @staticmethod
+    def _read_into(buf: torch.Tensor, fd: int, offset: int) -> None:
+        view, done = buf.numpy(), 0
+        while done < buf.numel():  # a large read may come back short: continue where it stopped
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise InputError(f"short read: {done} of {buf.numel()} bytes at offset {offset}")
+            done += n
+
+    def _read(self, span: ExpertSpan, fd: int, buffer: int, layer: int | None = None) -> torch.Tensor:
+        if layer in self._host:  # the host tier: the bytes are already in (pinned) RAM
+            buf, start = self._host[layer]
+            return buf[span.offset - start: span.offset - start + span.nbytes]
         if self._staging is not None:
             self._staging_free[buffer].synchronize()  # the previous async copy out of it must be done
             buf = self._staging[buffer][: span.nbytes]
@@ -237,7 +279,7 @@ class ExpertCache:
         span, slot = self.spans[layer][expert], self.slot[(layer, expert)]
         targets = self._views(layer, slot)
         if self.device.type != "cuda":
-            flat = raw.view(torch.bfloat16)
+            flat = raw.view(span.dtype)
             for target, (a, b, shape) in zip(targets, span.parts):
                 target.copy_(flat[a:b].view(shape))
             self._tables[layer][expert] = slot
@@ -247,11 +289,11 @@ class ExpertCache:
         if self._stream is not None:
             stream.wait_stream(main)  # the slot's previous expert may still be read by queued kernels
         with torch.cuda.stream(stream):
-            # Copy bf16 (half the bytes of f32) and cast on the device, into the slot.
-            flat = raw.to(self.device, non_blocking=self._staging is not None).view(torch.bfloat16)
+            # Copy the stored bytes (bf16: half those of f32) and cast on the device, into the slot.
+            flat = raw.to(self.device, non_blocking=raw.is_pinned()).view(span.dtype)
             for target, (a, b, shape) in zip(targets, span.parts):
                 target.copy_(flat[a:b].view(shape))
-            if self._staging is not None:
+            if buffer is not None and self._staging is not None:
                 self._staging_free[buffer].record(stream)
         if self._stream is not None:
             main.wait_stream(self._stream)

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from .cache_policy import step_accesses
-from ..errors import InputError
-from .expert_cache import ExpertCache
 from ..checkpoint.layouts import Layout, TextConfig
+from ..errors import InputError
+from . import kernels
+from .cache_policy import step_accesses
+from .expert_cache import ExpertCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,16 +38,20 @@ class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, w: dict[str, torch.Tensor]):
         super().__init__()
         self.cfg = cfg
-        self.wq, self.wk, self.wv, self.wo = (w[f"self_attn.{p}_proj.weight"] for p in "qkvo")
+        # q, k and v as one weight: one matrix-vector product per token instead of three
+        self.wqkv = torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"])
+        self.wo = w["self_attn.o_proj.weight"]
         self.q_norm, self.k_norm = w["self_attn.q_norm.weight"], w["self_attn.k_norm.weight"]
         self.k_cache = self.v_cache = None
 
     def forward(self, x, cos, sin, input_pos, mask):
         c = self.cfg
         b, t, _ = x.shape
-        q = rms_norm(F.linear(x, self.wq).view(b, t, c.num_heads, c.head_dim), self.q_norm, c.rms_norm_eps)
-        k = rms_norm(F.linear(x, self.wk).view(b, t, c.num_kv_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
-        v = F.linear(x, self.wv).view(b, t, c.num_kv_heads, c.head_dim)
+        q, k, v = F.linear(x, self.wqkv).split(
+            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
+        q = rms_norm(q.reshape(b, t, c.num_heads, c.head_dim), self.q_norm, c.rms_norm_eps)
+        k = rms_norm(k.reshape(b, t, c.num_kv_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         self.k_cache[:b, :, input_pos] = k
@@ -55,6 +60,18 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, self.k_cache[:b, :, :end], self.v_cache[:b, :, :end], attn_mask=mask,
                                            scale=c.head_dim ** -0.5, enable_gqa=c.num_heads != c.num_kv_heads)
         return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.wo)
+
+    def forward_fused(self, x, rope_cos, rope_sin, input_pos, mask):
+        """One token of batch row 0, x [H] already normed: fused QKV product, one kernel for q/k norm,
+        RoPE and the cache write, then attention and the output projection. Returns [H]."""
+        c = self.cfg
+        q = kernels.qk_norm_rope_kv(F.linear(x, self.wqkv), self.q_norm, self.k_norm, rope_cos, rope_sin, input_pos,
+                                    self.k_cache, self.v_cache, c.num_heads, c.num_kv_heads, c.rms_norm_eps)
+        end = mask.shape[-1]
+        y = F.scaled_dot_product_attention(q.view(1, c.num_heads, 1, c.head_dim), self.k_cache[:1, :, :end],
+                                           self.v_cache[:1, :, :end], attn_mask=mask, scale=c.head_dim ** -0.5,
+                                           enable_gqa=c.num_heads != c.num_kv_heads)
+        return F.linear(y.view(-1), self.wo)  # [1, heads, 1, D] is already [heads * D] in memory for one token
 
 
 def swiglu(x, gate, up, down):
@@ -81,6 +98,7 @@ class MoE(nn.Module):
         self.cfg, self.layer, self.router, self.cache, self.record = cfg, layer, w["mlp.gate.weight"], cache, record
         self.defer = False  # set by Transformer for an optimistic one-token step (see Transformer.decode)
         self.pending = None
+        self.kernels = False  # set by Transformer: one-token steps through the fused kernels
 
     def route(self, flat):
         logits = F.linear(flat, self.router)
@@ -122,9 +140,31 @@ class MoE(nn.Module):
         trip) and apply them in two batched matmuls, a handful of kernels instead of a dozen per expert."""
         w1, w2, table = self.cache.slabs(self.layer)
         slots = table[top_i[0]]
+        if self.kernels:  # the experts read in place from their slots
+            return kernels.moe(flat[0], w1, w2, slots, top_w[0])[None]
         gate, up = torch.matmul(w1[slots], flat[0]).chunk(2, dim=-1)  # [k, I] each
         y = torch.matmul(w2[slots], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [k, H]
         return (y * top_w[0, :, None]).sum(0, keepdim=True)
+
+    def forward_fused(self, x, resid):
+        """One token, x [H] normed: route, then resid + the routed experts, each read in place from its
+        slot (an absent one reads slot 0: the caller sees it in the returned (top_i, top_w) and redoes)."""
+        w1, w2, table = self.cache.slabs(self.layer)
+        top_i, top_w, slots = kernels.route(F.linear(x, self.router), table, self.cfg.experts_per_token,
+                                            self.cfg.norm_topk_prob)
+        return kernels.moe(x, w1, w2, slots, top_w, resid), (top_i[None], top_w[None])
+
+    def forward_fused_loading(self, x, resid):
+        """`forward_fused` for a step that may miss: the routing goes to the host (the layer's one sync),
+        the cache makes the experts resident, then the kernels read them. A miss costs its transfer."""
+        w1, w2, table = self.cache.slabs(self.layer)
+        top_i, top_w, _ = kernels.route(F.linear(x, self.router), table, self.cfg.experts_per_token,
+                                        self.cfg.norm_topk_prob)
+        host = torch.stack((top_i.to(torch.float32), top_w.to(torch.float32))).cpu()
+        chosen = host[0].to(torch.long).tolist()
+        self.record(self.layer, [chosen], [host[1].tolist()], 1, 1)
+        self.cache.get_many(self.layer, step_accesses([chosen]))  # misses read in parallel
+        return kernels.moe(x, w1, w2, table[top_i], top_w, resid), (top_i[None], top_w[None])
 
 
 class Block(nn.Module):
@@ -139,12 +179,22 @@ class Block(nn.Module):
         x = x + self.attn(rms_norm(x, self.ln1, self.eps), cos, sin, input_pos, mask)
         return x + self.mlp(rms_norm(x, self.ln2, self.eps))
 
+    def forward_fused(self, x, rope_cos, rope_sin, input_pos, mask, loading: bool = False):
+        """One token of batch row 0 through the fused kernels, x [H] -> ([H], the MoE's routing or None).
+        loading: make the routed experts resident first (one host sync) instead of assuming they are."""
+        delta = self.attn.forward_fused(kernels.rms_norm(x, self.ln1, self.eps), rope_cos, rope_sin, input_pos, mask)
+        h, x = kernels.rms_norm(x, self.ln2, self.eps, delta=delta)
+        if isinstance(self.mlp, MoE):
+            return self.mlp.forward_fused_loading(h, x) if loading else self.mlp.forward_fused(h, x)
+        return x + self.mlp(h), None
+
 
 class Transformer(nn.Module):
     """`forward(input_ids [B,T], input_pos [T]) -> logits [B,T,V]` through the first `depth` layers."""
 
     def __init__(self, cfg: TextConfig, layout: Layout, dense: dict[str, torch.Tensor], cache: ExpertCache,
-                 depth: int | None = None):
+                 depth: int | None = None, use_kernels: bool | None = None):
+        """use_kernels: one-token steps through the fused Triton kernels (None: on CUDA when Triton is there)."""
         super().__init__()
         depth = cfg.num_layers if depth is None else depth
         if not 1 <= depth <= cfg.num_layers:
@@ -173,6 +223,16 @@ class Transformer(nn.Module):
         # host must not wait for the GPU layer by layer; on CPU nothing runs ahead, so by default not.
         self.optimistic: bool | None = None
         self._expect_resident = True
+        self.kernels = kernels.available(self.embed.device) if use_kernels is None else use_kernels
+        if self.kernels and not kernels.available(self.embed.device):
+            raise InputError(f"the fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1), "
+                             f"not {self.embed.device}")
+        if self.kernels and self.embed.device.type != "cuda" and use_kernels is None:
+            self.kernels = False  # under the interpreter only when asked for (tests): it is slow
+        for block in self.layers:
+            if isinstance(block.mlp, MoE):
+                block.mlp.kernels = self.kernels
+        self._kv_version = 0  # bumped whenever setup_caches allocates: a captured graph reads the old buffers
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         c, ref = self.cfg, self.embed
@@ -189,6 +249,7 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = emb.cos().to(ref.dtype), emb.sin().to(ref.dtype)  # cast like transformers
         self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=ref.device).tril()
         self.max_seq_len = max_seq_len
+        self._kv_version += 1
 
     def record(self, layer: int, chosen: list[list[int]], w: list[list[float]], b: int, t: int) -> None:
         if not self.record_trace:
@@ -220,8 +281,14 @@ class Transformer(nn.Module):
             if start == len(self.layers):
                 return logits
             x = inputs[start]
-        for block in self.layers[start:]:
-            x = block(x, cos, sin, input_pos, mask)
+        if one_token and self.kernels and x.shape[0] == 1:  # the careful way, still through the kernels
+            x = x.view(-1)
+            for block in self.layers[start:]:
+                x, _ = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask, loading=True)
+            x = x.view(1, 1, -1)
+        else:
+            for block in self.layers[start:]:
+                x = block(x, cos, sin, input_pos, mask)
         if one_token:  # a step that loaded experts predicts another: go the careful way until one does not
             self._expect_resident = self.cache.misses == misses
         return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
@@ -231,6 +298,8 @@ class Transformer(nn.Module):
         at all. Returns logits, each layer's input, and each MoE layer's (top_i, top_w) for `_settle`.
         The mask covers the whole KV cache (later positions masked out) so shapes never change and the
         step can be a CUDA graph."""
+        if self.kernels and x.shape[0] == 1:
+            return self._optimistic_fused(x.view(-1), mask, input_pos)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         moes, inputs = [b.mlp for b in self.layers if isinstance(b.mlp, MoE)], []
         try:
@@ -244,6 +313,17 @@ class Transformer(nn.Module):
                 m.defer = False
         logits = F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
         return logits, inputs, [(m.layer, *m.pending) for m in moes]
+
+    def _optimistic_fused(self, x, mask, input_pos):
+        """`_optimistic` for one row through the fused kernels: about ten launches a layer."""
+        inputs, pending = [], []
+        for block in self.layers:
+            inputs.append(x.view(1, 1, -1))
+            x, routed = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
+            if routed is not None:
+                pending.append((block.mlp.layer, *routed))
+        logits = F.linear(kernels.rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+        return logits.view(1, 1, -1), inputs, pending
 
     def _settle(self, pending) -> int:
         """One host sync for the whole step; the cache then replays the step's accesses in order. Returns
@@ -263,10 +343,11 @@ class Transformer(nn.Module):
 
     def _replay_graph(self, input_ids, input_pos):
         """The optimistic step as a CUDA graph (gpt-fast's "reduce-overhead", by hand): one replay
-        launches every kernel of every layer. Captured at the first decode step, again after the KV
-        cache grows; slabs, slot tables and weights are static tensors it reads at each replay."""
+        launches every kernel of every layer. Captured at the first decode step, again whenever the KV
+        cache is reallocated (longer, or for a larger batch); slabs, slot tables and weights are static
+        tensors it reads at each replay."""
         g = self._graph
-        if g is None or g["max_seq_len"] != self.max_seq_len:
+        if g is None or g["kv_version"] != self._kv_version:
             ids, pos = input_ids.clone(), input_pos.clone()
             run = lambda: self._optimistic(F.embedding(ids, self.embed), self.causal[pos], pos)  # noqa: E731
             side = torch.cuda.Stream(self.embed.device)
@@ -277,7 +358,7 @@ class Transformer(nn.Module):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = run()
-            g = self._graph = {"graph": graph, "ids": ids, "pos": pos, "out": out, "max_seq_len": self.max_seq_len}
+            g = self._graph = {"graph": graph, "ids": ids, "pos": pos, "out": out, "kv_version": self._kv_version}
         g["ids"].copy_(input_ids)
         g["pos"].copy_(input_pos)
         g["graph"].replay()

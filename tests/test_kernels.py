@@ -1,0 +1,78 @@
+"""The fused decode kernels (Triton; here under its interpreter) against the PyTorch path they replace.
+
+References are the model's own PyTorch functions (which the parity tests hold to transformers), on fresh
+seeded random inputs, in float32 (equal to rounding) and bfloat16 (within a few units in the last place).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_offload.runtime import kernels
+from moe_offload.runtime.model import rms_norm, rotate_half, swiglu
+
+pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cpu")),
+                                reason="needs triton with TRITON_INTERPRET=1 (set in conftest)")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 0.07}
+
+
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def dtype(request):
+    torch.manual_seed(0)
+    return request.param
+
+
+def test_add_rms_norm(dtype):
+    x, d, w = (torch.randn(96, dtype=dtype) for _ in range(3))
+    normed, summed = kernels.rms_norm(x, w, 1e-6, delta=d)
+    # the residual sum rounded once to the dtype (Triton's interpreter may round bf16 down, not to nearest)
+    assert ((summed.float() - (x + d).float()).abs() <= (x + d).float().abs() * 2 ** -7).all()
+    assert (normed.float() - rms_norm(x + d, w, 1e-6).float()).abs().max() <= TOL[dtype]
+    assert (kernels.rms_norm(x, w, 1e-6).float() - rms_norm(x, w, 1e-6).float()).abs().max() <= TOL[dtype]
+
+
+def test_route_matches_softmax_topk_and_looks_up_slots(dtype):
+    e, k = 24, 6
+    logits = torch.randn(e, dtype=dtype)
+    table = torch.randperm(e)
+    table[logits.float().argmax()] = -1  # the top expert is absent: its slot reads as 0, never -1
+    top_i, top_w, slots = kernels.route(logits, table, k, norm_topk_prob=True)
+    want_w, want_i = torch.topk(torch.softmax(logits, -1, dtype=torch.float32), k)
+    assert top_i.tolist() == want_i.tolist()
+    assert (top_w.float() - (want_w / want_w.sum()).to(dtype).float()).abs().max() <= TOL[dtype] / 10
+    assert slots.tolist() == table[want_i].clamp(min=0).tolist()
+    _, unnormed, _ = kernels.route(logits, table, k, norm_topk_prob=False)
+    assert (unnormed.float() - want_w.to(dtype).float()).abs().max() <= TOL[dtype] / 10
+
+
+def test_moe_reads_experts_in_place(dtype):
+    h, i, slots_n, k = 48, 40, 9, 3  # not powers of two: the tiles' masks matter
+    x, resid = torch.randn(h, dtype=dtype), torch.randn(h, dtype=dtype)
+    w1 = torch.randn(slots_n, 2 * i, h, dtype=dtype) / h ** 0.5
+    w2 = torch.randn(slots_n, h, i, dtype=dtype) / i ** 0.5
+    slots, weights = torch.tensor([7, 2, 5]), torch.rand(k, dtype=dtype)
+    want = sum(swiglu(x, w1[s, :i], w1[s, i:], w2[s]) * weights[j] for j, s in enumerate(slots.tolist()))
+    got = kernels.moe(x, w1, w2, slots, weights, resid)
+    assert (got.float() - (resid + want).float()).abs().max() <= TOL[dtype]
+    assert (kernels.moe(x, w1, w2, slots, weights).float() - want.float()).abs().max() <= TOL[dtype]
+
+
+def test_qk_norm_rope_writes_the_kv_cache(dtype):
+    heads, kv, d, seq, pos = 4, 2, 16, 10, 6
+    qkv = torch.randn((heads + 2 * kv) * d, dtype=dtype)
+    q_norm, k_norm = torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype)
+    freqs = torch.arange(seq, dtype=torch.float32)[:, None] / (1e6 ** (torch.arange(0, d, 2) / d))[None]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    k_cache, v_cache = torch.full((2, kv, seq, d), 7.0, dtype=dtype), torch.full((2, kv, seq, d), 7.0, dtype=dtype)
+    q = kernels.qk_norm_rope_kv(qkv, q_norm, k_norm, cos, sin, torch.tensor([pos]), k_cache, v_cache, heads, kv, 1e-6)
+    want_q = rms_norm(qkv[: heads * d].view(heads, d), q_norm, 1e-6)
+    want_k = rms_norm(qkv[heads * d: (heads + kv) * d].view(kv, d), k_norm, 1e-6)
+    c, s = cos[pos], sin[pos]
+    assert (q.float() - (want_q * c + rotate_half(want_q) * s).float()).abs().max() <= TOL[dtype]
+    assert (k_cache[0, :, pos].float() - (want_k * c + rotate_half(want_k) * s).float()).abs().max() <= TOL[dtype]
+    assert torch.equal(v_cache[0, :, pos], qkv[(heads + kv) * d:].view(kv, d))
+    untouched = torch.ones(2, kv, seq, dtype=torch.bool)
+    untouched[0, :, pos] = False
+    assert (k_cache[untouched] == 7).all() and (v_cache[untouched] == 7).all()  # nothing else written

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from moe_offload.analysis.cache_sim import access_sequence, simulate
 from moe_offload.checkpoint.extract import extract_dense, extract_layer
 from moe_offload.runtime.generate import generate, load_runtime
+from moe_offload.runtime.model import TRACE_COLUMNS
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.analysis.profile import default_capacities, profile_cache
 
@@ -32,7 +33,7 @@ def _run(extracted, capacity, scope, policy="lru", optimistic=None):
     tok = AutoTokenizer.from_pretrained(ckpt)
     for i, text in enumerate(PROMPTS):  # one cache across prompts, as the workflow's depth runs do
         generate(rt, tok(text)["input_ids"], 12, prompt=i)
-    return rt.cache.stats(), pd.DataFrame(rt.model.trace)
+    return rt.cache.stats(), pd.DataFrame(rt.model.trace, columns=list(TRACE_COLUMNS))
 
 
 @pytest.mark.parametrize("scope, capacity", [("per_layer", 4), ("per_layer", 7), ("global", 40), ("global", 100)])

@@ -16,7 +16,7 @@ import torch
 from ..errors import InputError
 from .expert_cache import ExpertCache
 from ..checkpoint.layouts import Layout, TextConfig, detect_checkpoint
-from .model import Transformer, load_dense
+from .model import TRACE_COLUMNS, Transformer, load_dense
 
 
 @dataclass
@@ -166,7 +166,7 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
         tokens=out, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         decode_tokens_per_second=decode_tokens / decode_seconds if decode_tokens and decode_seconds > 0 else 0.0,
         prefill_stats=_delta(s1, s0), decode_stats=_delta(runtime.cache.stats(), s1),
-        trace=model.trace[trace_start:], logits=logits_out)
+        trace=[dict(zip(TRACE_COLUMNS, row)) for row in model.trace[trace_start:]], logits=logits_out)
 
 
 @torch.inference_mode()

@@ -95,8 +95,8 @@ if triton is not None:
             tl.store(dst + D // 2 + half, b.to(dt))
 
     @triton.jit
-    def _route_kernel(logits_ptr, table_ptr, top_i_ptr, top_w_ptr, slots_ptr, n_experts, K: tl.constexpr,
-                      NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _route_kernel(logits_ptr, table_ptr, top_i_ptr, top_w_ptr, slots_ptr, record_ptr, n_experts, K: tl.constexpr,
+                      NORM: tl.constexpr, RECORD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
         offs = tl.arange(0, BLOCK_E)
         mask = offs < n_experts
         logits = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -117,7 +117,11 @@ if triton is not None:
         kmask = ks < K
         slots = tl.load(table_ptr + chosen_i, mask=kmask, other=0)
         tl.store(top_i_ptr + ks, chosen_i, mask=kmask)
-        tl.store(top_w_ptr + ks, chosen_w.to(top_w_ptr.dtype.element_ty), mask=kmask)
+        chosen_w = chosen_w.to(top_w_ptr.dtype.element_ty)
+        tl.store(top_w_ptr + ks, chosen_w, mask=kmask)
+        if RECORD:  # [experts; weights] as float32, for the host
+            tl.store(record_ptr + ks, chosen_i.to(tl.float32), mask=kmask)
+            tl.store(record_ptr + K + ks, chosen_w.to(tl.float32), mask=kmask)
         # an absent expert (slot -1) reads slot 0 instead: the step is redone once the host sees the miss
         tl.store(slots_ptr + ks, tl.maximum(slots, 0), mask=kmask)
 
@@ -208,14 +212,16 @@ def qk_norm_rope_kv(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v
     return q
 
 
-def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool):
-    """Router logits [E] of one token -> (top_i [k], top_w [k] in the logits' dtype, slots [k])."""
+def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None):
+    """Router logits [E] of one token -> (top_i [k], top_w [k] in the logits' dtype, slots [k]); also
+    written as float32 into record [2, k] when given."""
     e = logits.numel()
     top_i = torch.empty(k, dtype=torch.long, device=logits.device)
     top_w = torch.empty(k, dtype=logits.dtype, device=logits.device)
     slots = torch.empty(k, dtype=torch.long, device=logits.device)
-    _route_kernel[(1,)](logits, table, top_i, top_w, slots, e, K=k, NORM=norm_topk_prob,
-                        BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(k))
+    _route_kernel[(1,)](logits, table, top_i, top_w, slots, top_w if record is None else record, e, K=k,
+                        NORM=norm_topk_prob, RECORD=record is not None, BLOCK_E=triton.next_power_of_2(e),
+                        BLOCK_K=triton.next_power_of_2(k))
     return top_i, top_w, slots
 
 

@@ -20,6 +20,10 @@ from ..errors import InputError
 from . import kernels
 from .cache_policy import step_accesses
 from .expert_cache import ExpertCache
+from .layer_graphs import LayerGraphs
+
+
+TRACE_COLUMNS = ("prompt", "step", "position", "layer", "experts", "weights")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -146,25 +150,18 @@ class MoE(nn.Module):
         y = torch.matmul(w2[slots], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [k, H]
         return (y * top_w[0, :, None]).sum(0, keepdim=True)
 
-    def forward_fused(self, x, resid):
-        """One token, x [H] normed: route, then resid + the routed experts, each read in place from its
-        slot (an absent one reads slot 0: the caller sees it in the returned (top_i, top_w) and redoes)."""
-        w1, w2, table = self.cache.slabs(self.layer)
-        top_i, top_w, slots = kernels.route(F.linear(x, self.router), table, self.cfg.experts_per_token,
-                                            self.cfg.norm_topk_prob)
-        return kernels.moe(x, w1, w2, slots, top_w, resid), (top_i[None], top_w[None])
+    def route_fused(self, h, record=None):
+        """One token, h [H] normed -> (top_i [k], top_w [k], slots [k]) through the router and the route
+        kernel; an absent expert's slot reads as 0 (see kernels.route)."""
+        _, _, table = self.cache.slabs(self.layer)
+        return kernels.route(F.linear(h, self.router), table, self.cfg.experts_per_token, self.cfg.norm_topk_prob,
+                             record)
 
-    def forward_fused_loading(self, x, resid):
-        """`forward_fused` for a step that may miss: the routing goes to the host (the layer's one sync),
-        the cache makes the experts resident, then the kernels read them. A miss costs its transfer."""
+    def experts_fused(self, h, resid, top_i, top_w, slots=None):
+        """resid + the routed experts applied to h, each read in place from its slot (looked up now in the
+        slot table when slots is None: after the experts were loaded)."""
         w1, w2, table = self.cache.slabs(self.layer)
-        top_i, top_w, _ = kernels.route(F.linear(x, self.router), table, self.cfg.experts_per_token,
-                                        self.cfg.norm_topk_prob)
-        host = torch.stack((top_i.to(torch.float32), top_w.to(torch.float32))).cpu()
-        chosen = host[0].to(torch.long).tolist()
-        self.record(self.layer, [chosen], [host[1].tolist()], 1, 1)
-        self.cache.get_many(self.layer, step_accesses([chosen]))  # misses read in parallel
-        return kernels.moe(x, w1, w2, table[top_i], top_w, resid), (top_i[None], top_w[None])
+        return kernels.moe(h, w1, w2, table[top_i] if slots is None else slots, top_w, resid)
 
 
 class Block(nn.Module):
@@ -179,14 +176,20 @@ class Block(nn.Module):
         x = x + self.attn(rms_norm(x, self.ln1, self.eps), cos, sin, input_pos, mask)
         return x + self.mlp(rms_norm(x, self.ln2, self.eps))
 
-    def forward_fused(self, x, rope_cos, rope_sin, input_pos, mask, loading: bool = False):
-        """One token of batch row 0 through the fused kernels, x [H] -> ([H], the MoE's routing or None).
-        loading: make the routed experts resident first (one host sync) instead of assuming they are."""
+    def attention_fused(self, x, rope_cos, rope_sin, input_pos, mask):
+        """One token of batch row 0 through the fused kernels, x [H] -> (the MLP's normed input, the
+        residual stream after attention)."""
         delta = self.attn.forward_fused(kernels.rms_norm(x, self.ln1, self.eps), rope_cos, rope_sin, input_pos, mask)
-        h, x = kernels.rms_norm(x, self.ln2, self.eps, delta=delta)
+        return kernels.rms_norm(x, self.ln2, self.eps, delta=delta)
+
+    def forward_fused(self, x, rope_cos, rope_sin, input_pos, mask, record=None):
+        """The whole layer for one token, x [H] -> [H], assuming the routed experts are resident; the
+        routing goes into record [2, k] (float32) for the caller to check."""
+        h, resid = self.attention_fused(x, rope_cos, rope_sin, input_pos, mask)
         if isinstance(self.mlp, MoE):
-            return self.mlp.forward_fused_loading(h, x) if loading else self.mlp.forward_fused(h, x)
-        return x + self.mlp(h), None
+            top_i, top_w, slots = self.mlp.route_fused(h, record)
+            return self.mlp.experts_fused(h, resid, top_i, top_w, slots)
+        return resid + self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -214,11 +217,12 @@ class Transformer(nn.Module):
         half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
         self.inv_freq = 1.0 / (cfg.rope_theta ** half)
         self.max_seq_len = 0
-        self.trace: list[dict] = []
+        self.trace: list[tuple] = []  # rows of TRACE_COLUMNS
         self.trace_context: dict = {"prompt": 0, "step": 0}
         self.record_trace = True
         self._pos = None
         self._graph = None  # the captured decode step on CUDA (see _replay_graph)
+        self._layer_graphs = None  # the careful decode step on CUDA, as per-layer graphs
         # One-token steps go optimistic (one host sync per token, see _optimistic) on CUDA, where the
         # host must not wait for the GPU layer by layer; on CPU nothing runs ahead, so by default not.
         self.optimistic: bool | None = None
@@ -252,13 +256,14 @@ class Transformer(nn.Module):
         self._kv_version += 1
 
     def record(self, layer: int, chosen: list[list[int]], w: list[list[float]], b: int, t: int) -> None:
+        """Trace rows as tuples (TRACE_COLUMNS): cheap enough for the decode step's host work."""
         if not self.record_trace:
             return
         prompt, step = self.trace_context["prompt"], self.trace_context["step"]
+        per_row = isinstance(prompt, (list, tuple))
         for i, (experts, ws) in enumerate(zip(chosen, w)):
             row_b, row_t = divmod(i, t)
-            self.trace.append(dict(prompt=prompt[row_b] if isinstance(prompt, (list, tuple)) else prompt,
-                                   step=step, position=self._pos[row_t], layer=layer, experts=experts, weights=ws))
+            self.trace.append((prompt[row_b] if per_row else prompt, step, self._pos[row_t], layer, experts, ws))
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None):
         """positions: input_pos as host ints, when the caller has them (saves a device round trip)."""
@@ -266,27 +271,31 @@ class Transformer(nn.Module):
         end = self._pos[-1] + 1
         if end > self.max_seq_len:
             raise InputError(f"position {end - 1} is past the KV cache ({self.max_seq_len}): call setup_caches")
-        mask = self.causal[input_pos, :end]
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        x = F.embedding(input_ids, self.embed)
-        start, misses = 0, self.cache.misses
+        start, misses, x = 0, self.cache.misses, None
         one_token = input_ids.numel() == 1 and self.cache.keeps_step_resident
         optimistic = self.embed.is_cuda if self.optimistic is None else self.optimistic
         if one_token and optimistic and self._expect_resident:
-            if self.embed.is_cuda:
+            if self.embed.is_cuda:  # nothing launched before the replay: it does the whole step
                 logits, inputs, pending = self._replay_graph(input_ids, input_pos)
             else:
-                logits, inputs, pending = self._optimistic(x, self.causal[input_pos], input_pos)
+                logits, inputs, pending = self._optimistic(F.embedding(input_ids, self.embed), self.causal[input_pos],
+                                                           input_pos)
             start = self._settle(pending)
             if start == len(self.layers):
                 return logits
             x = inputs[start]
+        x = F.embedding(input_ids, self.embed) if x is None else x
+        mask = self.causal[input_pos, :end]
         if one_token and self.kernels and x.shape[0] == 1:  # the careful way, still through the kernels
-            x = x.view(-1)
-            for block in self.layers[start:]:
-                x, _ = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask, loading=True)
+            if self.embed.is_cuda:
+                if self._layer_graphs is None or self._layer_graphs.kv_version != self._kv_version:
+                    self._layer_graphs = LayerGraphs(self)
+                x = self._layer_graphs.run(x.view(-1), input_pos, start)
+            else:
+                x = self._careful_fused(x.view(-1), input_pos, mask, start)
             x = x.view(1, 1, -1)
         else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             for block in self.layers[start:]:
                 x = block(x, cos, sin, input_pos, mask)
         if one_token:  # a step that loaded experts predicts another: go the careful way until one does not
@@ -312,28 +321,58 @@ class Transformer(nn.Module):
             for m in moes:
                 m.defer = False
         logits = F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
-        return logits, inputs, [(m.layer, *m.pending) for m in moes]
+        # every MoE layer's choice in one [layers, 2, k] float32 tensor: the host reads it in one copy
+        routing = torch.stack([torch.stack((m.pending[0][0].to(torch.float32), m.pending[1][0].to(torch.float32)))
+                               for m in moes]) if moes else None
+        return logits, inputs, ([m.layer for m in moes], routing)
 
     def _optimistic_fused(self, x, mask, input_pos):
         """`_optimistic` for one row through the fused kernels: about ten launches a layer."""
-        inputs, pending = [], []
+        moe_layers = [b.mlp.layer for b in self.layers if isinstance(b.mlp, MoE)]
+        # the route kernels write each layer's choice here, so the host reads the step's in one copy
+        routing = torch.empty(len(moe_layers), 2, self.cfg.experts_per_token, dtype=torch.float32, device=x.device)
+        inputs, j = [], 0
         for block in self.layers:
             inputs.append(x.view(1, 1, -1))
-            x, routed = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
-            if routed is not None:
-                pending.append((block.mlp.layer, *routed))
+            if isinstance(block.mlp, MoE):
+                x = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask, record=routing[j])
+                j += 1
+            else:
+                x = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
         logits = F.linear(kernels.rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
-        return logits.view(1, 1, -1), inputs, pending
+        return logits.view(1, 1, -1), inputs, (moe_layers, routing if moe_layers else None)
+
+    def load_routed(self, layer: int, routing: list[list[float]]) -> None:
+        """A careful step's layer: its routing [experts, weights] on the host, recorded, and its experts
+        made resident (misses read in parallel) before the experts run."""
+        chosen = [int(e) for e in routing[0]]
+        self.record(layer, [chosen], [routing[1]], 1, 1)
+        self.cache.get_many(layer, step_accesses([chosen]))
+
+    def _careful_fused(self, x, input_pos, mask, start: int):
+        """Layers start.. for one token through the kernels, each MoE layer's routing brought to the host
+        (its one sync) and its experts loaded before they run: a miss costs its transfer. On CUDA the same
+        steps run as per-layer graphs (LayerGraphs)."""
+        record = torch.empty(2, self.cfg.experts_per_token, dtype=torch.float32, device=x.device)
+        for block in self.layers[start:]:
+            h, resid = block.attention_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
+            if isinstance(block.mlp, MoE):
+                top_i, top_w, _ = block.mlp.route_fused(h, record)
+                self.load_routed(block.mlp.layer, record.tolist())
+                x = block.mlp.experts_fused(h, resid, top_i, top_w)
+            else:
+                x = resid + block.mlp(h)
+        return x
 
     def _settle(self, pending) -> int:
         """One host sync for the whole step; the cache then replays the step's accesses in order. Returns
         len(layers) when every routed expert was resident, else the first layer that routed to an
         absent one: the caller redoes the step from there the careful way (its KV entries at this
         position are simply overwritten)."""
-        if not pending:
+        layers, routing = pending
+        if not layers:
             return len(self.layers)
-        host = torch.stack([torch.stack((i[0].to(torch.float32), w[0].to(torch.float32))) for _, i, w in pending])
-        for (layer, _, _), (experts, weights) in zip(pending, host.cpu().tolist()):
+        for layer, (experts, weights) in zip(layers, routing.cpu().tolist()):
             chosen = [int(e) for e in experts]
             if not all(self.cache.is_resident(layer, e) for e in chosen):
                 return layer

@@ -1,0 +1,85 @@
+"""The careful one-token decode step on CUDA as per-layer graphs, so that a miss costs its transfer.
+
+The optimistic step (the whole token as one graph) is right when every routed expert is resident. When
+some are not, each MoE layer must show its routing to the host before its experts run, so the host can
+load the missing ones. Launched eagerly, that is dozens of small kernels and Triton launches per layer;
+here each MoE layer is two graphs, `pre` (attention, norms, router, routing written for the host) and
+`post` (the experts, read from their slots after the loads), with one host sync between them. A dense
+layer is one graph. Graphs are captured the first time a layer runs, on real data, so their warm-up
+writes only what the step itself writes; they are dropped when the KV cache is reallocated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _capture(fn, pool):
+    """Run fn once eagerly on a side stream (compiles kernels, writes what the step writes), then
+    capture it into a graph sharing `pool`. Returns (graph, fn's outputs, which the graph rewrites)."""
+    main = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        fn()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+class LayerGraphs:
+    def __init__(self, model):
+        self.model = model
+        self.kv_version = model._kv_version
+        ref = model.embed
+        self.x = torch.empty(ref.shape[1], dtype=ref.dtype, device=ref.device)  # the residual stream
+        self.pos = torch.zeros(1, dtype=torch.long, device=ref.device)
+        self.mask = model.causal[0:1].clone()  # the whole cache: shapes never change
+        self.record = torch.empty(2, model.cfg.experts_per_token, dtype=torch.float32, device=ref.device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple] = {}  # layer index -> (pre, pre's outputs, post) or (dense,)
+
+    def _capture_layer(self, i: int, block) -> None:
+        """Capture layer i's graphs while running it for this step (each capture's eager warm-up is the
+        real computation: it writes this step's KV entries and residual stream)."""
+        m, x, pos, mask = self.model, self.x, self.pos, self.mask
+        if not hasattr(block.mlp, "route_fused"):  # a dense layer: one graph
+            def dense():
+                x.copy_(block.forward_fused(x, m.rope_cos, m.rope_sin, pos, mask))
+            self.graphs[i] = (_capture(dense, self.pool)[0],)
+            return
+
+        def pre():
+            h, resid = block.attention_fused(x, m.rope_cos, m.rope_sin, pos, mask)
+            top_i, top_w, _ = block.mlp.route_fused(h, self.record)
+            return h, resid, top_i, top_w
+
+        pre_graph, outs = _capture(pre, self.pool)
+        pre_graph.replay()  # fills outs with this step's values (capturing computed nothing)
+        m.load_routed(block.mlp.layer, self.record.tolist())
+
+        def post():
+            x.copy_(block.mlp.experts_fused(*outs))
+        self.graphs[i] = (pre_graph, outs, _capture(post, self.pool)[0])
+
+    def run(self, x: torch.Tensor, input_pos: torch.Tensor, start: int) -> torch.Tensor:
+        """Layers start.. for one token whose layer-`start` input is x [H]; returns the final hidden [H]."""
+        m = self.model
+        self.x.copy_(x)
+        self.pos.copy_(input_pos)
+        self.mask.copy_(m.causal[input_pos])
+        for i, block in enumerate(m.layers[start:], start):
+            if i not in self.graphs:
+                self._capture_layer(i, block)
+                continue
+            entry = self.graphs[i]
+            if len(entry) == 1:
+                entry[0].replay()
+                continue
+            pre, _, post = entry
+            pre.replay()
+            m.load_routed(block.mlp.layer, self.record.tolist())  # the layer's one host sync
+            post.replay()
+        return self.x.clone()

@@ -89,6 +89,20 @@ def test_logits_and_greedy_tokens_match_transformers(model, capacity, optimistic
         assert s["evictions"] > 0
 
 
+@pytest.mark.parametrize("optimistic", [False, True], ids=["per_layer_sync", "optimistic"])
+def test_host_tier_matches_transformers(model, optimistic):
+    """Misses served from the host tier (every expert in RAM, read once) give transformers' tokens."""
+    cfg, case = model["cfg"], model["cases"][1]
+    rt = model["runtime"](capacity=cfg.experts_per_token, host_tier=True, use_kernels=False)
+    rt.model.optimistic = optimistic
+    assert rt.cache.host_tier_bytes == len(cfg.expert_layers) * cfg.num_experts * rt.cache.expert_bytes(0, 0)
+    gen = generate(rt, case["ids"], NEW_TOKENS, return_logits=True)
+    assert gen.tokens[0] == case["tokens"]
+    for ours, theirs in zip(gen.logits, case["step_logits"]):
+        assert (ours[0] - theirs).abs().max().item() <= TOL
+    assert gen.decode_stats["misses"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("capacity", ["all", "between"])
 def test_fused_kernels_match_transformers(model, capacity):

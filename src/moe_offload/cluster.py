@@ -76,7 +76,9 @@ def live_clients(workdir: Path) -> list[int]:
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
         cmdline = proc.info["cmdline"] or []
-        if not any("snakemake" in part for part in cmdline[:3]):
+        # `snakemake ...` (python /venv/bin/snakemake) or `python -m snakemake ...`; a job's script
+        # (python .snakemake/scripts/tmp....py) is not a client
+        if "snakemake" not in [Path(part).name for part in cmdline[:2]] and cmdline[1:3] != ["-m", "snakemake"]:
             continue
         if any(part.startswith("--mode") or part == "--unlock" for part in cmdline):
             continue

@@ -23,8 +23,6 @@ from moe_offload import cluster
 
 from conftest import REPO, SMALL, WORKFLOW_FILES, set_config
 
-pytestmark = pytest.mark.slow
-
 NODE_CPUS = os.cpu_count()
 # the plugin's first status check after 2 s instead of 40 (the cluster's MinJobAge keeps squeue usable)
 CLIENT = [sys.executable, "-m", "snakemake", "--workflow-profile", "profiles/slurm",
@@ -118,6 +116,19 @@ def jobs_of(workdir: Path) -> list[dict]:
     return [row for row in rows if Path(row["WorkDir"]).resolve() == workdir.resolve()]
 
 
+def test_cancel_orphans_reads_run_ids_and_fails_in_one_line_without_squeue(tmp_path):
+    log_dir = tmp_path / ".snakemake/log"
+    log_dir.mkdir(parents=True)
+    (log_dir / "2026-01-01T000000.snakemake.log").write_text("Building DAG\nSLURM run ID: 1f2e-3d\n")
+    (log_dir / "2026-01-02T000000.snakemake.log").write_text("SLURM run ID: prefix_9a8b\nFinished\n")
+    assert cluster.run_ids(tmp_path) == {"1f2e-3d", "prefix_9a8b"}
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no Slurm commands
+    proc = subprocess.run([sys.executable, "-m", "moe_offload.cluster", "cancel-orphans", "-d", str(tmp_path)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["error: squeue not found: run this on a machine that can reach the Slurm cluster"]
+
+
 def final_state(workdir: Path, job_id: str, timeout: float = 60) -> str:
     """The job's end state in the accounting database (slurmctld reports to slurmdbd with a short lag)."""
     deadline = time.monotonic() + timeout
@@ -129,6 +140,7 @@ def final_state(workdir: Path, job_id: str, timeout: float = 60) -> str:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_scancel_fails_the_job_and_the_client(workdir):
     client = start_client(workdir, "results/compare.json")
     job = wait_for_running_job(workdir, client)
@@ -139,6 +151,7 @@ def test_scancel_fails_the_job_and_the_client(workdir):
     assert final_state(workdir, job.job_id).startswith("CANCELLED")
 
 
+@pytest.mark.slow
 def test_orphans_of_a_killed_client_are_cancelled_before_the_rerun(workdir):
     assert subprocess.run([*CLIENT, "--unlock"], cwd=workdir, capture_output=True).returncode == 0
     client = start_client(workdir, "results/compare.json")
@@ -161,6 +174,7 @@ def test_orphans_of_a_killed_client_are_cancelled_before_the_rerun(workdir):
     assert again.returncode == 0 and again.stdout.strip() == "no orphaned Slurm jobs"
 
 
+@pytest.mark.slow
 def test_workflow_runs_to_compare_through_sbatch(workdir):
     assert subprocess.run([*CLIENT, "--unlock"], cwd=workdir, capture_output=True).returncode == 0
     plan = subprocess.run([*CLIENT, "-n", "results/compare.json"], cwd=workdir, capture_output=True, text=True)
@@ -201,6 +215,7 @@ def test_workflow_runs_to_compare_through_sbatch(workdir):
     assert len(by_comment["rule_download"]) >= 3  # cancelled, orphaned-then-cancelled, completed
 
 
+@pytest.mark.slow
 def test_gpu_job_asks_slurm_for_a_gpu(workdir):
     """Last: it reruns native on the workflow above with device cuda (or from scratch when run alone)."""
     set_config(workdir, generate={"device": "cuda"})

@@ -15,19 +15,28 @@ fail() {
 STATE=${1:?usage: setup.sh STATE_DIR}
 [[ $(id -u) == 0 ]] || fail "the Slurm test cluster needs root (daemons, munge key, apt-get)"
 
+mkdir -p "$STATE/log"
+STATE=$(cd "$STATE" && pwd)
+APT_LOG=$STATE/log/apt.log
+
 PACKAGES=(slurmd slurmctld slurmdbd slurm-client munge mariadb-server)
 if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v munged >/dev/null ||
     ! command -v mariadbd >/dev/null; then
     command -v apt-get >/dev/null || fail "apt-get not found: install ${PACKAGES[*]} by hand"
     echo "installing ${PACKAGES[*]}"
-    apt-get update -q >"$STATE.apt.log" 2>&1 || fail "apt-get update failed (see $STATE.apt.log)"
-    # policy-rc.d keeps the packages' own service scripts from starting daemons we do not track
-    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" \
-        >>"$STATE.apt.log" 2>&1 || fail "apt-get install ${PACKAGES[*]} failed (see $STATE.apt.log)"
+    apt-get update -q >"$APT_LOG" 2>&1 || fail "apt-get update failed (see $APT_LOG)"
+    # a policy-rc.d that denies keeps the packages' own service scripts from starting daemons that
+    # stop.sh would not know of
+    POLICY=/usr/sbin/policy-rc.d
+    if [[ ! -e $POLICY ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$POLICY"
+        chmod +x "$POLICY"
+        trap 'rm -f "$POLICY"' EXIT
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" \
+        >>"$APT_LOG" 2>&1 || fail "apt-get install ${PACKAGES[*]} failed (see $APT_LOG)"
 fi
 
-mkdir -p "$STATE"
-STATE=$(cd "$STATE" && pwd)
 [[ -e $STATE/pids ]] && fail "$STATE/pids exists: a cluster may be running there (stop.sh $STATE first)"
 mkdir -p "$STATE"/{etc,log,run,munge,mysql,spool/ctld,spool/d}
 chmod 711 "$STATE/munge"

@@ -1,0 +1,135 @@
+"""Slurm housekeeping the executor plugin leaves to us: cancel the jobs of a client that died.
+
+The plugin names every job it submits by its run id ("SLURM run ID: ..." in the client's log under
+.snakemake/log/) and cancels them on Ctrl-C, but a client killed with kill -9 (or a lost login session)
+leaves them running. A rerun would then submit the same jobs again, and two jobs would write one
+output. `python -m moe_offload.cluster cancel-orphans` cancels them first:
+
+    python -m moe_offload.cluster cancel-orphans   # in the workflow directory
+    snakemake --unlock
+    snakemake --workflow-profile profiles/slurm results/compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from moe_offload.errors import InputError
+
+RUN_ID_LINE = re.compile(r"SLURM run ID: (\S+)")
+# squeue states of a job that may still run and write
+ACTIVE_STATES = "PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED,RESIZING,STOPPED,SIGNALING"
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    job_id: str
+    run_id: str
+    state: str
+    workdir: str
+
+
+def run_ids(workdir: Path) -> set[str]:
+    """Run ids of every Slurm client Snakemake logged in this workflow directory."""
+    ids = set()
+    for log in (workdir / ".snakemake" / "log").glob("*.snakemake.log"):
+        ids.update(RUN_ID_LINE.findall(log.read_text(errors="replace")))
+    return ids
+
+
+def _squeue(*args: str) -> str:
+    try:
+        proc = subprocess.run(["squeue", *args], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise InputError("squeue not found: run this on a machine that can reach the Slurm cluster") from None
+    if proc.returncode != 0:
+        raise InputError(f"squeue failed: {proc.stderr.strip() or proc.returncode}")
+    return proc.stdout
+
+
+def active_jobs(workdir: Path) -> list[SlurmJob]:
+    """This user's queued or running jobs that a Snakemake client of this directory submitted."""
+    ids = run_ids(workdir)
+    if not ids:
+        return []
+    out = _squeue("--me", "--noheader", f"--states={ACTIVE_STATES}", "--format=%i|%j|%T|%Z")
+    jobs = []
+    for line in out.splitlines():
+        job_id, name, state, job_dir = line.split("|", 3)
+        # the plugin passes `sbatch -D <workflow dir>`; the name alone could be another directory's run
+        if name in ids and Path(job_dir).resolve() == workdir:
+            jobs.append(SlurmJob(job_id, name, state, job_dir))
+    return jobs
+
+
+def live_clients(workdir: Path) -> list[int]:
+    """PIDs of Snakemake clients running in this directory on this machine (not the jobs' own
+    Snakemake processes, which run with --mode remote)."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        cmdline = proc.info["cmdline"] or []
+        # `snakemake ...` (python /venv/bin/snakemake) or `python -m snakemake ...`; a job's script
+        # (python .snakemake/scripts/tmp....py) is not a client
+        if "snakemake" not in [Path(part).name for part in cmdline[:2]] and cmdline[1:3] != ["-m", "snakemake"]:
+            continue
+        if any(part.startswith("--mode") or part == "--unlock" for part in cmdline):
+            continue
+        if proc.info["cwd"] and Path(proc.info["cwd"]).resolve() == workdir:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def cancel_orphans(workdir: str | Path = ".", timeout_s: float = 60) -> list[SlurmJob]:
+    """Cancel the jobs left by dead clients of this workflow directory and wait until Slurm has ended
+    them. Refuses while a client still runs here: its jobs are not orphans."""
+    workdir = Path(workdir).resolve()
+    clients = live_clients(workdir)
+    if clients:
+        raise InputError(
+            f"a Snakemake client (pid {', '.join(map(str, clients))}) still runs in {workdir}: "
+            "stop it with Ctrl-C, which cancels its own jobs"
+        )
+    orphans = active_jobs(workdir)
+    if not orphans:
+        return []
+    proc = subprocess.run(["scancel", *(job.job_id for job in orphans)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InputError(f"scancel failed: {proc.stderr.strip() or proc.returncode}")
+    deadline = time.monotonic() + timeout_s
+    while active_jobs(workdir):
+        if time.monotonic() > deadline:
+            raise InputError(f"jobs still active {timeout_s:.0f} s after scancel: "
+                             + ", ".join(job.job_id for job in active_jobs(workdir)))
+        time.sleep(0.5)
+    return orphans
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_offload.cluster", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    cancel = commands.add_parser("cancel-orphans", help="cancel the Slurm jobs of dead clients of a workflow directory")
+    cancel.add_argument("--directory", "-d", default=".", help="the workflow directory (default: here)")
+    args = parser.parse_args(argv)
+    try:
+        cancelled = cancel_orphans(args.directory)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if cancelled:
+        for job in cancelled:
+            print(f"cancelled Slurm job {job.job_id} ({job.state}, run {job.run_id})")
+    else:
+        print("no orphaned Slurm jobs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The workflow on a real single-node Slurm cluster, through profiles/slurm as the README says to use it.
+
+.ci/slurm/setup.sh installs (apt-get) and starts munge, MariaDB + slurmdbd, slurmctld and slurmd with one
+fake GPU; stop.sh stops them by PID. It needs root: elsewhere these tests fail, they do not skip.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_offload import cluster
+
+from conftest import REPO, SMALL, WORKFLOW_FILES, set_config
+
+NODE_CPUS = os.cpu_count()
+# the plugin's first status check after 2 s instead of 40 (the cluster's MinJobAge keeps squeue usable)
+CLIENT = [sys.executable, "-m", "snakemake", "--workflow-profile", "profiles/slurm",
+          "--slurm-init-seconds-before-status-checks", "2"]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    stop = ["bash", str(REPO / ".ci/slurm/stop.sh"), str(state)]
+    start = subprocess.run(["bash", str(REPO / ".ci/slurm/setup.sh"), str(state)], capture_output=True, text=True,
+                           timeout=900)
+    if start.returncode != 0:
+        subprocess.run(stop, capture_output=True, timeout=120)
+        pytest.fail(f"the Slurm test cluster did not start: {start.stderr.strip()[-3000:]}")
+    pids = [int(line.split()[1]) for line in (state / "pids").read_text().splitlines()]
+    yield state
+    subprocess.run(stop, check=True, timeout=120)
+    running = [pid for pid in pids if _alive(pid)]
+    assert not running, f"daemons still running after stop.sh: {running}"
+    assert not Path("/etc/slurm/slurm.conf").is_symlink(), "stop.sh left its /etc/slurm/slurm.conf link"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # exited but not reaped: gone
+
+
+def slurm_workdir(path: Path) -> Path:
+    """A copy of the workflow on a 2-layer synthetic model, with the profile edited as the README says:
+    account and partition set, cores = the node's CPUs."""
+    path.mkdir()
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, path / name)
+    set_config(path, model={"source": "synthetic", "synthetic": {**SMALL, "num_layers": 2, "layout": "qwen3_omni_thinker"}},
+               generate={"prompts": ["The capital of France is"], "max_new_tokens": 4, "depths": []})
+    profile = path / "profiles/slurm/config.yaml"
+    text = profile.read_text()
+    for old, new in [("  # slurm_account: my_account", "  slurm_account: moe"),
+                     ("  # slurm_partition: my_partition", "  slurm_partition: debug"),
+                     ("cores: 32", f"cores: {NODE_CPUS}")]:
+        assert old in text, f"profiles/slurm/config.yaml no longer has {old!r}: update the README and this test"
+        text = text.replace(old, new)
+    profile.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(slurm_cluster, tmp_path_factory) -> Path:
+    return slurm_workdir(tmp_path_factory.mktemp("slurm-run") / "wf")
+
+
+def start_client(workdir: Path, *args: str) -> subprocess.Popen:
+    log_path = workdir / f"client-{time.monotonic_ns()}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*CLIENT, *args], cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proc.log_path = log_path
+    return proc
+
+
+def client_output(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()
+
+
+def wait_for_running_job(workdir: Path, proc: subprocess.Popen, timeout: float = 180) -> cluster.SlurmJob:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"client exited early:\n{client_output(proc)[-3000:]}"
+        running = [job for job in cluster.active_jobs(workdir) if job.state == "RUNNING"]
+        if running:
+            return running[0]
+        time.sleep(0.3)
+    raise AssertionError(f"no job of this workflow ran within {timeout} s:\n{client_output(proc)[-3000:]}")
+
+
+def sacct(*args: str) -> list[dict]:
+    fields = ["JobID", "JobName", "Comment", "State", "Start", "End", "ReqMem", "AllocCPUS", "AllocTRES", "WorkDir"]
+    out = subprocess.run(["sacct", "-X", "--parsable2", "--noheader", f"--format={','.join(fields)}", *args],
+                         capture_output=True, text=True, check=True).stdout
+    return [dict(zip(fields, row)) for row in csv.reader(out.splitlines(), delimiter="|")]
+
+
+def jobs_of(workdir: Path) -> list[dict]:
+    """Every Slurm job any client of this workflow directory submitted, from the accounting database."""
+    rows = sacct("--starttime=now-1days", f"--name={','.join(cluster.run_ids(workdir))}")
+    return [row for row in rows if Path(row["WorkDir"]).resolve() == workdir.resolve()]
+
+
+def test_cancel_orphans_reads_run_ids_and_fails_in_one_line_without_squeue(tmp_path):
+    log_dir = tmp_path / ".snakemake/log"
+    log_dir.mkdir(parents=True)
+    (log_dir / "2026-01-01T000000.snakemake.log").write_text("Building DAG\nSLURM run ID: 1f2e-3d\n")
+    (log_dir / "2026-01-02T000000.snakemake.log").write_text("SLURM run ID: prefix_9a8b\nFinished\n")
+    assert cluster.run_ids(tmp_path) == {"1f2e-3d", "prefix_9a8b"}
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no Slurm commands
+    proc = subprocess.run([sys.executable, "-m", "moe_offload.cluster", "cancel-orphans", "-d", str(tmp_path)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["error: squeue not found: run this on a machine that can reach the Slurm cluster"]
+
+
+def final_state(workdir: Path, job_id: str, timeout: float = 60) -> str:
+    """The job's end state in the accounting database (slurmctld reports to slurmdbd with a short lag)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [row["State"] for row in jobs_of(workdir) if row["JobID"] == job_id]
+        if states and states[0] not in ("PENDING", "RUNNING", "COMPLETING"):
+            return states[0]
+        assert time.monotonic() < deadline, f"job {job_id} has no end state in sacct after {timeout} s: {states}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_scancel_fails_the_job_and_the_client(workdir):
+    client = start_client(workdir, "results/compare.json")
+    job = wait_for_running_job(workdir, client)
+    subprocess.run(["scancel", job.job_id], check=True)
+    assert client.wait(timeout=180) != 0, "the client must fail the cancelled job, not wait for it"
+    out = client_output(client)
+    assert f"SLURM-job '{job.job_id}' failed, SLURM status is: 'CANCELLED" in out, out[-3000:]
+    assert final_state(workdir, job.job_id).startswith("CANCELLED")
+
+
+@pytest.mark.slow
+def test_orphans_of_a_killed_client_are_cancelled_before_the_rerun(workdir):
+    assert subprocess.run([*CLIENT, "--unlock"], cwd=workdir, capture_output=True).returncode == 0
+    client = start_client(workdir, "results/compare.json")
+    job = wait_for_running_job(workdir, client)
+    with pytest.raises(cluster.InputError, match=f"client \\(pid {client.pid}\\) still runs"):
+        cluster.cancel_orphans(workdir)  # a live client's jobs are not orphans
+    os.killpg(client.pid, signal.SIGKILL)
+    client.wait()
+    time.sleep(2)
+    assert job.job_id in {j.job_id for j in cluster.active_jobs(workdir)}, "kill -9 of the client leaves its job running"
+
+    proc = subprocess.run([sys.executable, "-m", "moe_offload.cluster", "cancel-orphans"], cwd=workdir,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"cancelled Slurm job {job.job_id}" in proc.stdout
+    assert cluster.active_jobs(workdir) == []
+    assert final_state(workdir, job.job_id).startswith("CANCELLED")
+    again = subprocess.run([sys.executable, "-m", "moe_offload.cluster", "cancel-orphans"], cwd=workdir,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == "no orphaned Slurm jobs"
+
+
+@pytest.mark.slow
+def test_workflow_runs_to_compare_through_sbatch(workdir):
+    assert subprocess.run([*CLIENT, "--unlock"], cwd=workdir, capture_output=True).returncode == 0
+    plan = subprocess.run([*CLIENT, "-n", "results/compare.json"], cwd=workdir, capture_output=True, text=True)
+    native_mem_mb = int(re.search(r"rule generate_native:.*?mem_mb=(\d+)", plan.stdout, re.S).group(1))
+    rule_jobs = int(re.search(r"^total\s+(\d+)$", plan.stdout, re.M).group(1))
+
+    done = subprocess.run([*CLIENT, "results/compare.json"], cwd=workdir, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    report = json.loads((workdir / "results/compare.json").read_text())
+    assert report["parity"]["tokens_identical"] and report["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert report["model"]["extraction_valid"]
+
+    run_id = re.search(r"SLURM run ID: (\S+)", done.stdout + done.stderr).group(1)
+    this_run = [row for row in jobs_of(workdir) if row["JobName"] == run_id]
+    assert all(row["State"] == "COMPLETED" for row in this_run), this_run
+    comments = sorted(row["Comment"] for row in this_run)
+    # 5 sbatch jobs for 13 rule jobs: the layers' and dense extract + validate in one, the summary steps in one
+    assert rule_jobs == 13
+    assert comments == sorted(["rule_download", "rule_generate_native", "rule_generate_depth_wildcards_2",
+                               *[c for c in comments if c.startswith("rule_layers_")],
+                               *[c for c in comments if c.startswith("rule_summary_")]]), comments
+    assert len(this_run) == 5, comments
+    layers = next(row for row in this_run if row["Comment"].startswith("rule_layers_"))
+    # 3 extract+validate chains in parallel (2 layers, dense) -> 3 threads, capped at the node's cores
+    assert int(layers["AllocCPUS"]) == min(3, NODE_CPUS)
+    native = next(row for row in this_run if row["Comment"] == "rule_generate_native")
+    assert native["ReqMem"] == f"{native_mem_mb}M", "the rule's own mem_mb must reach sbatch --mem"
+
+    # two jobs never wrote one output: per rule and wildcards, no two jobs of any run overlapped in time
+    by_comment: dict[str, list[tuple[str, str]]] = {}
+    for row in jobs_of(workdir):
+        if row["Start"] not in ("Unknown", "None"):
+            by_comment.setdefault(row["Comment"], []).append((row["Start"], row["End"]))
+    for comment, spans in by_comment.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert end <= start, f"two {comment} jobs ran at once: {spans}"
+    assert len(by_comment["rule_download"]) >= 3  # cancelled, orphaned-then-cancelled, completed
+
+
+@pytest.mark.slow
+def test_gpu_job_asks_slurm_for_a_gpu(workdir):
+    """Last: it reruns native on the workflow above with device cuda (or from scratch when run alone)."""
+    set_config(workdir, generate={"device": "cuda"})
+    assert subprocess.run([*CLIENT, "--unlock"], cwd=workdir, capture_output=True).returncode == 0
+    proc = subprocess.run([*CLIENT, "--verbose", "results/generate/native.json"], cwd=workdir, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    run_id = re.search(r"SLURM run ID: (\S+)", out).group(1)
+    calls = {m.group(1): m.group(0) for m in re.finditer(r"sbatch call: .*?--comment rule_(\w+) .*", out)}
+    assert "generate_native" in calls, out[-3000:]
+    assert " --gpus=1" in calls.pop("generate_native")
+    assert not any("--gpus" in call for call in calls.values())  # download, if it ran: no GPU
+    native = next(row for row in jobs_of(workdir) if row["JobName"] == run_id and row["Comment"] == "rule_generate_native")
+    assert "gres/gpu=1" in native["AllocTRES"], native  # Slurm scheduled the (fake) GPU

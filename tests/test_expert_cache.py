@@ -177,3 +177,18 @@ def test_slabs_hold_capacity_times_one_expert(setup, scope, capacity, slots):
     assert len(files) * cfg.num_experts == 24
     assert cache.slots == slots
     assert cache.slab_bytes == slots * cfg.expert_params * 4  # float32
+
+
+def test_host_tier_auto_is_on_when_the_experts_fit_in_ram(setup, monkeypatch):
+    import psutil
+
+    from moe_offload.analysis.runs import host_tier_on
+
+    _, _, _, files = setup
+    need = sum(p.stat().st_size for p in files.values())
+    assert host_tier_on(True, files) and not host_tier_on(False, files)
+    fake = lambda avail: type("vm", (), {"available": avail})()  # noqa: E731
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake(2 * need))
+    assert host_tier_on("auto", files)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake(2 * need - 2))
+    assert not host_tier_on("auto", files)

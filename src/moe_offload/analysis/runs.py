@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
@@ -91,6 +92,14 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def host_tier_on(setting, layer_files: dict[int, Path]) -> bool:
+    """The host tier's `auto`: on when every expert file of the run fits in half the RAM available now."""
+    if setting != "auto":
+        return bool(setting)
+    need = sum(Path(p).stat().st_size for p in layer_files.values())
+    return need <= psutil.virtual_memory().available // 2
+
+
 def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: int, cache: dict, device: str,
               dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace,
               progress=None) -> dict:
@@ -104,7 +113,8 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     rt = load_runtime(dense_path, layer_files, checkpoint_dir, depth=depth, capacity=cache["capacity"],
                       scope=cache["scope"], policy=cache["policy"], device=str(device), dtype=torch_dtype,
                       pin_memory=cache.get("pin_memory", False), side_stream=cache.get("side_stream", False),
-                      host_tier=cache.get("host_tier", False), use_kernels=cache.get("fused_kernels"))
+                      host_tier=host_tier_on(cache.get("host_tier", False), layer_files),
+                      use_kernels=cache.get("fused_kernels"))
     load_s = time.perf_counter() - start
     meter.end_phase("load")
     runs, prefill_stats, decode_stats = [], [], []
@@ -140,12 +150,15 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
     kv = _kv_bytes(cfg, depth, seq, torch_dtype)
     experts = rt.cache.slab_bytes  # capacity x one expert in the compute dtype, per pool
+    # on the CPU the host tier is in the memory measured (RSS); on a GPU it is host RAM, beside it
+    host = rt.cache.host_tier_bytes if device.type == "cpu" else 0
     bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slots,
-             "kv_cache_bytes": kv, "total_bytes": rt.dense_bytes + experts + kv}
+             "kv_cache_bytes": kv, "host_tier_bytes": host, "total_bytes": rt.dense_bytes + experts + kv + host}
     result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **_environment(device, torch_dtype),
               "load_s": load_s, "tok_s": _decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
               "memory": meter.report(bound),
-              "cache": {**cache, "capacity": rt.cache.capacity, **counters,
+              "cache": {**cache, "capacity": rt.cache.capacity, "host_tier_bytes": rt.cache.host_tier_bytes,
+                        **counters,
                         "prefill": _sum(prefill_stats), "decode": _sum(decode_stats)},
               "fidelity": {"top1_agreement": _mean(scores, "top1_agreement"), "mean_kl": _mean(scores, "mean_kl"),
                            "perplexity": _mean(scores, "perplexity"), "max_abs_logit_diff": max_diff,

@@ -140,6 +140,7 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
     tok = sample(logits, temperature, top_k, top_p, generator)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
+    model.flush()
     s1 = runtime.cache.stats()
 
     # Decode: one token per forward, until max_new_tokens or every row has produced an eos.
@@ -159,6 +160,7 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
         pos.fill_(t + step - 1)  # on the device: building a new tensor from the host would sync
         logits = model.forward(tok[:, None], pos, positions=[t + step - 1])[:, -1]
         tok = sample(logits, temperature, top_k, top_p, generator)
+    model.flush()  # the last step's hits: counted inside the timed span, as every other step's
     _sync(device)
     decode_seconds = time.perf_counter() - start
     decode_tokens = step - 1
@@ -180,6 +182,7 @@ def teacher_forced_logits(runtime: Runtime, prompt_ids, continuation_ids, prompt
     runtime.model.setup_caches(1, ids.shape[1])
     runtime.model.trace_context = {"prompt": prompt, "step": 0}
     logits = runtime.model.forward(ids, torch.arange(ids.shape[1], device=runtime.device))[0]
+    runtime.model.flush()
     return logits[len(prompt_ids) - 1: -1].float().cpu()
 
 

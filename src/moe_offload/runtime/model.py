@@ -223,6 +223,7 @@ class Transformer(nn.Module):
         self._pos = None
         self._graph = None  # the captured decode step on CUDA (see _replay_graph)
         self._layer_graphs = None  # the careful decode step on CUDA, as per-layer graphs
+        self._deferred = None  # a settled step's hits, not yet accounted (see flush)
         # One-token steps go optimistic (one host sync per token, see _optimistic) on CUDA, where the
         # host must not wait for the GPU layer by layer; on CPU nothing runs ahead, so by default not.
         self.optimistic: bool | None = None
@@ -267,17 +268,20 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None):
         """positions: input_pos as host ints, when the caller has them (saves a device round trip)."""
-        self._pos = input_pos.tolist() if positions is None else positions
-        end = self._pos[-1] + 1
+        positions = input_pos.tolist() if positions is None else positions
+        end = positions[-1] + 1
         if end > self.max_seq_len:
             raise InputError(f"position {end - 1} is past the KV cache ({self.max_seq_len}): call setup_caches")
-        start, misses, x = 0, self.cache.misses, None
         one_token = input_ids.numel() == 1 and self.cache.keeps_step_resident
         optimistic = self.embed.is_cuda if self.optimistic is None else self.optimistic
+        graph = one_token and optimistic and self._expect_resident and self.embed.is_cuda
+        if graph:  # nothing launched before the replay: it does the whole step
+            logits, inputs, pending = self._replay_graph(input_ids, input_pos)
+        self.flush()  # the previous step's bookkeeping, on the host while this step runs on the GPU
+        self._pos = positions
+        start, misses, x = 0, self.cache.misses, None
         if one_token and optimistic and self._expect_resident:
-            if self.embed.is_cuda:  # nothing launched before the replay: it does the whole step
-                logits, inputs, pending = self._replay_graph(input_ids, input_pos)
-            else:
+            if not graph:
                 logits, inputs, pending = self._optimistic(F.embedding(input_ids, self.embed), self.causal[input_pos],
                                                            input_pos)
             start = self._settle(pending)
@@ -372,13 +376,29 @@ class Transformer(nn.Module):
         layers, routing = pending
         if not layers:
             return len(self.layers)
-        for layer, (experts, weights) in zip(layers, routing.cpu().tolist()):
-            chosen = [int(e) for e in experts]
-            if not all(self.cache.is_resident(layer, e) for e in chosen):
+        host = routing.cpu().tolist()
+        for j, (layer, (experts, _)) in enumerate(zip(layers, host)):
+            if not all(self.cache.is_resident(layer, int(e)) for e in experts):
+                self._deferred = (layers[:j], host[:j], self._pos, dict(self.trace_context))
+                self.flush()  # the hits before it, now: the careful redo goes on from here
                 return layer
+        # All hits: counting them (cache policy, counters, trace) waits for the next step's launch.
+        self._deferred = (layers, host, self._pos, dict(self.trace_context))
+        return len(self.layers)
+
+    def flush(self) -> None:
+        """Account a settled step's hits in order: recency in the cache policy, counters, trace rows.
+        Deferred from `_settle` so that the host does it while the GPU runs the next step; callers that
+        read the cache's counters call it first (generate does)."""
+        if self._deferred is None:
+            return
+        (layers, host, pos, context), self._deferred = self._deferred, None
+        saved, (self._pos, self.trace_context) = (self._pos, self.trace_context), (pos, context)
+        for layer, (experts, weights) in zip(layers, host):
+            chosen = [int(e) for e in experts]
             self.cache.get_many(layer, step_accesses([chosen]))  # all hits: counted, recency refreshed in order
             self.record(layer, [chosen], [weights], 1, 1)
-        return len(self.layers)
+        self._pos, self.trace_context = saved
 
     def _replay_graph(self, input_ids, input_pos):
         """The optimistic step as a CUDA graph (gpt-fast's "reduce-overhead", by hand): one replay

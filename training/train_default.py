@@ -77,7 +77,8 @@ def depth_losses(thinker, ids: torch.Tensor, depths, router_stats: bool = False)
     targets = ids[:, 1:].reshape(-1)
     losses = {}
     for depth in depths:
-        logits = thinker.lm_head(lm.norm(out.hidden_states[depth]))
+        # hidden_states[N] is layer N's output, except the last, which transformers stores after the final norm
+        logits = out.logits if depth == cfg.num_hidden_layers else thinker.lm_head(lm.norm(out.hidden_states[depth]))
         losses[depth] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets)
     return losses, aux, out.router_logits
 
@@ -228,11 +229,12 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--heldout-windows", type=int, default=0, help="evaluate on the first N windows (0: all)")
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--max-shard-size", default=DEFAULT_SPEC["max_shard_size"])
     for key in ("num_layers", "hidden_size", "moe_intermediate_size", "num_experts", "head_dim"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=DEFAULT_SPEC[key])
     args = parser.parse_args(argv)
-    spec = {**DEFAULT_SPEC, **{k: getattr(args, k) for k in
-                               ("num_layers", "hidden_size", "moe_intermediate_size", "num_experts", "head_dim")}}
+    spec = {**DEFAULT_SPEC, **{k: getattr(args, k) for k in ("num_layers", "hidden_size", "moe_intermediate_size",
+                                                            "num_experts", "head_dim", "max_shard_size")}}
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device} but CUDA is not available", file=sys.stderr)
         return 1

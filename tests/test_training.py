@@ -22,7 +22,7 @@ import evaluate  # noqa: E402
 import train_default  # noqa: E402
 
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--moe-intermediate-size", "32", "--head-dim", "16",
-        "--steps", "24", "--batch", "8", "--seq-len", "32", "--lr", "3e-3", "--eval-every", "12",
+        "--steps", "24", "--dropout", "0", "--batch", "8", "--seq-len", "32", "--lr", "3e-3", "--eval-every", "12",
         "--heldout-windows", "8", "--max-shard-size", "64KB", "--device", "cpu"]
 
 

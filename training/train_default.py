@@ -6,11 +6,11 @@ The model is built with transformers' own classes by the same builder as the syn
 token cross-entropy at full depth, plus (weight --exit-weight) the same at the truncated depths the
 workflow runs (1, 8, 16, 24: final norm and lm_head applied after layer N), so that a truncated run
 degrades gracefully instead of reading an untrained residual stream, plus transformers' router
-load-balancing loss. AdamW, warmup then cosine decay over --steps or --time-budget-s (whichever ends
-first), bf16 autocast on CUDA, seeded. The held-out loss is measured every --eval-every steps and the
-best weights are the ones saved.
+load-balancing loss applied per layer. AdamW, warmup then cosine decay over --steps, --epochs or
+--time-budget-s (whichever ends first), residual dropout, bf16 autocast on CUDA, seeded. The held-out
+loss is measured every --eval-every steps and the best weights are the ones saved (see README.md).
 
-  python training/train_default.py --device cuda --time-budget-s 420 --out /tmp/default
+  python training/train_default.py --device cuda --time-budget-s 400 --out /tmp/default
 """
 
 from __future__ import annotations
@@ -104,6 +104,21 @@ def heldout_losses(thinker, heldout: torch.Tensor, depths, batch: int, device, a
     return {d: totals[d] / len(heldout) for d in depths}
 
 
+def add_dropout(thinker, p: float) -> None:
+    """Dropout on each attention and MoE block's output before its residual add, in training mode only
+    (the Qwen3 config has no such option; the corpus is small enough to overfit). Nothing is saved."""
+    def hook(module, inputs, output):
+        if not module.training or p == 0:
+            return output
+        if isinstance(output, tuple):
+            return (F.dropout(output[0], p, True), *output[1:])
+        return F.dropout(output, p, True)
+
+    for layer in thinker.model.language_model.layers:
+        layer.self_attn.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
+
+
 def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
     if progress < warmup:
         return peak * progress / warmup
@@ -148,6 +163,8 @@ def train(args, spec: dict) -> dict:
         heldout = heldout[:args.heldout_windows]
     model = build_model(spec, args.seed)
     thinker = model.thinker.to(device)
+    add_dropout(thinker, args.dropout)
+    steps = min(args.steps, math.ceil(args.epochs * len(train_ids) / (args.batch * args.seq_len)))
     thinker.train()
     depths = sorted({d for d in EXIT_DEPTHS if d < spec["num_layers"]} | {spec["num_layers"]})
     full = spec["num_layers"]
@@ -163,9 +180,9 @@ def train(args, spec: dict) -> dict:
     best = (initial[full], 0, copy.deepcopy(thinker.state_dict()))
     print(json.dumps({"step": 0, "heldout": initial}), flush=True)
     step, train_loss = 0, float("nan")
-    while step < args.steps:
+    while step < steps:
         elapsed = time.monotonic() - start
-        progress = max(step / args.steps, elapsed / args.time_budget_s if args.time_budget_s else 0.0)
+        progress = max(step / steps, elapsed / args.time_budget_s if args.time_budget_s else 0.0)
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
@@ -182,7 +199,7 @@ def train(args, spec: dict) -> dict:
         optimizer.step()
         step += 1
         train_loss = losses[full].item()
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == steps:
             held = heldout_losses(thinker, heldout, depths, args.batch, device, autocast)
             row = {"step": step, "seconds": round(time.monotonic() - start, 1), "train_loss": round(train_loss, 4),
                    "aux_loss": round(aux.item(), 4), "heldout": {d: round(v, 4) for d, v in held.items()}}
@@ -200,6 +217,7 @@ def train(args, spec: dict) -> dict:
     report = {
         "spec": spec, "seed": args.seed, "device": str(device), "steps": step, "kept_step": best[1],
         "seconds": round(seconds, 1), "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
+        "epochs_seen": round(step * args.batch * args.seq_len / len(train_ids), 2), "dropout": args.dropout,
         "exit_weight": args.exit_weight, "aux_weight": args.aux_weight, "train_tokens": len(train_ids),
         "tokens_seen": step * args.batch * args.seq_len, "last_train_loss": round(train_loss, 4),
         "heldout_loss_initial": {d: round(v, 4) for d, v in initial.items()},
@@ -216,6 +234,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--steps", type=int, default=100_000, help="at most this many optimizer steps")
+    parser.add_argument("--epochs", type=float, default=30, help="at most this many passes over the corpus")
+    parser.add_argument("--dropout", type=float, default=0.1, help="residual dropout while training")
     parser.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this long (0: no limit)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -106,14 +106,16 @@ def test_embedded_source_is_used_in_place(trained, workdir):
     if (workdir / "models").is_symlink():
         (workdir / "models").unlink()  # the repository's own models/ is linked: never write into it
     shutil.copytree(ckpt, workdir / "models/default")
-    set_config(workdir, model={"source": "embedded"})
-    proc = snakemake(workdir, "--cores", "2", "results/checksums/all.json")
+    set_config(workdir, model={"source": "embedded"}, generate={"prompts": ["The hacker"], "max_new_tokens": 4})
+    proc = snakemake(workdir, "--cores", "2", "results/compare.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((workdir / "results/checksums/all.json").read_text())["valid"]
+    report = json.loads((workdir / "results/compare.json").read_text())
+    assert report["model"]["source"] == "embedded" and report["parity"]["tokens_identical"]
     manifest = json.loads((workdir / "results/model/manifest.json").read_text())
     assert manifest["path"].endswith("models/default") and manifest["source"] == {"source": "embedded"}
     assert not (workdir / "results/model/checkpoint").exists()  # nothing built or copied
-    again = snakemake(workdir, "--cores", "2", "results/checksums/all.json")
+    again = snakemake(workdir, "--cores", "2", "results/compare.json")
     assert "Nothing to be done" in again.stdout + again.stderr
 
 

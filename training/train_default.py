@@ -62,7 +62,7 @@ def build_model(spec: dict, seed: int):
     return BUILDERS[spec["layout"]](spec)
 
 
-def depth_losses(thinker, ids: torch.Tensor, depths, router_stats: bool = False):
+def depth_losses(thinker, ids: torch.Tensor, depths):
     """Mean next-token cross-entropy (float32) of ids [B, T] when the model stops after each depth in
     depths (final norm and lm_head applied to that layer's output, as a model truncated to that many
     layers computes). Returns ({depth: loss}, aux_loss, router_logits)."""
@@ -72,15 +72,16 @@ def depth_losses(thinker, ids: torch.Tensor, depths, router_stats: bool = False)
     lm, cfg = thinker.model.language_model, thinker.config.text_config
     # transformers' balancing loss pools all layers' counts; a layer could then use a few experts as long
     # as other layers use others. Balance each layer, as the cache sees them, and average.
-    aux = sum(load_balancing_loss_func((logits,), cfg.num_experts, cfg.num_experts_per_tok)
-              for logits in out.router_logits) / len(out.router_logits)
+    router_logits = out.router_logits or ()
+    aux = sum((load_balancing_loss_func((logits,), cfg.num_experts, cfg.num_experts_per_tok)
+               for logits in router_logits), torch.zeros((), device=ids.device)) / max(1, len(router_logits))
     targets = ids[:, 1:].reshape(-1)
     losses = {}
     for depth in depths:
         # hidden_states[N] is layer N's output, except the last, which transformers stores after the final norm
         logits = out.logits if depth == cfg.num_hidden_layers else thinker.lm_head(lm.norm(out.hidden_states[depth]))
         losses[depth] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets)
-    return losses, aux, out.router_logits
+    return losses, aux, router_logits
 
 
 def windows(stream: torch.Tensor, length: int) -> torch.Tensor:

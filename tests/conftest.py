@@ -50,6 +50,8 @@ def workdir(tmp_path) -> Path:
     for name in WORKFLOW_FILES:
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / name)
+    if (REPO / "models").is_dir():  # the embedded default (tens of MB), read only: linked, not copied
+        (wd / "models").symlink_to(REPO / "models")
     return wd
 
 

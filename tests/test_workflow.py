@@ -98,7 +98,7 @@ def test_invalid_config_value_is_one_line(workdir):
     proc = snakemake(workdir, "-n")
     assert proc.returncode != 0
     assert error_lines(proc) == ["error: invalid config value at model.source: 'sideways' is not one of "
-                                  "['synthetic', 'local', 'hf']"]
+                                  "['embedded', 'synthetic', 'local', 'hf']"]
 
 
 def test_missing_local_path_is_one_line(workdir):

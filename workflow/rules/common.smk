@@ -4,7 +4,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from moe_offload.errors import InputError, config_error_line
-from moe_offload.checkpoint.source import planned_text_config
+from moe_offload.checkpoint.source import EMBEDDED_DIR, planned_text_config
 
 try:
     validate(config, schema="../schemas/config.schema.yaml")
@@ -36,11 +36,19 @@ def model_source():
     """Only the settings of the active source, so that editing another source's settings reruns nothing."""
     model = config["model"]
     keys = {
+        "embedded": [],
         "synthetic": ["synthetic"],
         "local": ["path"],
         "hf": ["repo_id", "revision", "cache_dir"],
     }[model["source"]]
     return {"source": model["source"], **{key: model[key] for key in keys}}
+
+
+def model_files():
+    """The embedded checkpoint's files as inputs, so that a retrained default reruns everything."""
+    if config["model"]["source"] != "embedded":
+        return []
+    return sorted(str(p) for p in EMBEDDED_DIR.iterdir() if p.is_file())
 
 
 def layer_checksums(wildcards):

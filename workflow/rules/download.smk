@@ -1,4 +1,6 @@
 rule download:
+    input:
+        model_files(),
     output:
         "results/model/manifest.json",
     log:

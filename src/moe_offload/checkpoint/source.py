@@ -1,4 +1,4 @@
-"""Getting the checkpoint (synthetic, local or Hugging Face hub) and describing it in a manifest."""
+"""Getting the checkpoint (embedded, synthetic, local or Hugging Face hub) and describing it in a manifest."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ from .validate import hash_file
 # Files besides weight shards that a text run needs from a hub repo.
 HUB_SIDE_FILES = ["config.json", "generation_config.json", INDEX_NAME, "tokenizer*", "vocab.json", "merges.txt",
                   "special_tokens_map.json", "chat_template*"]
+# The trained default shipped with the repository (training/train_default.py), used in place; relative
+# to the project directory Snakemake runs in.
+EMBEDDED_DIR = Path("models/default")
+
+
+def embedded_dir() -> Path:
+    if not (EMBEDDED_DIR / "config.json").is_file():
+        raise InputError(f"model.source embedded: {EMBEDDED_DIR}/config.json not found (the trained default ships "
+                         "with the repository; training/README.md says how to make it), or use source: synthetic")
+    return EMBEDDED_DIR
 
 
 def planned_text_config(model_cfg: dict) -> tuple[Layout, TextConfig]:
@@ -25,6 +35,8 @@ def planned_text_config(model_cfg: dict) -> tuple[Layout, TextConfig]:
         return layout_by_name(spec["layout"]), text_config_from_dict(text_config(spec))
     if source == "local":
         return detect_checkpoint(model_cfg["path"])
+    if source == "embedded":
+        return detect_checkpoint(embedded_dir())
     return detect(json.loads(Path(_hub_file(model_cfg, "config.json")).read_text()))
 
 
@@ -68,9 +80,11 @@ def obtain(model_cfg: dict, synthetic_dir: str | Path) -> Path:
         return build_synthetic(synthetic_dir, model_cfg["synthetic"])
     if source == "local":
         return Path(model_cfg["path"])
+    if source == "embedded":
+        return embedded_dir()
     if source == "hf":
         return fetch_hub(model_cfg)
-    raise InputError(f"model.source {source!r} is not one of synthetic, local, hf")
+    raise InputError(f"model.source {source!r} is not one of embedded, synthetic, local, hf")
 
 
 def build_manifest(checkpoint_dir: str | Path, source: dict, progress=None) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_default import DATA, depth_losses, load_tokenizer, token_stream, windows  # noqa: E402
+from train_default import DATA, _text_model, depth_losses, load_tokenizer, token_stream, windows  # noqa: E402
 
 DEPTHS = (1, 8, 16, 24, 48)
 PROMPTS = ["The capital of France is", "Once upon a time there was a small robot",
@@ -84,7 +84,7 @@ def evaluate(checkpoint: Path, heldout_path: Path = DATA / "heldout.txt", depths
 @torch.no_grad()
 def samples(thinker, tokenizer, depths, max_new_tokens: int, device) -> dict:
     """Greedy continuations of PROMPTS by the model truncated to each depth."""
-    lm = thinker.model.language_model
+    lm = _text_model(thinker)
     all_layers, cfg = lm.layers, thinker.config.text_config
     full = cfg.num_hidden_layers
     out = {}

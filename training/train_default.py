@@ -42,6 +42,12 @@ DEFAULT_SPEC = dict(layout="qwen3_omni_thinker", num_layers=48, num_experts=16, 
 EXIT_DEPTHS = (1, 8, 16, 24)
 
 
+
+def _text_model(thinker):
+    """The thinker's text decoder: `model.language_model` in transformers 5.23, `model` itself in 5.17 (the
+    GPU machine's)."""
+    return getattr(thinker.model, "language_model", thinker.model)
+
 def load_tokenizer(path: Path = DATA / "tokenizer.json"):
     from transformers import PreTrainedTokenizerFast
 
@@ -69,7 +75,7 @@ def depth_losses(thinker, ids: torch.Tensor, depths):
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 
     out = thinker(input_ids=ids[:, :-1], output_hidden_states=True, output_router_logits=True, use_cache=False)
-    lm, cfg = thinker.model.language_model, thinker.config.text_config
+    lm, cfg = _text_model(thinker), thinker.config.text_config
     # transformers' balancing loss pools all layers' counts; a layer could then use a few experts as long
     # as other layers use others. Balance each layer, as the cache sees them, and average.
     router_logits = out.router_logits or ()
@@ -115,7 +121,7 @@ def add_dropout(thinker, p: float) -> None:
             return (F.dropout(output[0], p, True), *output[1:])
         return F.dropout(output, p, True)
 
-    for layer in thinker.model.language_model.layers:
+    for layer in _text_model(thinker).layers:
         layer.self_attn.register_forward_hook(hook)
         layer.mlp.register_forward_hook(hook)
 

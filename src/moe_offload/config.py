@@ -79,7 +79,8 @@ def _rows(prefix: str, node: dict) -> list[str]:
         kind = sub.get("type", "")
         kind = " or ".join(kind) if isinstance(kind, list) else kind
         default = f"`{json.dumps(sub['default'])}`" if "default" in sub else ""
-        rows.append(f"| `{name}` | {kind} | {default} | {_allowed(sub)} | {sub.get('description', '')} |")
+        text = sub.get("description", "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {kind} | {default} | {_allowed(sub)} | {text} |")
     return rows
 
 

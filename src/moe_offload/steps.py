@@ -32,18 +32,22 @@ def run_step(smk, step) -> None:
     handler = logging.FileHandler(log_path, mode="a") if log_path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    stderr = sys.stderr
     if log_path:  # the job's stderr (library warnings, our error line) goes into its log as well
-        sys.stderr = _Tee(sys.stderr, open(log_path, "a"))
+        sys.stderr = _Tee(stderr, open(log_path, "a"))
     try:
         step(smk)
     except InputError as err:
-        log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except Exception as err:
         log.error("unexpected failure:\n%s", traceback.format_exc())
         print(f"error: unexpected {type(err).__name__}: {err} (traceback in {log_path})", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if sys.stderr is not stderr:
+            sys.stderr.streams[1].close()
+            sys.stderr = stderr
 
 
 class _Tee:

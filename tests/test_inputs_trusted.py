@@ -148,3 +148,38 @@ def test_validation_refuses_an_integer_norm(omni_ckpt, tmp_path):
     with pytest.raises(InputError, match=rf"dense tensor {norm}: dtype I16 .*floating point"):
         validate_dense(ckpt, tmp_path / "dense.safetensors")
     assert detect_checkpoint(ckpt)  # the checkpoint itself still parses: the refusal is validation's
+
+
+def _edit_text_config(ckpt, **values):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["thinker_config"]["text_config"].update(values)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: _edit_text_config(c, num_hidden_layers=10**9), "num_layers is 1000000000"),
+    (lambda c: _edit_text_config(c, num_hidden_layers="48"), "num_layers is '48'"),
+    (lambda c: _edit_text_config(c, num_experts_per_tok=99), "num_experts_per_tok 99 is more than num_experts"),
+    (lambda c: _edit_text_config(c, num_key_value_heads=3), "not divisible by num_key_value_heads 3"),
+    (lambda c: _edit_text_config(c, hidden_size=None), "wrong type"),
+    (lambda c: (c / "config.json").write_text("[1, 2]"), "is not a JSON object"),
+    (lambda c: (c / "config.json").write_bytes(b"\xff\xfe{"), "is not valid JSON"),
+    (lambda c: (c / INDEX_NAME).write_text('{"weight_map": [1]}'), "not a safetensors index"),
+])
+def test_bad_checkpoint_config_is_refused(copy_ckpt, edit, message):
+    edit(copy_ckpt)
+    with pytest.raises(InputError, match=message):
+        build_manifest(copy_ckpt, {})
+
+
+def test_huge_layer_count_is_one_line_at_parse_time(workdir, copy_ckpt):
+    """The planner reads config.json: a billion layers is one line at once, not a hang or MemoryError."""
+    from conftest import error_lines, set_config, snakemake
+
+    _edit_text_config(copy_ckpt, num_hidden_layers=10**9)
+    set_config(workdir, model={"source": "local", "path": str(copy_ckpt)})
+    proc = snakemake(workdir, "-n", "results/compare.json", timeout=120)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "num_layers is 1000000000" in lines[0], proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -87,8 +87,13 @@ def plot_memory_speed(native: dict, depths: list[dict], path, memory) -> None:
                "cuda_max_allocated": "CUDA max allocated"}[mems[0]["measure"]]
     ax1.set_title(f"Memory: {measure}", fontsize="medium")
     ax1.legend()
-    ax2.bar(list(pos), [r["tok_s"] for _, r in runs], color=["tab:gray"] + ["tab:blue"] * (len(runs) - 1),
-            label="measured")
+    kinds = ["native"] + ["selective, full depth" if d["depth"] == full else "selective, truncated (fewer layers)"
+                          for _, d in runs[1:]]
+    colors = {"native": "tab:gray", "selective, full depth": "tab:blue",
+              "selective, truncated (fewer layers)": "lightsteelblue"}
+    for kind, color in colors.items():
+        xs = [p for p, k in zip(pos, kinds) if k == kind]
+        ax2.bar(xs, [runs[p][1]["tok_s"] for p in xs], color=color, label=kind)
     bounds = [(r.get("speed_bound") or {}).get("tok_s_bound") for _, r in runs]
     if any(b is not None for b in bounds):
         ax2.scatter([p for p, b in zip(pos, bounds) if b], [b for b in bounds if b], marker="_", s=400,
@@ -96,6 +101,6 @@ def plot_memory_speed(native: dict, depths: list[dict], path, memory) -> None:
         ax2.set_yscale("log")
     ax2.set_xticks(list(pos), labels, rotation=30)
     ax2.set_ylabel("decode tokens / s (prefill excluded)")
-    ax2.set_title(f"Speed on {native['device']} (truncated depths run fewer layers than native)", fontsize="medium")
-    ax2.legend()
+    ax2.set_title(f"Decode speed on {native['device']}", fontsize="medium")
+    ax2.legend(fontsize="small")
     _save(fig, path)

@@ -41,7 +41,8 @@ def _kv_bytes(cfg, layers: int, seq_len: int, dtype: torch.dtype) -> int:
 
 
 def bandwidth_bytes_per_s(device: torch.device) -> float | None:
-    """The device memory's peak bandwidth from its clock and bus width (DDR: two transfers a clock);
+    """The device memory's peak bandwidth from its clock and bus width (DDR: two transfers a clock, the
+    formula of torch.cuda._device_limits, which is private);
     None where unknown (CPU, or a torch without these properties)."""
     if device.type != "cuda":
         return None

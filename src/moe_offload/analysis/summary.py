@@ -70,7 +70,7 @@ def to_html(report: dict) -> str:
     paragraphs = "\n".join(f"<p>{html.escape(line)}</p>" for line in notes(report))
     style = ("<style>body{font-family:sans-serif;margin:1em}table.compare{border-collapse:collapse}"
              "table.compare td,table.compare th{padding:4px 8px;border-bottom:1px solid #ccc;text-align:right}"
-             "table.compare td:last-child{text-align:left;font-family:monospace}</style>")
+             "table.compare td:first-child{text-align:left}table.compare td:last-child{text-align:left;font-family:monospace}</style>")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Native vs selective loading</title>"
             f"{style}</head><body>\n<h2>Native vs selective loading, side by side</h2>\n{body}\n{paragraphs}\n"
             "</body></html>\n")

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TARGET ?= results/compare.json
 
-.PHONY: run test lint dry-run clean
+.PHONY: run test lint dry-run clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores 4 $(TARGET)
+	@if [ "$(TARGET)" = results/compare.json ]; then $(BIN)/python -m moe_offload.analysis.summary $(TARGET); fi
+
+docs: $(STAMP)
+	$(BIN)/python -m moe_offload.config > docs/config.md
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n $(TARGET)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import html as html_lib
 import json
+import re
+import subprocess
+import sys
 
 import jsonschema
 import pandas as pd
@@ -57,6 +62,32 @@ def test_main_job_on_the_default(workdir):
     assert html.returncode == 0, html.stderr[-2000:]
     text = (workdir / "results/report.html").read_text(errors="replace")
     assert "hit_rate.png" in text and "fidelity.png" in text and "memory_speed.png" in text
+    _numbers_are_like_for_like(workdir, report)
+    # the comparison is in the report as an HTML table, and `make run` ends with the same table as text
+    embedded = re.search(r"filename=compare\.html;base64,([A-Za-z0-9+/=]+)", text)
+    table = base64.b64decode(embedded.group(1)).decode()
+    assert "<table" in table and "depth 48 (full)" in table and "depth 1 (truncated)" in table
+    assert report["cache_profile"]["recommendation"]["text"] in html_lib.unescape(table)
+    printed = subprocess.run([sys.executable, "-m", "moe_offload.analysis.summary", "results/compare.json"],
+                             cwd=workdir, capture_output=True, text=True)
+    assert printed.returncode == 0 and "depth 48 (full)" in printed.stdout and "not comparable" in printed.stdout
+
+
+def _numbers_are_like_for_like(workdir, report):
+    """Speed ratios only at full depth; the model's memory apart from the framework's; profile bytes at the
+    dtype the run holds (float32 here, not the checkpoint's bf16)."""
+    for row in report["depths"]:
+        assert row["truncated"] == (row["depth"] < 48)
+        assert (row["speedup_vs_native"] is None) == row["truncated"]
+        assert row["tok_s_bound"] is None and row["bytes_read_per_token"] > 0  # no bandwidth known on CPU
+        mem = row["memory"]
+        assert mem["framework_overhead_bytes"] > 50 * 2**20  # torch and transformers: tens of MiB at least
+        assert 0 < mem["generate_peak_bytes"] < mem["framework_overhead_bytes"]
+    depths = [r["bytes_read_per_token"] for r in report["depths"]]
+    assert depths == sorted(depths) and len(set(depths)) == len(depths)
+    profile = json.loads((workdir / "results/cache/profile.json").read_text())
+    assert profile["dtype"] == "float32" and profile["summary"]["expert_bytes"] == 3 * 64 * 32 * 4
+    assert report["cache_profile"]["dtype"] == "float32"
 
 
 def test_plan_of_the_main_job_is_whole_and_writes_nothing(workdir):

@@ -64,7 +64,7 @@ def test_kill_9_mid_extraction_then_resume(workdir):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: Snakemake and its running job
     proc.wait()
     assert not (checksums / "all.json").exists(), "the kill should land mid-extraction"
-    ckpt = json.loads((workdir / "results/model/manifest.json").read_text())["path"]
+    ckpt = workdir / json.loads((workdir / "results/model/manifest.json").read_text())["path"]  # project-relative
     # whatever is at a final path is complete: every layer file there validates
     done = {}
     for path in sorted((workdir / "results/experts").glob("layer_*.safetensors")):

@@ -28,5 +28,7 @@ def atomic_path(final: str | Path):
 
 
 def write_json(path: str | Path, obj) -> None:
+    """Strict JSON: a NaN or inf is an error here, never a bare `NaN` in the file."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)

@@ -10,31 +10,62 @@ import sys
 import traceback
 from pathlib import Path
 
+import psutil
 from tqdm import tqdm
 
-from .atomic import write_json
+from .atomic import atomic_path, write_json
 from .errors import InputError
 from .checkpoint.layouts import TextConfig
 
 log = logging.getLogger("moe_offload")
 
 
+# The process before torch and transformers are imported: the memory meter reports what they add apart
+# from what the model holds.
+START_RSS = psutil.Process().memory_info().rss
+
+
 def run_step(smk, step) -> None:
-    """Entry point for a Snakemake `script:`: runs step(smk) with logging to smk.log[0]."""
+    """Entry point for a Snakemake `script:`: runs step(smk) with logging to smk.log[0]. The log is
+    opened for appending, as the progress bars and the job's stderr are written into it too."""
     log_path = Path(smk.log[0]) if smk.log else None
-    handler = logging.FileHandler(log_path, mode="w") if log_path else logging.StreamHandler(sys.stderr)
+    handler = logging.FileHandler(log_path, mode="a") if log_path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    stderr = sys.stderr
+    if log_path:  # the job's stderr (library warnings, our error line) goes into its log as well
+        sys.stderr = _Tee(stderr, open(log_path, "a"))
     try:
         step(smk)
     except InputError as err:
-        log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except Exception as err:
         log.error("unexpected failure:\n%s", traceback.format_exc())
         print(f"error: unexpected {type(err).__name__}: {err} (traceback in {log_path})", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if sys.stderr is not stderr:
+            sys.stderr.streams[1].close()
+            sys.stderr = stderr
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self):
+        return False
 
 
 def progress_bar(smk, total: int, unit: str, desc: str) -> tqdm:
@@ -45,6 +76,13 @@ def progress_bar(smk, total: int, unit: str, desc: str) -> tqdm:
 
 def _manifest(smk) -> dict:
     return json.loads(Path(smk.input.manifest).read_text())
+
+
+def _checkpoint(smk) -> Path:
+    """The checkpoint directory, checked unchanged since its manifest."""
+    from .checkpoint.source import manifest_checkpoint
+
+    return manifest_checkpoint(_manifest(smk))
 
 
 def download(smk) -> None:
@@ -64,15 +102,16 @@ def extract_layer(smk) -> None:
 
     manifest, layer = _manifest(smk), int(smk.wildcards.layer)
     total = manifest["num_experts"] * TextConfig.from_dict(manifest["text_config"]).expert_bytes
+    checkpoint = _checkpoint(smk)
     with progress_bar(smk, total, "B", f"layer {layer}") as bar:
-        nbytes = extract(manifest["path"], layer, smk.output[0], bar)
+        nbytes = extract(checkpoint, layer, smk.output[0], bar)
     log.info("layer %d: wrote %d bytes of experts to %s", layer, nbytes, smk.output[0])
 
 
 def extract_dense(smk) -> None:
     from .checkpoint.extract import extract_dense as extract
 
-    nbytes = extract(_manifest(smk)["path"], smk.output[0])
+    nbytes = extract(_checkpoint(smk), smk.output[0])
     log.info("dense: wrote %d bytes to %s", nbytes, smk.output[0])
 
 
@@ -80,7 +119,7 @@ def validate_layer(smk) -> None:
     from .checkpoint.validate import validate_layer as validate
 
     layer = int(smk.wildcards.layer)
-    report = validate(_manifest(smk)["path"], layer, smk.input.experts)
+    report = validate(_checkpoint(smk), layer, smk.input.experts)
     log.info("layer %d: %d tensors match the source", layer, len(report["tensors"]))
     write_json(smk.output[0], report)
 
@@ -88,7 +127,7 @@ def validate_layer(smk) -> None:
 def validate_dense(smk) -> None:
     from .checkpoint.validate import validate_dense as validate
 
-    report = validate(_manifest(smk)["path"], smk.input.dense)
+    report = validate(_checkpoint(smk), smk.input.dense)
     log.info("dense: %d tensors match the source", len(report["tensors"]))
     write_json(smk.output[0], report)
 
@@ -98,33 +137,66 @@ def validate_all(smk) -> None:
 
     dense = json.loads(Path(smk.input.dense).read_text())
     layers = [json.loads(Path(p).read_text()) for p in smk.input.layers]
-    report = validate(_manifest(smk)["path"], dense, layers)
+    report = validate(_checkpoint(smk), dense, layers)
     log.info("all %d tensors of the text model present exactly once", report["tensors"])
     write_json(smk.output[0], report)
 
 
+def _native_files(checkpoint: Path, manifest: dict) -> list[tuple[Path, str, str]]:
+    """The checkpoint files the native model reads (config, tokenizer, shards with its tensors), with
+    their hashes from the manifest."""
+    from .checkpoint.layouts import layout_by_name
+    from .checkpoint.shards import Checkpoint
+
+    prefix = layout_by_name(manifest["layout"]).native
+    shards = {shard for name, shard in Checkpoint(checkpoint).weight_map.items() if name.startswith(prefix)}
+    return [(checkpoint / f["name"], f["xxh3_128"], "download") for f in manifest["files"]
+            if f["name"] in shards or not f["name"].endswith(".safetensors")]
+
+
+def _depth_files(smk) -> list[tuple[Path, str, str]]:
+    """The dense file and each layer file this depth loads, with the hashes validation recorded."""
+    recorded = [json.loads(Path(p).read_text()) for p in smk.input.checksums]
+    by_layer = {r["layer"]: r["file_xxh3_128"] for r in recorded}
+    files = [(Path(smk.input.dense), json.loads(Path(smk.input.dense_checksum).read_text())["file_xxh3_128"],
+              str(smk.input.dense))]
+    for path in smk.input.layers:
+        layer = int(Path(path).stem.split("_")[1])
+        files.append((Path(path), by_layer[layer], str(path)))
+    return files
+
+
 def generate_native(smk) -> None:
-    from .analysis.runs import run_native
+    from .analysis.runs import run_native, verify_files
 
     run = smk.params.run
     impl = smk.params.experts_implementation
     prompts = list(smk.params.prompts)
+    manifest, checkpoint = _manifest(smk), _checkpoint(smk)
+    files = _native_files(checkpoint, manifest)
+    with progress_bar(smk, len(files), "file", "verifying checkpoint files") as bar:
+        verify_files(files, bar)
     with progress_bar(smk, len(prompts), "prompt", "native generation") as bar:
-        result = run_native(_manifest(smk)["path"], prompts, run["max_new_tokens"], run["device"], run["dtype"],
-                            smk.output.json, smk.output.logits, None if impl == "default" else impl, bar)
+        result = run_native(checkpoint, prompts, run["max_new_tokens"], run["device"], run["dtype"],
+                            smk.output.json, smk.output.logits, None if impl == "default" else impl, bar,
+                            chat_template=smk.params.chat_template, start_rss=START_RSS)
     log.info("native: load %.2f s, decode %.2f tok/s on %s", result["load_s"], result["tok_s"], result["device"])
 
 
 def generate_depth(smk) -> None:
-    from .analysis.runs import run_depth
+    from .analysis.runs import run_depth, verify_files
 
     run, depth = smk.params.run, int(smk.wildcards.depth)
     layer_files = {int(Path(p).stem.split("_")[1]): Path(p) for p in smk.input.layers}
     native = json.loads(Path(smk.input.native).read_text())
+    checkpoint = _checkpoint(smk)
+    files = _depth_files(smk)
+    with progress_bar(smk, len(files), "file", "verifying extracted files") as bar:
+        verify_files(files, bar)
     with progress_bar(smk, len(native["prompts"]), "prompt", f"depth {depth} generation") as bar:
-        result = run_depth(_manifest(smk)["path"], smk.input.dense, layer_files, depth, dict(smk.params.cache),
+        result = run_depth(checkpoint, smk.input.dense, layer_files, depth, dict(smk.params.cache),
                            run["device"], run["dtype"], run["max_new_tokens"], native, smk.input.native_logits,
-                           smk.output.json, smk.output.trace, bar)
+                           smk.output.json, smk.output.trace, bar, start_rss=START_RSS)
     log.info("depth %d: decode %.2f tok/s, hit rate %s, top-1 agreement %.3f", depth, result["tok_s"],
              result["cache"]["hit_rate"], result["fidelity"]["top1_agreement"])
 
@@ -140,13 +212,14 @@ def profile_cache(smk) -> None:
     per_layer = params["capacities"] or default_capacities(k, experts)
     trace = pd.read_parquet(smk.input.trace)
     layers = trace["layer"].nunique()
-    table, summary = profile(trace, per_layer, [c * layers for c in per_layer], cfg.expert_bytes, experts, k,
+    # bytes at the dtype the run holds its experts in, not the checkpoint's bf16
+    dtype = smk.params.dtype
+    expert_bytes = cfg.expert_params * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    table, summary = profile(trace, per_layer, [c * layers for c in per_layer], expert_bytes, experts, k,
                              params["hit_rate_target"])
-    from .atomic import atomic_path
-
     with atomic_path(smk.output.csv) as tmp:
         table.to_csv(tmp, index=False)
-    write_json(smk.output.json, {"trace": str(smk.input.trace), "hit_rate_target": params["hit_rate_target"],
+    write_json(smk.output.json, {"trace": str(smk.input.trace), "dtype": dtype, "hit_rate_target": params["hit_rate_target"],
                                  "recommendation": recommend(summary, layers), "summary": summary})
     log.info("profiled %d accesses over %d tokens", summary["accesses"], summary["tokens"])
 
@@ -160,7 +233,9 @@ def plots(smk) -> None:
     native = json.loads(Path(smk.input.native).read_text())
     depths = [json.loads(Path(p).read_text()) for p in smk.input.depths]
     plot_fidelity(native, depths, smk.output.fidelity)
-    plot_hit_rate(pd.read_csv(smk.input.profile_csv), smk.output.hit_rate)
+    profile = json.loads(Path(smk.input.profile_json).read_text())
+    plot_hit_rate(pd.read_csv(smk.input.profile_csv), smk.output.hit_rate, profile["hit_rate_target"],
+                  profile["recommendation"])
     plot_memory_speed(native, depths, smk.output.memory_speed, memory_summary)
 
 
@@ -171,7 +246,11 @@ def compare(smk) -> None:
     report = build_compare(_manifest(smk), read(smk.input.checksums), read(smk.input.native),
                            [read(p) for p in smk.input.depths], read(smk.input.profile), dict(smk.config),
                            [str(p) for p in smk.input.plots])
+    from .analysis.summary import to_html
+
     validate_compare(report, smk.input.schema)
-    write_json(smk.output[0], report)
+    write_json(smk.output.json, report)
+    with atomic_path(smk.output.html) as tmp:
+        tmp.write_text(to_html(report))
     log.info("parity at full depth: tokens identical %s, max |dlogit| %.3g", report["parity"]["tokens_identical"],
              report["parity"]["max_abs_logit_diff"])

@@ -3,6 +3,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from moe_offload.config import canonical, check_config
 from moe_offload.errors import InputError, config_error_line
 from moe_offload.checkpoint.source import EMBEDDED_DIR, planned_text_config
 
@@ -13,6 +14,7 @@ except WorkflowError as err:
 
 try:
     LAYOUT, TEXT = planned_text_config(config["model"])
+    check_config(config, TEXT)
 except InputError as err:
     sys.exit(f"error: {err}")
 
@@ -41,7 +43,7 @@ def model_source():
         "local": ["path"],
         "hf": ["repo_id", "revision", "cache_dir"],
     }[model["source"]]
-    return {"source": model["source"], **{key: model[key] for key in keys}}
+    return canonical({"source": model["source"], **{key: model[key] for key in keys}})
 
 
 def model_files():
@@ -65,9 +67,9 @@ FULL_DEPTH = TEXT.num_layers
 
 def generate_params():
     """Plain values (not functions of input), so Snakemake's params trigger tracks them."""
-    return {
-        key: config["generate"][key] for key in ("max_new_tokens", "device", "dtype")
-    }
+    return canonical(
+        {key: config["generate"][key] for key in ("max_new_tokens", "device", "dtype")}
+    )
 
 
 def depth_layers(wildcards):

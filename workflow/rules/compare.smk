@@ -3,6 +3,7 @@ rule plots:
         native="results/generate/native.json",
         depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
         profile_csv="results/cache/profile.csv",
+        profile_json="results/cache/profile.json",
     output:
         fidelity=report(
             "results/plots/fidelity.png",
@@ -37,9 +38,14 @@ rule compare:
         plots=rules.plots.output,
         schema="workflow/schemas/compare.schema.yaml",
     output:
-        report(
+        json=report(
             "results/compare.json",
             caption="../report/compare.rst",
+            category="Comparison",
+        ),
+        html=report(
+            "results/compare.html",
+            caption="../report/compare_table.rst",
             category="Comparison",
         ),
     log:

@@ -15,6 +15,7 @@ rule generate_native:
         prompts=config["generate"]["prompts"],
         run=generate_params(),
         experts_implementation=config["generate"]["native_experts_implementation"],
+        chat_template=config["generate"]["chat_template"],
     script:
         "../scripts/generate_native.py"
 
@@ -41,6 +42,6 @@ rule generate_depth:
         gpu=gpu_count(),
     params:
         run=generate_params(),
-        cache=config["cache"],
+        cache=canonical(config["cache"]),
     script:
         "../scripts/generate_depth.py"

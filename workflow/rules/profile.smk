@@ -14,6 +14,7 @@ rule profile_cache:
     conda:
         "../envs/moe-offload.yaml"
     params:
-        profile=config["profile"],
+        profile=canonical(config["profile"]),
+        dtype=config["generate"]["dtype"],
     script:
         "../scripts/profile_cache.py"

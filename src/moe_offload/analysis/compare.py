@@ -32,21 +32,29 @@ def environment(config: dict, device: str) -> dict:
 
 
 def memory_summary(run: dict) -> dict:
+    """The model's own memory (peak during a phase minus the process's baseline, taken after imports and
+    a warm-up), its bound, and apart from both what the framework added before the model was loaded."""
     mem = run["memory"]
     gen, load = mem.get("generate", {}), mem.get("load", {})
     on_gpu = "cuda_max_allocated_bytes" in gen
     key = "cuda_max_allocated_bytes" if on_gpu else "peak_rss_bytes"
     base = 0 if on_gpu else mem["baseline_rss_bytes"]
+    bound = mem["bound"]["total_bytes"]
+    model = gen.get(key, base) - base
     return {"measure": "cuda_max_allocated" if on_gpu else "rss_over_baseline",
             "load_peak_bytes": load.get(key, base) - base,
-            "generate_peak_bytes": gen.get(key, base) - base,
-            "bound_bytes": mem["bound"]["total_bytes"],
+            "generate_peak_bytes": model,
+            "bound_bytes": bound,
             "bound_parts": {k: v for k, v in mem["bound"].items() if k != "total_bytes"},
-            "generate_peak_to_bound": mem.get("ratio_to_bound")}
+            "generate_peak_to_bound": model / bound if bound else None,
+            "framework_overhead_bytes": mem.get("framework_overhead_bytes")}
 
 
 def _side(run: dict) -> dict:
+    bound = run.get("speed_bound") or {}
     return {"load_s": run["load_s"], "tok_s": run["tok_s"], "prefill_s": run["prefill_s"],
+            "tok_s_bound": bound.get("tok_s_bound"), "bytes_read_per_token": bound.get("bytes_read_per_token"),
+            "bandwidth_bytes_per_s": bound.get("bandwidth_bytes_per_s"),
             "memory": memory_summary(run), "sample_text": run["prompts"][0]["text"][:SAMPLE_CHARS]}
 
 
@@ -59,8 +67,11 @@ def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[di
     full = full[0]
     rows = []
     for run in depths:
-        row = {"depth": run["depth"], **_side(run),
-               "speedup_vs_native": run["tok_s"] / native["tok_s"] if native["tok_s"] else None,
+        truncated = run["depth"] < manifest["num_layers"]
+        # A truncated network does less work than native's whole one: a ratio of their speeds is no speedup.
+        like_for_like = not truncated and native["tok_s"] > 0
+        row = {"depth": run["depth"], "truncated": truncated, **_side(run),
+               "speedup_vs_native": run["tok_s"] / native["tok_s"] if like_for_like else None,
                "cache": {k: run["cache"][k] for k in ("capacity", "scope", "policy", "hits", "misses", "evictions",
                                                        "bytes_loaded", "load_seconds", "hit_rate")},
                "fidelity": {k: run["fidelity"][k] for k in ("top1_agreement", "mean_kl", "perplexity")}}
@@ -86,6 +97,7 @@ def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[di
 def _profile_summary(profile: dict) -> dict:
     summary = profile["summary"] if "summary" in profile else profile
     return {"hit_rate_target": profile.get("hit_rate_target"),
+            "dtype": profile.get("dtype"),
             "tokens": summary.get("tokens"),
             "smallest_capacity_for_target": summary["smallest_capacity_for_target"],
             "recommendation": profile.get("recommendation")}

@@ -30,35 +30,51 @@ def plot_fidelity(native: dict, depths: list[dict], path) -> None:
     ax.set_xlabel("decoder layers run (depth)")
     ax.set_ylabel("top-1 agreement with native", color="tab:green")
     ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(x)
     ax2 = ax.twinx()
-    ax2.plot(x, [max(d["fidelity"]["mean_kl"], 1e-12) for d in depths], "s--", color="tab:red", label="mean KL")
+    ax2.plot(x, [max(d["fidelity"]["mean_kl"], 1e-12) for d in depths], "s--", color="tab:red",
+             label="mean KL(native || ours), nats")
     ax2.set_yscale("log")
-    ax2.set_ylabel("mean KL(native || ours)", color="tab:red")
+    ax2.set_ylabel("mean KL per token (nats, log scale)", color="tab:red")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
     ax.set_title("Fidelity against depth (teacher-forced on native's tokens)")
     _save(fig, path)
 
 
-def plot_hit_rate(profile_csv: pd.DataFrame, path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+def plot_hit_rate(profile_csv: pd.DataFrame, path, target: float | None = None,
+                  recommendation: dict | None = None) -> None:
+    """recommendation: profile.json's (policy, scope, capacity when reached), marked on its panel."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    titles = {"per_layer": "one cache per layer", "global": "one pool for all layers"}
     for ax, scope in zip(axes, ("per_layer", "global")):
         rows = profile_csv[profile_csv["scope"] == scope]
         for policy in ("belady", "lru", "lfu"):
             sub = rows[rows["policy"] == policy].sort_values("capacity")
             ax.plot(sub["capacity"], sub["hit_rate"], **STYLE[policy])
+        if target is not None:
+            ax.axhline(target, color="tab:red", linestyle=":", label=f"target hit rate {target:g}")
+        rec = recommendation or {}
+        if rec.get("reached") and rec.get("scope") == scope:
+            ax.axvline(rec["capacity"], color="tab:green", linestyle="-.", alpha=0.8,
+                       label=f"recommended: {rec['policy'].upper()}, {rec['capacity']} experts")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("experts per layer" if scope == "per_layer" else "experts in the global pool")
-        ax.set_title(f"scope: {scope}")
+        ax.set_xlabel("cache capacity (experts per layer)" if scope == "per_layer"
+                      else "cache capacity (experts in the pool)")
+        ax.set_title(titles[scope])
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("hit rate")
+        ax.legend(loc="lower right", fontsize="small")
+    axes[0].set_ylabel("hit rate (fraction of expert requests)")
     axes[0].set_ylim(0, 1.02)
-    axes[1].legend(loc="lower right")
     fig.suptitle("Expert-cache hit rate against capacity (simulated on the full-depth router trace)")
     _save(fig, path)
 
 
 def plot_memory_speed(native: dict, depths: list[dict], path, memory) -> None:
     """memory(run) -> dict with generate_peak_bytes and bound_bytes (compare.memory_summary)."""
-    runs = [("native", native)] + [(f"depth {d['depth']}", d) for d in sorted(depths, key=lambda d: d["depth"])]
+    full = max(d["depth"] for d in depths)
+    runs = [("native", native)] + [(f"depth {d['depth']}" + (" (full)" if d["depth"] == full else ""), d)
+                                   for d in sorted(depths, key=lambda d: d["depth"])]
     labels = [name for name, _ in runs]
     mems = [memory(r) for _, r in runs]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -66,11 +82,25 @@ def plot_memory_speed(native: dict, depths: list[dict], path, memory) -> None:
     ax1.bar([p - 0.2 for p in pos], [m["generate_peak_bytes"] / 2**20 for m in mems], 0.4, label="measured peak")
     ax1.bar([p + 0.2 for p in pos], [m["bound_bytes"] / 2**20 for m in mems], 0.4, label="bound", alpha=0.6)
     ax1.set_xticks(list(pos), labels, rotation=30)
-    ax1.set_ylabel("MiB during generation")
-    ax1.set_title(f"Memory ({mems[0]['measure']})")
+    ax1.set_ylabel("MiB during generation (model's own)")
+    measure = {"rss_over_baseline": "process RSS over its baseline after imports",
+               "cuda_max_allocated": "CUDA max allocated"}[mems[0]["measure"]]
+    ax1.set_title(f"Memory: {measure}", fontsize="medium")
     ax1.legend()
-    ax2.bar(list(pos), [r["tok_s"] for _, r in runs], color=["tab:gray"] + ["tab:blue"] * (len(runs) - 1))
+    kinds = ["native"] + ["selective, full depth" if d["depth"] == full else "selective, truncated (fewer layers)"
+                          for _, d in runs[1:]]
+    colors = {"native": "tab:gray", "selective, full depth": "tab:blue",
+              "selective, truncated (fewer layers)": "lightsteelblue"}
+    for kind, color in colors.items():
+        xs = [p for p, k in zip(pos, kinds) if k == kind]
+        ax2.bar(xs, [runs[p][1]["tok_s"] for p in xs], color=color, label=kind)
+    bounds = [(r.get("speed_bound") or {}).get("tok_s_bound") for _, r in runs]
+    if any(b is not None for b in bounds):
+        ax2.scatter([p for p, b in zip(pos, bounds) if b], [b for b in bounds if b], marker="_", s=400,
+                    color="black", label="bandwidth bound")
+        ax2.set_yscale("log")
     ax2.set_xticks(list(pos), labels, rotation=30)
-    ax2.set_ylabel("decode tokens / s")
-    ax2.set_title(f"Speed on {native['device']}")
+    ax2.set_ylabel("decode tokens / s (prefill excluded)")
+    ax2.set_title(f"Decode speed on {native['device']}", fontsize="medium")
+    ax2.legend(fontsize="small")
     _save(fig, path)

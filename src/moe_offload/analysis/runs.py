@@ -41,6 +41,79 @@ def _kv_bytes(cfg, layers: int, seq_len: int, dtype: torch.dtype) -> int:
     return 2 * layers * cfg.num_kv_heads * seq_len * cfg.head_dim * dtype_bytes(dtype)
 
 
+def bandwidth_bytes_per_s(device: torch.device) -> float | None:
+    """The device memory's peak bandwidth from its clock and bus width (DDR: two transfers a clock, the
+    formula of torch.cuda._device_limits, which is private);
+    None where unknown (CPU, or a torch without these properties)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
+def bytes_read_per_token(cfg, depth: int, dtype: torch.dtype) -> int:
+    """Weights one decoded token must read at `depth` layers: attention, norms and routers of each layer,
+    top-k experts (or the dense MLP) per layer, the final norm, lm_head and one embedding row."""
+    h, hd, size = cfg.hidden_size, cfg.head_dim, dtype_bytes(dtype)
+    attention = h * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * hd + 2 * h
+    params = 0
+    for layer in range(depth):
+        if cfg.has_experts(layer):
+            params += attention + cfg.num_experts * h + cfg.experts_per_token * cfg.expert_params
+        else:
+            params += attention + 3 * h * cfg.intermediate_size
+    params += h + cfg.vocab_size * h + h
+    return params * size
+
+
+def speed_bound(cfg, depth: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Decode tok/s can be no more than bandwidth / bytes read per token (batch 1)."""
+    per_token = bytes_read_per_token(cfg, depth, dtype)
+    bandwidth = bandwidth_bytes_per_s(device)
+    return {"bytes_read_per_token": per_token, "bandwidth_bytes_per_s": bandwidth,
+            "tok_s_bound": bandwidth / per_token if bandwidth else None}
+
+
+def encode_prompt(tok, prompt: str, chat_template: bool | None) -> list[int]:
+    """Token ids of a prompt: through the tokenizer's chat template (as a user turn, ready for the
+    assistant's reply) when it has one and chat_template is not false; plain text otherwise."""
+    has_template = bool(getattr(tok, "chat_template", None))
+    if chat_template and not has_template:
+        raise InputError("generate.chat_template is true but the checkpoint's tokenizer has no chat template")
+    if has_template and chat_template is not False:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tok(prompt)["input_ids"]
+
+
+def check_finite(logits: torch.Tensor, what: str) -> None:
+    """NaN or inf logits make every fidelity number meaningless (and max() would hide a NaN): stop."""
+    bad = ~torch.isfinite(logits)
+    if bad.any():
+        position = int(bad.nonzero()[0, 0])
+        raise InputError(f"{what}: logits hold NaN or inf (first at position {position}); fidelity and parity "
+                         "cannot be measured")
+
+
+def verify_files(files: list[tuple[Path, str, str]], progress=None) -> None:
+    """Each (file, recorded xxh3-128, rule or file that redoes it) hashed once: a generation job uses no
+    byte that validation did not see."""
+    from ..checkpoint.validate import hash_file
+
+    for path, recorded, redo in files:
+        try:
+            actual = hash_file(path)
+        except OSError as err:
+            raise InputError(f"{path}: cannot be read ({err.strerror})") from None
+        if actual != recorded:
+            raise InputError(f"{path} does not match its recorded xxh3-128 (changed since validation); "
+                             f"redo it with: snakemake --forcerun {redo}")
+        if progress is not None:
+            progress.update(1)
+
+
 def _decode_rate(runs: list[dict]) -> float:
     tokens = sum(max(len(r["output_ids"]) - 1, 0) for r in runs)
     seconds = sum(r["decode_s"] for r in runs)
@@ -48,21 +121,22 @@ def _decode_rate(runs: list[dict]) -> float:
 
 
 def run_native(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
-               out_json, out_logits, experts_implementation: str | None = None, progress=None) -> dict:
+               out_json, out_logits, experts_implementation: str | None = None, progress=None,
+               chat_template: bool | None = None, start_rss: int | None = None) -> dict:
     from ..checkpoint.layouts import detect_checkpoint
     from ..runtime.native import load_native, native_generate, native_teacher_forced_logits
 
     device, torch_dtype = _device(device), getattr(torch, dtype)
     _, cfg = detect_checkpoint(checkpoint_dir)
     tok = AutoTokenizer.from_pretrained(checkpoint_dir)
-    meter = MemoryMeter(device)
+    meter = MemoryMeter(device, start_rss)
     start = time.perf_counter()
     model = load_native(checkpoint_dir, device, torch_dtype, experts_implementation)
     load_s = time.perf_counter() - start
     meter.end_phase("load")
     runs = []
     for prompt in prompts:
-        ids = tok(prompt)["input_ids"]
+        ids = encode_prompt(tok, prompt, chat_template)
         run = native_generate(model, ids, max_new_tokens, tok.eos_token_id)
         runs.append({"prompt": prompt, "input_ids": ids, **run,
                      "text": tok.decode(run["output_ids"], skip_special_tokens=True)})
@@ -71,6 +145,8 @@ def run_native(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: 
     meter.end_phase("generate")
     logits = {f"prompt_{i}": native_teacher_forced_logits(model, r["input_ids"], r["output_ids"]).contiguous()
               for i, r in enumerate(runs)}
+    for i, value in enumerate(logits.values()):
+        check_finite(value, f"native, prompt {i}")
     with atomic_path(out_logits) as tmp:
         save_file(logits, tmp)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -78,7 +154,8 @@ def run_native(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: 
     kv = _kv_bytes(cfg, cfg.num_layers, seq, torch_dtype)
     result = {"kind": "native", "model_class": type(model).__name__, **_environment(device, torch_dtype),
               "experts_implementation": experts_implementation or "default", "load_s": load_s,
-              "tok_s": _decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
+              "tok_s": _decode_rate(runs), "speed_bound": speed_bound(cfg, cfg.num_layers, torch_dtype, device),
+              "prefill_s": sum(r["prefill_s"] for r in runs),
               "memory": meter.report({"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv}),
               "prompts": runs}
     write_json(out_json, result)
@@ -102,13 +179,13 @@ def host_tier_on(setting, layer_files: dict[int, Path]) -> bool:
 
 def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: int, cache: dict, device: str,
               dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace,
-              progress=None) -> dict:
+              progress=None, start_rss: int | None = None) -> dict:
     from ..runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
     from ..runtime.model import TRACE_COLUMNS
 
     device, torch_dtype = _device(device), getattr(torch, dtype)
     tok = AutoTokenizer.from_pretrained(checkpoint_dir)
-    meter = MemoryMeter(device)
+    meter = MemoryMeter(device, start_rss)
     start = time.perf_counter()
     rt = load_runtime(dense_path, layer_files, checkpoint_dir, depth=depth, capacity=cache["capacity"],
                       scope=cache["scope"], policy=cache["policy"], device=str(device), dtype=torch_dtype,
@@ -143,6 +220,8 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     for i, (run, ref) in enumerate(zip(runs, native_json["prompts"])):
         ours = teacher_forced_logits(rt, ref["input_ids"], ref["output_ids"], prompt=i)
         theirs = native_logits[f"prompt_{i}"]
+        check_finite(theirs, f"native, prompt {i}")
+        check_finite(ours, f"depth {depth}, prompt {i}")
         scores.append(fidelity(theirs, ours, ref["output_ids"]))
         max_diff = max(max_diff, (theirs - ours).abs().max().item())
         run["fidelity"] = scores[-1]
@@ -155,7 +234,8 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slots,
              "kv_cache_bytes": kv, "host_tier_bytes": host, "total_bytes": rt.dense_bytes + experts + kv + host}
     result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **_environment(device, torch_dtype),
-              "load_s": load_s, "tok_s": _decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
+              "load_s": load_s, "tok_s": _decode_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device),
+              "prefill_s": sum(r["prefill_s"] for r in runs),
               "memory": meter.report(bound),
               "cache": {**cache, "capacity": rt.cache.capacity, "host_tier_bytes": rt.cache.host_tier_bytes,
                         **counters,

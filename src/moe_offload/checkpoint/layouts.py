@@ -172,6 +172,29 @@ def text_config_from_dict(cfg: dict) -> TextConfig:
     )
 
 
+# Far above any real model, low enough that a typo cannot make the planner build a billion jobs.
+LIMITS = {"num_layers": 1024, "experts_per_token": 4096, "hidden_size": 65536,
+          "moe_intermediate_size": 262144, "intermediate_size": 262144, "num_heads": 1024, "num_kv_heads": 1024,
+          "head_dim": 4096, "vocab_size": 10_000_000, "decoder_sparse_step": 1024}
+
+
+def _check_dims(cfg: TextConfig) -> TextConfig:
+    """config.json's dimensions are positive integers within LIMITS and agree with one another."""
+    for key, limit in {**LIMITS, "num_experts": 4096}.items():
+        value, least = getattr(cfg, key), 0 if key == "num_experts" else 1  # 0 experts: a dense model
+        if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= limit:
+            raise InputError(f"config.json: {key} is {value!r}, expected an integer from {least} to {limit}")
+    if cfg.num_experts and cfg.experts_per_token > cfg.num_experts:
+        raise InputError(f"config.json: num_experts_per_tok {cfg.experts_per_token} is more than num_experts "
+                         f"{cfg.num_experts}")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise InputError(f"config.json: num_attention_heads {cfg.num_heads} is not divisible by num_key_value_heads "
+                         f"{cfg.num_kv_heads}")
+    if not all(isinstance(layer, int) for layer in cfg.mlp_only_layers):
+        raise InputError("config.json: mlp_only_layers must be a list of layer numbers")
+    return cfg
+
+
 def detect(config: dict) -> tuple[Layout, TextConfig]:
     """Pick the layout from config.json's model_type and read the text decoder's config."""
     model_type = config.get("model_type")
@@ -179,11 +202,14 @@ def detect(config: dict) -> tuple[Layout, TextConfig]:
         if model_type in layout.model_types:
             text = config
             for key in layout.text_config_keys:
-                text = text.get(key) or {}
+                text = text.get(key) or {} if isinstance(text, dict) else {}
             try:
-                return layout, text_config_from_dict(text)
+                return layout, _check_dims(text_config_from_dict(text))
             except KeyError as err:
                 raise InputError(f"config.json of model_type {model_type!r} lacks text config key {err}") from None
+            except (TypeError, ValueError, ZeroDivisionError) as err:
+                raise InputError(f"config.json of model_type {model_type!r}: a text config value has the wrong "
+                                 f"type ({err})") from None
     known = ", ".join(t for l in LAYOUTS for t in l.model_types)
     raise InputError(f"config.json model_type {model_type!r} is not a supported MoE layout (supported: {known})")
 
@@ -195,9 +221,12 @@ def read_config(checkpoint_dir: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path} does not exist: not a Hugging Face checkpoint directory")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} is not a JSON object")
+    return config
 
 
 def detect_checkpoint(checkpoint_dir: str | Path) -> tuple[Layout, TextConfig]:

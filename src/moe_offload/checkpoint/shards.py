@@ -11,7 +11,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
 
@@ -55,6 +55,7 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         raise InputError(f"{path}: corrupt safetensors header ({err})") from None
     start = 8 + n
     data_len = size - start
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -62,14 +63,45 @@ def read_header(path: str | Path) -> tuple[dict, int]:
             begin, end = entry["data_offsets"]
             expected = DTYPE_BYTES[entry["dtype"]]
             for dim in entry["shape"]:
+                if not is_count(dim):
+                    raise ValueError(dim)
                 expected *= dim
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path}: corrupt safetensors header entry for {name}") from None
-        if end - begin != expected or begin < 0:
-            raise InputError(f"{path}: corrupt safetensors header: {name} spans {end - begin} bytes, its shape needs {expected}")
+        if not (is_count(begin) and is_count(end)) or end - begin != expected:
+            raise InputError(f"{path}: corrupt safetensors header: {name} spans {begin}..{end}, its shape needs {expected} bytes")
         if end > data_len:
             raise InputError(f"{path}: truncated shard: {name} ends at byte {start + end}, file has {size}")
+        spans.append((begin, end, name))
+    overlap = first_overlap(spans)
+    if overlap:
+        raise InputError(f"{path}: corrupt safetensors header: {overlap[0]} and {overlap[1]} share bytes")
     return header, start
+
+
+def is_count(value) -> bool:
+    """A non-negative JSON integer (bool is an int in Python, not in the format)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def first_overlap(spans: list[tuple[int, int, str]]) -> tuple[str, str] | None:
+    """Names of two tensors whose byte ranges [begin, end) intersect, if any."""
+    last_end, last_name = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < last_end:
+            return last_name, name
+        if end > last_end:
+            last_end, last_name = end, name
+    return None
+
+
+def inside_name(name) -> bool:
+    """A shard name from an index that stays inside the checkpoint directory: relative, no `..`. Checked
+    on the name, not the resolved path, because hub snapshots hold symlinks into their blob store."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    pure = PurePosixPath(name)
+    return not pure.is_absolute() and ".." not in pure.parts and pure.parts[0:1] != ("~",)
 
 
 def header_tensors(path: str | Path, parsed: tuple[dict, int] | None = None) -> dict[str, TensorInfo]:
@@ -99,8 +131,13 @@ class Checkpoint:
         if index.is_file():
             try:
                 self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
+                if not isinstance(self.weight_map, dict):
+                    raise ValueError("weight_map is not an object")
+            except (ValueError, KeyError, TypeError) as err:
                 raise InputError(f"{index}: not a safetensors index ({err})") from None
+            for tensor, shard in self.weight_map.items():
+                if not inside_name(shard):  # never opened, never echoed
+                    raise InputError(f"{index}: tensor {tensor[:200]} names a shard outside the checkpoint directory")
         elif (self.path / SINGLE_NAME).is_file():
             self.weight_map = {name: SINGLE_NAME for name in read_header(self.path / SINGLE_NAME)[0] if name != "__metadata__"}
         else:

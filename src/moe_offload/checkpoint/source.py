@@ -99,11 +99,13 @@ def build_manifest(checkpoint_dir: str | Path, source: dict, progress=None) -> d
             read_header(checkpoint_dir / shard)  # raises on a truncated shard or a corrupt header
     files = []
     for path in sorted(p for p in checkpoint_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
-        files.append({"name": path.name, "size": path.stat().st_size, "xxh3_128": hash_file(path)})
+        stat = path.stat()
+        files.append({"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                      "xxh3_128": hash_file(path)})
         if progress is not None:
             progress.update(1)
     return {
-        "path": str(checkpoint_dir.resolve()),
+        "path": project_path(checkpoint_dir),
         "source": source,
         "layout": layout.name,
         "num_layers": cfg.num_layers,
@@ -113,3 +115,32 @@ def build_manifest(checkpoint_dir: str | Path, source: dict, progress=None) -> d
         "text_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
         "files": files,
     }
+
+
+def project_path(path: str | Path) -> str:
+    """Relative to the project (the working directory) where it is inside it, so moving the project folder
+    keeps the manifest true; absolute otherwise."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def manifest_checkpoint(manifest: dict) -> Path:
+    """The manifest's checkpoint directory, after checking that its files are those the manifest recorded:
+    same size, and same mtime or else same xxh3-128 (a copied folder gets new mtimes, not new bytes)."""
+    path = Path(manifest["path"])
+    for entry in manifest["files"]:
+        file = path / entry["name"]
+        try:
+            stat = file.stat()
+        except OSError:
+            raise InputError(f"checkpoint file {file} recorded in the manifest is gone; "
+                             "redo it with: snakemake --forcerun download") from None
+        changed = stat.st_size != entry["size"] or (
+            stat.st_mtime_ns != entry.get("mtime_ns") and hash_file(file) != entry["xxh3_128"])
+        if changed:
+            raise InputError(f"checkpoint file {file} changed since results/model/manifest.json was made; "
+                             "redo it with: snakemake --forcerun download")
+    return path

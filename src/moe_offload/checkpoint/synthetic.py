@@ -125,6 +125,14 @@ def _qwen3_moe_model(spec: dict):
 BUILDERS = {"qwen3_omni_thinker": _omni_model, "qwen3_moe": _qwen3_moe_model}
 
 
+def remove_stale_builds(out_dir: Path) -> None:
+    """A killed build leaves its temporary sibling behind; the one job that builds out_dir removes them
+    (Snakemake's lock keeps a second run of that job away)."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
     """Build the checkpoint described by `spec` (see config/config.yaml, model.synthetic) at out_dir.
 
@@ -144,6 +152,7 @@ def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
     model = model.to(getattr(torch, spec.get("storage_dtype", "bfloat16")))  # fine-tunes are often f16 or f32
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, max_shard_size=spec["max_shard_size"])

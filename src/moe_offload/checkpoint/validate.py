@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
+from math import prod
 from pathlib import Path
 
 import xxhash
@@ -21,13 +22,22 @@ from .layouts import PROJECTIONS, detect, read_config
 
 CHUNK = 16 * 1024 * 1024
 TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# Every tensor of the text model is a weight, a norm or an embedding: floating point only.
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1}
+WEIGHT_DTYPES = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
 def declared_tensors(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
-    """(metadata, tensors at absolute offsets) as a safetensors file's header declares them."""
+    """(metadata, tensors at absolute offsets) as a safetensors file's header declares them; refuses a
+    header whose entries the loader would reject (non-integer or negative dims or offsets, a span that
+    does not match the shape, bytes past the end of the file, two tensors sharing bytes)."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                raise ValueError(f"header of {n} bytes does not fit the file")
             header = json.loads(f.read(n))
         base = 8 + n
         tensors = {name: TensorInfo(name, path, e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
@@ -35,9 +45,27 @@ def declared_tensors(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
                    for name, e in header.items() if name != "__metadata__"}
     except FileNotFoundError:
         raise InputError(f"{path} does not exist") from None
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise InputError(f"{path}: unreadable safetensors header ({type(err).__name__}: {err})") from None
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise InputError(f"{path}: unreadable safetensors header ({type(err).__name__}: {str(err)[:200]})") from None
+    ends = []
+    for name, t in tensors.items():
+        begin = t.offset - base
+        if not all(_natural(d) for d in t.shape) or not _natural(begin) or not _natural(t.nbytes):
+            raise InputError(f"{path}: tensor {name}: negative or non-integer shape or offsets in the header")
+        if t.dtype not in DTYPE_BYTES or t.nbytes != DTYPE_BYTES[t.dtype] * prod(t.shape):
+            raise InputError(f"{path}: tensor {name}: {t.nbytes} bytes do not hold {t.dtype} {list(t.shape)}")
+        if t.offset + t.nbytes > size:
+            raise InputError(f"{path}: tensor {name}: ends at byte {t.offset + t.nbytes}, past the file's {size}")
+        ends.append((t.offset, t.offset + t.nbytes, name))
+    ends.sort()
+    for (_, end, a), (begin, _, b) in zip(ends, ends[1:]):
+        if begin < end:
+            raise InputError(f"{path}: tensors {a} and {b} overlap in the header's byte ranges")
     return header.get("__metadata__", {}), tensors
+
+
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _source(ckpt: Checkpoint, name: str, shards: dict) -> TensorInfo:
@@ -96,6 +124,8 @@ def _check_tensors(ckpt: Checkpoint, extracted_path: Path, expected: list[str], 
             raise InputError(f"{label(name)}: source {src.file.name} has shape {list(src.shape)}, config.json says {list(want_shape)}")
         if ours.shape != want_shape:
             raise InputError(f"{label(name)}: extracted shape {list(ours.shape)}, config.json says {list(want_shape)}")
+        if src.dtype not in WEIGHT_DTYPES or ours.dtype not in WEIGHT_DTYPES:
+            raise InputError(f"{label(name)}: dtype {ours.dtype} (source {src.dtype}), a weight must be floating point")
         want_dtype = dtype or src.dtype
         if src.dtype != want_dtype or ours.dtype != want_dtype:
             raise InputError(f"{label(name)}: dtype {ours.dtype} (source {src.dtype}), config.json says {want_dtype}")
@@ -162,7 +192,7 @@ def validate_all(checkpoint_dir: str | Path, dense_report: dict, layer_reports: 
     if extra:
         raise InputError(f"extracted files hold {extra[0]}, which is not a tensor of the source's text model")
     return {
-        "checkpoint": str(Path(checkpoint_dir).resolve()),
+        "checkpoint": str(checkpoint_dir),  # as the manifest gives it: project-relative where inside
         "layout": layout.name,
         "tensors": len(component),
         "dense": {"file": dense_report["file"], "file_xxh3_128": dense_report["file_xxh3_128"],

@@ -192,6 +192,9 @@ def fidelity(native_logits: torch.Tensor, our_logits: torch.Tensor, continuation
     native, ours = native_logits.float().cpu(), our_logits.float().cpu()
     if native.shape != ours.shape:
         raise InputError(f"logit shapes differ: native {tuple(native.shape)}, ours {tuple(ours.shape)}")
+    for side, logits in (("native", native), ("ours", ours)):
+        if not torch.isfinite(logits).all():  # a NaN would slip through every mean and max below
+            raise InputError(f"{side} logits hold NaN or inf: fidelity cannot be measured")
     cont = native.argmax(-1) if continuation_ids is None else torch.as_tensor(list(continuation_ids))
     log_n, log_o = native.log_softmax(-1), ours.log_softmax(-1)
     kl = (log_n.exp() * (log_n - log_o)).sum(-1)

@@ -1,0 +1,83 @@
+"""compare.json as a table a person reads: HTML for the Snakemake report, plain text at the end of
+`make run` (`python -m moe_offload.analysis.summary results/compare.json`)."""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+MIB = 2**20
+COLUMNS = ["run", "decode tok/s", "bound tok/s", "vs native", "memory MiB", "bound MiB", "framework MiB",
+           "hit rate", "top-1 agreement", "mean KL", "perplexity", "sample text"]
+
+
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _row(name: str, side: dict, vs_native: str, cache: dict | None, fidelity: dict | None) -> list:
+    mem = side["memory"]
+    return [name, _num(side["tok_s"], ".1f"), _num(side.get("tok_s_bound"), ".0f"), vs_native,
+            _num(mem["generate_peak_bytes"] / MIB, ".1f"), _num(mem["bound_bytes"] / MIB, ".1f"),
+            _num(None if mem.get("framework_overhead_bytes") is None else mem["framework_overhead_bytes"] / MIB,
+                 ".0f"),
+            _num(cache["hit_rate"], ".3f") if cache else "",
+            _num(fidelity["top1_agreement"], ".3f") if fidelity else "",
+            _num(fidelity["mean_kl"], ".3g") if fidelity else "",
+            _num(fidelity["perplexity"], ".1f") if fidelity else "",
+            " ".join(side["sample_text"].split())[:60]]
+
+
+def table(report: dict) -> pd.DataFrame:
+    rows = [_row(f"native ({report['native']['model_class']})", report["native"], "1.00x", None, None)]
+    for d in report["depths"]:
+        name = f"depth {d['depth']}" + (" (truncated)" if d["truncated"] else " (full)")
+        ratio = f"{d['speedup_vs_native']:.2f}x" if d["speedup_vs_native"] is not None else "not comparable"
+        rows.append(_row(name, d, ratio, d["cache"], d["fidelity"]))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def notes(report: dict) -> list[str]:
+    parity, profile, model = report["parity"], report["cache_profile"], report["model"]
+    lines = [f"Model: {model['layout']}, {model['num_layers']} layers x {model['num_experts']} experts "
+             f"(top-{model['experts_per_token']}), source {model['source']}; "
+             f"{model['tensors_validated']} tensors validated byte for byte.",
+             f"Parity at full depth ({parity['dtype']}): greedy tokens "
+             f"{'identical' if parity['tokens_identical'] else 'DIFFERENT'} to native, "
+             f"max |logit difference| {parity['max_abs_logit_diff']:.3g}.",
+             f"Cache profile ({profile.get('dtype') or 'checkpoint'} bytes): {profile['recommendation']['text']}.",
+             "Memory is the model's own (peak during generation minus the process's baseline after imports), next "
+             "to its bound (weights held + expert cache + KV cache); framework is what torch and transformers "
+             "added before the model loaded. Truncated depths run fewer layers than native: their speed is not "
+             "a speedup. Bound tok/s = device bandwidth / bytes read per token (n/a where the bandwidth is not "
+             "known, e.g. on CPU)."]
+    if model["source"] == "synthetic":
+        lines.append("The synthetic checkpoint's weights are random unless trained: its sample text is not "
+                     "expected to read as English.")
+    return lines
+
+
+def to_text(report: dict) -> str:
+    return table(report).to_string(index=False) + "\n\n" + "\n".join(notes(report)) + "\n"
+
+
+def to_html(report: dict) -> str:
+    body = table(report).to_html(index=False, border=0, classes="compare", escape=True)
+    paragraphs = "\n".join(f"<p>{html.escape(line)}</p>" for line in notes(report))
+    style = ("<style>body{font-family:sans-serif;margin:1em}table.compare{border-collapse:collapse}"
+             "table.compare td,table.compare th{padding:4px 8px;border-bottom:1px solid #ccc;text-align:right}"
+             "table.compare td:first-child{text-align:left}table.compare td:last-child{text-align:left;font-family:monospace}</style>")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Native vs selective loading</title>"
+            f"{style}</head><body>\n<h2>Native vs selective loading, side by side</h2>\n{body}\n{paragraphs}\n"
+            "</body></html>\n")
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "results/compare.json")
+    if not path.is_file():
+        sys.exit(f"error: {path} does not exist (run `make run` first)")
+    sys.stdout.write(to_text(json.loads(path.read_text())))

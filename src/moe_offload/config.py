@@ -1,0 +1,105 @@
+"""The workflow's configuration beyond what its JSON schema can say: canonical params (so that key
+order never reruns a job), checks that compare one value with another or with the checkpoint, and the
+config reference (docs/config.md) written from the schema's descriptions.
+
+`python -m moe_offload.config` prints the reference; `make docs` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import InputError
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def canonical(value):
+    """The same value with every mapping's keys sorted: Snakemake compares params by their text, so two
+    configs that differ only in key order must give the same params."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(item) for item in value]
+    return value
+
+
+def check_config(config: dict, text) -> None:
+    """Cross-field checks, at parse time, against the checkpoint's dimensions (`text`: a TextConfig)."""
+    spec = config["model"].get("synthetic", {})
+    if config["model"]["source"] == "synthetic":
+        if spec["experts_per_token"] > spec["num_experts"]:
+            raise InputError(f"model.synthetic.experts_per_token ({spec['experts_per_token']}) is more than "
+                             f"num_experts ({spec['num_experts']})")
+        if spec["num_heads"] % spec["num_kv_heads"]:
+            raise InputError(f"model.synthetic.num_heads ({spec['num_heads']}) is not divisible by num_kv_heads "
+                             f"({spec['num_kv_heads']})")
+        outside = [layer for layer in spec["mlp_only_layers"] if layer >= spec["num_layers"]]
+        if outside:
+            raise InputError(f"model.synthetic.mlp_only_layers names layer {outside[0]}, the model has layers "
+                             f"0..{spec['num_layers'] - 1}")
+    if not text.expert_layers:
+        raise InputError("the model has no layer with experts (mlp_only_layers covers every layer)")
+    cache = config["cache"]
+    pool = text.num_experts * (len(text.expert_layers) if cache["scope"] == "global" else 1)
+    if cache["capacity"] is not None and cache["capacity"] > pool:
+        raise InputError(f"cache.capacity ({cache['capacity']}) is more than the {pool} experts a {cache['scope']} "
+                         "cache can hold")
+    for capacity in config["profile"]["capacities"] or []:
+        if capacity > text.num_experts:
+            raise InputError(f"profile.capacities holds {capacity}, more than the model's {text.num_experts} experts "
+                             "per layer")
+
+
+def reference(schema: dict) -> str:
+    """Markdown: one table per section, a row per key with its type, default, bounds and description."""
+    lines = ["# Configuration reference", "",
+             "Generated from `workflow/schemas/config.schema.yaml` by `python -m moe_offload.config`",
+             "(`make docs`); do not edit by hand. Values go in `config/config.yaml`.", ""]
+    for section, sub in schema["properties"].items():
+        lines += [f"## `{section}`", "", sub.get("description", ""), "",
+                  "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+        lines += _rows(section, sub)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _rows(prefix: str, node: dict) -> list[str]:
+    rows = []
+    for key, sub in node.get("properties", {}).items():
+        name = f"{prefix}.{key}"
+        if sub.get("type") == "object" and "properties" in sub:
+            rows.append(f"| `{name}` | object | | | {sub.get('description', '')} |")
+            rows += _rows(name, sub)
+            continue
+        kind = sub.get("type", "")
+        kind = " or ".join(kind) if isinstance(kind, list) else kind
+        default = f"`{json.dumps(sub['default'])}`" if "default" in sub else ""
+        text = sub.get("description", "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {kind} | {default} | {_allowed(sub)} | {text} |")
+    return rows
+
+
+def _allowed(sub: dict) -> str:
+    parts = []
+    if "enum" in sub:
+        parts.append(", ".join(f"`{v}`" for v in sub["enum"]))
+    items = sub.get("items", {})
+    for src, lo, hi in ((sub, "minimum", "maximum"), (items, "minimum", "maximum")):
+        if lo in src or hi in src:
+            parts.append(f"{src.get(lo, '')}..{src.get(hi, '')}" + (" each" if src is items else ""))
+    if "exclusiveMinimum" in sub:
+        parts.append(f"> {sub['exclusiveMinimum']}")
+    if "pattern" in sub:
+        parts.append(f"pattern `{sub['pattern']}`")
+    if "maxItems" in sub:
+        parts.append(f"at most {sub['maxItems']} items")
+    return "; ".join(parts).replace("|", "\\|")
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference(yaml.safe_load(SCHEMA.read_text())))

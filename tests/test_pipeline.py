@@ -51,6 +51,9 @@ def test_main_job_on_the_default(workdir):
     for plot in report["plots"]:
         assert (workdir / plot).stat().st_size > 10_000
     assert (workdir / "logs/extract/layer_3.log").read_text()
+    from test_native_offload import timed_jobs_ran_alone
+
+    assert timed_jobs_ran_alone(sorted((workdir / ".snakemake/log").glob("*.log"))[-1].read_text())
     again = snakemake(workdir, "--cores", "4", "results/compare.json")
     assert "Nothing to be done" in again.stdout + again.stderr
     html = snakemake(workdir, "--report", "results/report.html")

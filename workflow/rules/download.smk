@@ -37,7 +37,9 @@ rule download:
     params:
         model=model_source(),
         synthetic_dir="results/model/checkpoint",
-        metadata_dir=str(HUB_METADATA_DIR),
+        metadata_dir=(
+            str(HUB_METADATA_DIR) if config["model"]["source"] == "hf" else None
+        ),
         code=code_version("download"),
     script:
         "../scripts/download.py"

@@ -56,6 +56,9 @@ def test_main_job_on_the_default(workdir):
     for plot in report["plots"]:
         assert (workdir / plot).stat().st_size > 10_000
     assert (workdir / "logs/extract/layer_3.log").read_text()
+    from test_native_offload import timed_jobs_ran_alone
+
+    assert timed_jobs_ran_alone(sorted((workdir / ".snakemake/log").glob("*.log"))[-1].read_text())
     again = snakemake(workdir, "--cores", "4", "results/compare.json")
     assert "Nothing to be done" in again.stdout + again.stderr
     html = snakemake(workdir, "--report", "results/report.html")
@@ -94,7 +97,8 @@ def test_plan_of_the_main_job_is_whole_and_writes_nothing(workdir):
     proc = snakemake(workdir, "-n", "results/compare.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = _jobs(proc.stdout)
-    assert {"download", "extract_layer", "extract_dense", "validate_layer", "validate_all", "generate_native",
+    assert {"download", "extract_layer", "extract_dense", "validate_layer", "validate_all", "generate_native_reference",
+            "generate_native_timing",
             "generate_depth", "profile_cache", "plots", "compare"} <= jobs
     assert not (workdir / "results").exists() and not (workdir / "logs").exists()
 
@@ -118,7 +122,7 @@ def test_depth_run_extracts_only_the_layers_it_needs(workdir):
     # new prompts rerun generation, never extraction
     set_config(workdir, generate={"prompts": ["A different prompt"]})
     jobs = _jobs(snakemake(workdir, "-n", "results/generate/depth_4.json").stdout)
-    assert {"generate_native", "generate_depth"} <= jobs
+    assert {"generate_native_reference", "generate_depth"} <= jobs
     assert not jobs & {"download", "extract_layer", "extract_dense", "validate_layer"}
 
 

@@ -85,11 +85,18 @@ def _checkpoint(smk) -> Path:
     return manifest_checkpoint(_manifest(smk))
 
 
+def hub_metadata(smk) -> None:
+    from .checkpoint.source import fetch_hub_metadata
+
+    out = fetch_hub_metadata(smk.params.model, Path(smk.output[0]).parent)
+    log.info("hub metadata of %s in %s", smk.params.model["repo_id"], out)
+
+
 def download(smk) -> None:
     from .checkpoint.source import build_manifest, obtain
 
     model_cfg = smk.params.model
-    path = obtain(model_cfg, smk.params.synthetic_dir)
+    path = obtain(model_cfg, smk.params.synthetic_dir, smk.params.metadata_dir)
     log.info("checkpoint at %s", path)
     files = [p for p in Path(path).iterdir() if p.is_file()]
     with progress_bar(smk, len(files), "file", "hashing checkpoint") as bar:
@@ -166,27 +173,51 @@ def _depth_files(smk) -> list[tuple[Path, str, str]]:
     return files
 
 
-def generate_native(smk) -> None:
-    from .analysis.runs import run_native, verify_files
+def generate_native_reference(smk) -> None:
+    from .analysis.native_runs import run_native_reference
+    from .analysis.run_info import use_threads
+    from .analysis.runs import verify_files
 
-    run = smk.params.run
-    impl = smk.params.experts_implementation
-    prompts = list(smk.params.prompts)
+    run, budget, prompts = smk.params.run, smk.params.budget, list(smk.params.prompts)
+    use_threads(smk.threads)
     manifest, checkpoint = _manifest(smk), _checkpoint(smk)
     files = _native_files(checkpoint, manifest)
     with progress_bar(smk, len(files), "file", "verifying checkpoint files") as bar:
         verify_files(files, bar)
-    with progress_bar(smk, len(prompts), "prompt", "native generation") as bar:
-        result = run_native(checkpoint, prompts, run["max_new_tokens"], run["device"], run["dtype"],
-                            smk.output.json, smk.output.logits, None if impl == "default" else impl, bar,
-                            chat_template=smk.params.chat_template, start_rss=START_RSS)
-    log.info("native: load %.2f s, decode %.2f tok/s on %s", result["load_s"], result["tok_s"], result["device"])
+    with progress_bar(smk, len(prompts), "prompt", "native reference") as bar:
+        result = run_native_reference(checkpoint, prompts, run["max_new_tokens"], run["device"], run["dtype"],
+                                      budget["max_memory_mb"], budget["cpu_memory_mb"], smk.params.offload_dir,
+                                      smk.output.json, smk.output.logits, bar,
+                                      chat_template=smk.params.chat_template, start_rss=START_RSS)
+    log.info("native reference: %s, %d bytes held, %d offloaded to disk", result["offload"]["placement"],
+             result["offload"]["held_bytes"], result["offload"]["offloaded_to_disk_bytes"])
+
+
+def generate_native_timing(smk) -> None:
+    from .analysis.native_runs import run_native_timing
+    from .analysis.run_info import use_threads
+    from .analysis.runs import verify_files
+
+    run, impl, prompts = smk.params.run, smk.params.experts_implementation, list(smk.params.prompts)
+    use_threads(smk.threads)
+    manifest, checkpoint = _manifest(smk), _checkpoint(smk)
+    files = _native_files(checkpoint, manifest)
+    with progress_bar(smk, len(files), "file", "verifying checkpoint files") as bar:
+        verify_files(files, bar)
+    with progress_bar(smk, len(prompts), "prompt", "native timing") as bar:
+        result = run_native_timing(checkpoint, prompts, run["max_new_tokens"], run["device"], run["dtype"],
+                                   smk.output.json, None if impl == "default" else impl, bar,
+                                   chat_template=smk.params.chat_template, start_rss=START_RSS)
+    log.info("native: load %.2f s, decode %.2f tok/s on %s, %d threads", result["load_s"], result["tok_s"],
+             result["device"], result["threads"])
 
 
 def generate_depth(smk) -> None:
+    from .analysis.run_info import use_threads
     from .analysis.runs import run_depth, verify_files
 
     run, depth = smk.params.run, int(smk.wildcards.depth)
+    use_threads(smk.threads)
     layer_files = {int(Path(p).stem.split("_")[1]): Path(p) for p in smk.input.layers}
     native = json.loads(Path(smk.input.native).read_text())
     checkpoint = _checkpoint(smk)

@@ -1,37 +1,67 @@
+import os
 import sys
 
+import psutil
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from moe_offload import resources as res
+from moe_offload.disk import check_disk
+from moe_offload.code_version import code_version
 from moe_offload.config import canonical, check_config
 from moe_offload.errors import InputError, config_error_line
-from moe_offload.checkpoint.source import EMBEDDED_DIR, planned_text_config
+from moe_offload.checkpoint.source import EMBEDDED_DIR, hub_metadata_dir, planned_text_config
 
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as err:
     sys.exit(config_error_line(err))
 
+HUB_METADATA_DIR = hub_metadata_dir(config["model"])
 try:
-    LAYOUT, TEXT = planned_text_config(config["model"])
+    # the hub's metadata is fetched by the planning process only (once), never by a job
+    LAYOUT, TEXT = planned_text_config(config["model"], fetch=workflow.is_main_process)
     check_config(config, TEXT)
 except InputError as err:
     sys.exit(f"error: {err}")
 
 EXPERT_LAYERS = TEXT.expert_layers
+BASE_MB = config["resources"]["base_mem_mb"]
 LAYER_BYTES = TEXT.num_experts * TEXT.expert_bytes
-EXTRACT_MEM_MB = int(
-    config["resources"]["extract_mem_factor"] * LAYER_BYTES / 2**20
-    + config["resources"]["base_mem_mb"]
+DENSE_BYTES = res.extract_bytes(TEXT)["dense_bytes"]
+EXTRACT_MEM_MB = res.to_mb(
+    int(config["resources"]["extract_mem_factor"] * LAYER_BYTES), BASE_MB
 )
 
-# transformers' native model holds every expert: about 2.5x its bf16 size in float32 on CPU
-NATIVE_MEM_MB = int(
-    2.5
-    * (len(EXPERT_LAYERS) * LAYER_BYTES + 2 * TEXT.vocab_size * TEXT.hidden_size * 2)
-    / 2**20
-    + config["resources"]["base_mem_mb"]
-)
+_DISK_CHECKED = []
+
+
+def extract_needs(mem_mb):
+    """mem_mb of an extraction job. The first one evaluated (planning evaluates them all before any job
+    starts) checks the free disk for every extraction the run plans."""
+    if workflow.is_main_process and not _DISK_CHECKED:
+        _DISK_CHECKED.append(True)
+        sizes = {"extract_layer": LAYER_BYTES, "extract_dense": DENSE_BYTES}
+        writes = sum(sizes.get(job.rule.name, 0) for job in workflow.dag.needrun_jobs())
+        headroom = config["resources"]["disk_headroom_mb"] * 2**20
+        what = f"the extracted experts ({writes / 1e9:.1f} GB) plus resources.disk_headroom_mb"
+        try:
+            check_disk("results", writes + headroom, what)
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+    return mem_mb
+
+
+# The default profile bounds memory by the machine's, detected here unless given (--resources mem_mb=...).
+# Only for local runs: on a cluster each job gets its own node's memory.
+MACHINE_MB = psutil.virtual_memory().total // 2**20
+if workflow.local_exec and "mem_mb" not in workflow.global_resources:
+    workflow.register_resource("mem_mb", MACHINE_MB)
+
+# Jobs whose speed the report compares take every core, so no other job runs beside them (each job
+# holds at least one core); they set torch to these threads.
+TIMED_THREADS = workflow.cores if isinstance(workflow.cores, int) else 1
 
 
 def model_source():
@@ -83,3 +113,111 @@ def depth_layers(wildcards):
 
 def gpu_count():
     return 1 if config["generate"]["device"].startswith("cuda") else 0
+
+
+def native_json():
+    """What the report compares against: the timing run, or the reference run's own figures without it."""
+    if config["native"]["timing"]:
+        return "results/generate/native_timing.json"
+    return "results/generate/native_reference.json"
+
+
+# Memory each generation job declares, from the model, the device and the dtype (moe_offload.resources).
+DTYPE = config["generate"]["dtype"]
+ON_GPU = config["generate"]["device"].startswith("cuda")
+# a byte-level tokenizer makes at most one token per byte: a bound on prompt plus new tokens
+SEQ_LEN = (
+    max(len(p.encode()) for p in config["generate"]["prompts"])
+    + config["generate"]["max_new_tokens"]
+)
+
+
+def native_budget():
+    return {key: config["native"][key] for key in ("max_memory_mb", "cpu_memory_mb")}
+
+
+def _checked(job, needs, hint):
+    """Stop the run up front (while planning, before any job starts) with one line if a job needs more
+    than the bound in force: the machine's memory, or what --resources gives."""
+    if workflow.is_main_process:
+        for name, need_mb in needs.items():
+            have = workflow.global_resources.get(name)
+            have_mb = getattr(have, "value", have)
+            if name == "mem_mb":
+                have_mb = have_mb or MACHINE_MB
+            line = res.fits_line(job, need_mb, have_mb, hint) if have_mb else None
+            if line:
+                # printed before exiting: Snakemake wraps the exit of a resource function in its own report
+                print(
+                    line if name == "mem_mb" else line.replace("memory", name),
+                    file=sys.stderr,
+                )
+                sys.exit(1)
+    return needs
+
+
+def _needs(host_bytes, device_bytes):
+    """mem_mb for the host (plus a process's base), and on a GPU gpu_mem_mb for what lives there."""
+    needs = {"mem_mb": res.to_mb(host_bytes, BASE_MB)}
+    if ON_GPU:
+        needs["gpu_mem_mb"] = res.to_mb(device_bytes)
+    return needs
+
+
+def native_reference_needs():
+    """The bytes it holds at its dtype within its budget; the rest is on disk."""
+    budget_mb = config["native"]["max_memory_mb"]
+    if budget_mb is None and not ON_GPU:
+        budget_mb = int(0.9 * MACHINE_MB)
+    held = res.native_bytes(
+        TEXT, DTYPE, SEQ_LEN, None if budget_mb is None else budget_mb * 2**20
+    )
+    host = held["total_bytes"]
+    if ON_GPU:  # the host tier after the GPU's budget
+        host = min(
+            held["weights_bytes"], (config["native"]["cpu_memory_mb"] or 0) * 2**20
+        )
+    return _checked(
+        "generate_native_reference",
+        _needs(host, held["total_bytes"]),
+        "lower native.max_memory_mb (the rest is offloaded to disk)",
+    )
+
+
+def native_timing_needs():
+    """The whole model; loaded on the host first, also when it then moves to a GPU."""
+    whole = res.native_bytes(TEXT, DTYPE, SEQ_LEN)["total_bytes"]
+    return _checked(
+        "generate_native_timing",
+        _needs(whole, whole),
+        "set native.timing: false (the reference run offloads and still completes)",
+    )
+
+
+def depth_needs(depth):
+    """dense + capacity x expert + KV (+ pinned host staging on a GPU)."""
+    cache = config["cache"]
+    need = res.depth_bytes(
+        TEXT,
+        depth,
+        cache["capacity"],
+        cache["scope"],
+        DTYPE,
+        SEQ_LEN,
+        pinned_staging=ON_GPU and cache["pin_memory"],
+    )
+    host = need["total_bytes"]
+    if ON_GPU:  # the dense file passes through the host; the staging buffers stay there
+        host = need["dense_bytes"] + need["host_staging_bytes"]
+    return _checked(
+        f"generate_depth (depth {depth})",
+        _needs(host, need["total_bytes"]),
+        "lower cache.capacity",
+    )
+
+
+onstart:
+    # Snakemake evaluates a job's resources only when it is about to start; evaluating them all now
+    # makes a job that cannot fit (memory, disk) stop the run before the first job starts.
+    for job in workflow.dag.needrun_jobs():
+        job.resources

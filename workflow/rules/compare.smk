@@ -1,6 +1,6 @@
 rule plots:
     input:
-        native="results/generate/native.json",
+        native=native_json(),
         depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
         profile_csv="results/cache/profile.csv",
         profile_json="results/cache/profile.json",
@@ -24,6 +24,8 @@ rule plots:
         "logs/plots.log",
     conda:
         "../envs/moe-offload.yaml"
+    params:
+        code=code_version("plots"),
     script:
         "../scripts/plots.py"
 
@@ -32,7 +34,7 @@ rule compare:
     input:
         manifest="results/model/manifest.json",
         checksums="results/checksums/all.json",
-        native="results/generate/native.json",
+        native=native_json(),
         depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
         profile="results/cache/profile.json",
         plots=rules.plots.output,
@@ -52,5 +54,7 @@ rule compare:
         "logs/compare.log",
     conda:
         "../envs/moe-offload.yaml"
+    params:
+        code=code_version("compare"),
     script:
         "../scripts/compare.py"

@@ -1,10 +1,36 @@
+if config["model"]["source"] == "hf":
+
+    # The hub's config and index, kept under results/ so that planning (also on a cluster's compute
+    # nodes) reads them from disk; `--forcerun hub_metadata` refreshes them.
+    rule hub_metadata:
+        output:
+            multiext(
+                str(HUB_METADATA_DIR) + "/",
+                "config.json",
+                "model.safetensors.index.json",
+            ),
+        log:
+            "logs/hub_metadata.log",
+        localrule: True
+        params:
+            model=model_source(),
+            code=code_version("hub_metadata"),
+        script:
+            "../scripts/hub_metadata.py"
+
+
 rule download:
     input:
         model_files(),
+        hub_metadata=(
+            rules.hub_metadata.output if config["model"]["source"] == "hf" else []
+        ),
     output:
         "results/model/manifest.json",
     log:
         "logs/download.log",
+    # the only job that may need the internet: it runs where Snakemake runs, never on a compute node
+    localrule: True
     conda:
         "../envs/moe-offload.yaml"
     resources:
@@ -12,5 +38,9 @@ rule download:
     params:
         model=model_source(),
         synthetic_dir="results/model/checkpoint",
+        metadata_dir=(
+            str(HUB_METADATA_DIR) if config["model"]["source"] == "hf" else None
+        ),
+        code=code_version("download"),
     script:
         "../scripts/download.py"

@@ -10,7 +10,9 @@ rule extract_layer:
     conda:
         "../envs/moe-offload.yaml"
     resources:
-        mem_mb=EXTRACT_MEM_MB,
+        mem_mb=lambda wc: extract_needs(EXTRACT_MEM_MB),
+    params:
+        code=code_version("extract_layer"),
     script:
         "../scripts/extract_layer.py"
 
@@ -25,7 +27,9 @@ rule extract_dense:
     conda:
         "../envs/moe-offload.yaml"
     resources:
-        mem_mb=config["resources"]["base_mem_mb"],
+        mem_mb=lambda wc: extract_needs(BASE_MB),
+    params:
+        code=code_version("extract_dense"),
     script:
         "../scripts/extract_dense.py"
 

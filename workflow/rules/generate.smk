@@ -1,23 +1,51 @@
-rule generate_native:
+rule generate_native_reference:
     input:
         manifest="results/model/manifest.json",
     output:
-        json="results/generate/native.json",
+        json="results/generate/native_reference.json",
         logits="results/generate/native_logits.safetensors",
     log:
-        "logs/generate/native.log",
+        "logs/generate/native_reference.log",
     conda:
         "../envs/moe-offload.yaml"
+    threads: TIMED_THREADS
     resources:
-        mem_mb=NATIVE_MEM_MB,
+        mem_mb=lambda wc: native_reference_needs()["mem_mb"],
+        gpu_mem_mb=lambda wc: native_reference_needs().get("gpu_mem_mb", 0),
         gpu=gpu_count(),
     params:
         prompts=config["generate"]["prompts"],
         run=generate_params(),
-        experts_implementation=config["generate"]["native_experts_implementation"],
         chat_template=config["generate"]["chat_template"],
+        budget=native_budget(),
+        offload_dir=lambda wc, output: os.path.dirname(output.json),
+        code=code_version("generate_native_reference"),
     script:
-        "../scripts/generate_native.py"
+        "../scripts/generate_native_reference.py"
+
+
+rule generate_native_timing:
+    input:
+        manifest="results/model/manifest.json",
+    output:
+        json="results/generate/native_timing.json",
+    log:
+        "logs/generate/native_timing.log",
+    conda:
+        "../envs/moe-offload.yaml"
+    threads: TIMED_THREADS
+    resources:
+        mem_mb=lambda wc: native_timing_needs()["mem_mb"],
+        gpu_mem_mb=lambda wc: native_timing_needs().get("gpu_mem_mb", 0),
+        gpu=gpu_count(),
+    params:
+        prompts=config["generate"]["prompts"],
+        run=generate_params(),
+        experts_implementation=config["native"]["experts_implementation"],
+        chat_template=config["generate"]["chat_template"],
+        code=code_version("generate_native_timing"),
+    script:
+        "../scripts/generate_native_timing.py"
 
 
 rule generate_depth:
@@ -26,7 +54,7 @@ rule generate_depth:
         manifest="results/model/manifest.json",
         dense="results/experts/dense.safetensors",
         dense_checksum="results/checksums/dense.json",
-        native="results/generate/native.json",
+        native="results/generate/native_reference.json",
         native_logits="results/generate/native_logits.safetensors",
     output:
         json="results/generate/depth_{depth}.json",
@@ -37,11 +65,14 @@ rule generate_depth:
         depth=r"\d+",
     conda:
         "../envs/moe-offload.yaml"
+    threads: TIMED_THREADS
     resources:
-        mem_mb=config["resources"]["base_mem_mb"] * 2,
+        mem_mb=lambda wc: depth_needs(int(wc.depth))["mem_mb"],
+        gpu_mem_mb=lambda wc: depth_needs(int(wc.depth)).get("gpu_mem_mb", 0),
         gpu=gpu_count(),
     params:
         run=generate_params(),
         cache=canonical(config["cache"]),
+        code=code_version("generate_depth"),
     script:
         "../scripts/generate_depth.py"

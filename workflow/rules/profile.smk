@@ -14,6 +14,7 @@ rule profile_cache:
     conda:
         "../envs/moe-offload.yaml"
     params:
+        code=code_version("profile_cache"),
         profile=canonical(config["profile"]),
         dtype=config["generate"]["dtype"],
     script:

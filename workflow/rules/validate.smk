@@ -10,6 +10,8 @@ rule validate_layer:
         layer=r"\d+",
     conda:
         "../envs/moe-offload.yaml"
+    params:
+        code=code_version("validate_layer"),
     script:
         "../scripts/validate_layer.py"
 
@@ -24,6 +26,8 @@ rule validate_dense:
         "logs/validate/dense.log",
     conda:
         "../envs/moe-offload.yaml"
+    params:
+        code=code_version("validate_dense"),
     script:
         "../scripts/validate_dense.py"
 
@@ -43,5 +47,7 @@ rule validate_all:
         "logs/validate/all.log",
     conda:
         "../envs/moe-offload.yaml"
+    params:
+        code=code_version("validate_all"),
     script:
         "../scripts/validate_all.py"

@@ -1,4 +1,4 @@
-"""One generation run as the workflow records it: transformers' native model, or ours at a depth.
+"""One selective generation run as the workflow records it: ours at a depth (native runs: native_runs.py).
 
 Both write the same JSON shape: `prompts` ({prompt, input_ids, output_ids, text}), load_s, decode tok/s
 (prefill apart), peak memory next to its bound, and the device. Depth runs add the cache counters,
@@ -7,38 +7,19 @@ fidelity against native (teacher-forced on native's tokens) and a router trace f
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 
 import pandas as pd
 import psutil
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ..atomic import atomic_path, write_json
 from ..errors import InputError
 from ..runtime.memory import MemoryMeter, dtype_bytes
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("generate.device is cuda but no CUDA device is available")
-    return device
-
-
-def _environment(device: torch.device, dtype: torch.dtype) -> dict:
-    env = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "host": platform.node(),
-           "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    return env
-
-
-def _kv_bytes(cfg, layers: int, seq_len: int, dtype: torch.dtype) -> int:
-    return 2 * layers * cfg.num_kv_heads * seq_len * cfg.head_dim * dtype_bytes(dtype)
+from .run_info import decode_rate, device_of, environment, kv_bytes
 
 
 def bandwidth_bytes_per_s(device: torch.device) -> float | None:
@@ -114,53 +95,6 @@ def verify_files(files: list[tuple[Path, str, str]], progress=None) -> None:
             progress.update(1)
 
 
-def _decode_rate(runs: list[dict]) -> float:
-    tokens = sum(max(len(r["output_ids"]) - 1, 0) for r in runs)
-    seconds = sum(r["decode_s"] for r in runs)
-    return tokens / seconds if seconds > 0 else 0.0
-
-
-def run_native(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
-               out_json, out_logits, experts_implementation: str | None = None, progress=None,
-               chat_template: bool | None = None, start_rss: int | None = None) -> dict:
-    from ..checkpoint.layouts import detect_checkpoint
-    from ..runtime.native import load_native, native_generate, native_teacher_forced_logits
-
-    device, torch_dtype = _device(device), getattr(torch, dtype)
-    _, cfg = detect_checkpoint(checkpoint_dir)
-    tok = AutoTokenizer.from_pretrained(checkpoint_dir)
-    meter = MemoryMeter(device, start_rss)
-    start = time.perf_counter()
-    model = load_native(checkpoint_dir, device, torch_dtype, experts_implementation)
-    load_s = time.perf_counter() - start
-    meter.end_phase("load")
-    runs = []
-    for prompt in prompts:
-        ids = encode_prompt(tok, prompt, chat_template)
-        run = native_generate(model, ids, max_new_tokens, tok.eos_token_id)
-        runs.append({"prompt": prompt, "input_ids": ids, **run,
-                     "text": tok.decode(run["output_ids"], skip_special_tokens=True)})
-        if progress is not None:
-            progress.update(1)
-    meter.end_phase("generate")
-    logits = {f"prompt_{i}": native_teacher_forced_logits(model, r["input_ids"], r["output_ids"]).contiguous()
-              for i, r in enumerate(runs)}
-    for i, value in enumerate(logits.values()):
-        check_finite(value, f"native, prompt {i}")
-    with atomic_path(out_logits) as tmp:
-        save_file(logits, tmp)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
-    kv = _kv_bytes(cfg, cfg.num_layers, seq, torch_dtype)
-    result = {"kind": "native", "model_class": type(model).__name__, **_environment(device, torch_dtype),
-              "experts_implementation": experts_implementation or "default", "load_s": load_s,
-              "tok_s": _decode_rate(runs), "speed_bound": speed_bound(cfg, cfg.num_layers, torch_dtype, device),
-              "prefill_s": sum(r["prefill_s"] for r in runs),
-              "memory": meter.report({"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv}),
-              "prompts": runs}
-    write_json(out_json, result)
-    return result
-
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
@@ -183,7 +117,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     from ..runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
     from ..runtime.model import TRACE_COLUMNS
 
-    device, torch_dtype = _device(device), getattr(torch, dtype)
+    device, torch_dtype = device_of(device), getattr(torch, dtype)
     tok = AutoTokenizer.from_pretrained(checkpoint_dir)
     meter = MemoryMeter(device, start_rss)
     start = time.perf_counter()
@@ -227,14 +161,14 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
         run["fidelity"] = scores[-1]
     cfg = rt.config
     seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
-    kv = _kv_bytes(cfg, depth, seq, torch_dtype)
+    kv = kv_bytes(cfg, depth, seq, torch_dtype)
     experts = rt.cache.slab_bytes  # capacity x one expert in the compute dtype, per pool
     # on the CPU the host tier is in the memory measured (RSS); on a GPU it is host RAM, beside it
     host = rt.cache.host_tier_bytes if device.type == "cpu" else 0
     bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slots,
              "kv_cache_bytes": kv, "host_tier_bytes": host, "total_bytes": rt.dense_bytes + experts + kv + host}
-    result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **_environment(device, torch_dtype),
-              "load_s": load_s, "tok_s": _decode_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device),
+    result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **environment(device, torch_dtype),
+              "load_s": load_s, "tok_s": decode_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device),
               "prefill_s": sum(r["prefill_s"] for r in runs),
               "memory": meter.report(bound),
               "cache": {**cache, "capacity": rt.cache.capacity, "host_tier_bytes": rt.cache.host_tier_bytes,

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_path
+from ..disk import check_disk
 from .shards import Checkpoint, TensorInfo
 from ..errors import InputError
 from .layouts import PROJECTIONS, Layout, detect_checkpoint
@@ -55,6 +56,7 @@ def write_tensors(ckpt: Checkpoint, names: list[str], out_path: str | Path, meta
     tensor at the offsets of the source headers; returns bytes of tensor data."""
     infos = [ckpt.info(name) for name in names]
     header = _header_bytes(infos, metadata)
+    check_disk(Path(out_path).parent, len(header) + sum(i.nbytes for i in infos), Path(out_path).name)
     sources: dict[Path, int] = {}
     try:
         with atomic_path(out_path) as tmp, open(tmp, "wb") as out:

@@ -25,8 +25,30 @@ def embedded_dir() -> Path:
     return EMBEDDED_DIR
 
 
-def planned_text_config(model_cfg: dict) -> tuple[Layout, TextConfig]:
-    """Layout and dimensions known before anything is built or fetched, so the DAG has every layer."""
+HUB_METADATA = ("config.json", INDEX_NAME)
+
+
+def hub_metadata_dir(model_cfg: dict, root: str | Path = "results/model/hub") -> Path:
+    """Where a hub repo's config and index are kept, one folder per repo and revision."""
+    return Path(root) / f"{model_cfg['repo_id'].replace('/', '--')}@{model_cfg.get('revision') or 'main'}"
+
+
+def fetch_hub_metadata(model_cfg: dict, out_dir: str | Path) -> Path:
+    """config.json and the index of a hub repo, copied into out_dir (each file written whole)."""
+    from ..atomic import atomic_path
+
+    out_dir = Path(out_dir)
+    for name in HUB_METADATA:
+        data = Path(_hub_file(model_cfg, name)).read_bytes()
+        with atomic_path(out_dir / name) as tmp:
+            tmp.write_bytes(data)
+    return out_dir
+
+
+def planned_text_config(model_cfg: dict, fetch: bool = True) -> tuple[Layout, TextConfig]:
+    """Layout and dimensions known before anything is built or fetched, so the DAG has every layer.
+    For the hub: read from the metadata kept under results/model/hub; fetched there the first time
+    (fetch=True, the planning process on a machine with internet), never by a job on a compute node."""
     source = model_cfg["source"]
     if source == "synthetic":
         from .synthetic import text_config
@@ -37,7 +59,12 @@ def planned_text_config(model_cfg: dict) -> tuple[Layout, TextConfig]:
         return detect_checkpoint(model_cfg["path"])
     if source == "embedded":
         return detect_checkpoint(embedded_dir())
-    return detect(json.loads(Path(_hub_file(model_cfg, "config.json")).read_text()))
+    metadata = hub_metadata_dir(model_cfg)
+    if not (metadata / "config.json").is_file():
+        if not fetch:
+            raise InputError(f"{metadata / 'config.json'} is missing: plan the run where the hub is reachable first")
+        fetch_hub_metadata(model_cfg, metadata)
+    return detect(json.loads((metadata / "config.json").read_text()))
 
 
 def _hub_file(model_cfg: dict, filename: str) -> str:
@@ -58,21 +85,51 @@ def hub_patterns(config: dict, weight_map: dict[str, str]) -> list[str]:
     return HUB_SIDE_FILES + sorted({shard for name, shard in weight_map.items() if name.startswith(layout.native)})
 
 
-def fetch_hub(model_cfg: dict) -> Path:
-    """Download (resumably) only the shards holding tensors the text model or native baseline needs."""
-    from huggingface_hub import snapshot_download
+def hub_download_bytes(model_cfg: dict, patterns: list[str]) -> int | None:
+    """Bytes the weight shards matching `patterns` still to download take (the hub's file listing, less
+    what the local cache holds), or None where the hub cannot say (offline: then only a complete local
+    cache can serve the download anyway)."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
 
-    config = json.loads(Path(_hub_file(model_cfg, "config.json")).read_text())
-    weight_map = json.loads(Path(_hub_file(model_cfg, INDEX_NAME)).read_text())["weight_map"]
+    repo, revision, cache_dir = model_cfg["repo_id"], model_cfg.get("revision"), model_cfg.get("cache_dir")
+    shards = [p for p in patterns if p.endswith(".safetensors")]
+    missing = [s for s in shards if not isinstance(try_to_load_from_cache(repo, s, cache_dir, revision), str)]
+    if not missing:
+        return 0
+    try:
+        infos = HfApi().get_paths_info(repo, missing, revision=revision)
+    except Exception:  # offline or unreachable: the hub client raises many types
+        return None
+    return sum(getattr(info, "size", 0) or 0 for info in infos)
+
+
+def fetch_hub(model_cfg: dict, metadata_dir: str | Path | None = None) -> Path:
+    """Download (resumably) only the shards holding tensors the text model or native baseline needs,
+    after checking the disk can take them."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    from ..disk import check_disk
+
+    if metadata_dir is not None and (Path(metadata_dir) / INDEX_NAME).is_file():
+        config = json.loads((Path(metadata_dir) / "config.json").read_text())
+        weight_map = json.loads((Path(metadata_dir) / INDEX_NAME).read_text())["weight_map"]
+    else:
+        config = json.loads(Path(_hub_file(model_cfg, "config.json")).read_text())
+        weight_map = json.loads(Path(_hub_file(model_cfg, INDEX_NAME)).read_text())["weight_map"]
+    patterns = hub_patterns(config, weight_map)
+    need = hub_download_bytes(model_cfg, patterns)
+    if need:
+        check_disk(model_cfg.get("cache_dir") or HF_HUB_CACHE, need, f"the download of {model_cfg['repo_id']}")
     try:
         path = snapshot_download(model_cfg["repo_id"], revision=model_cfg.get("revision"),
-                                 cache_dir=model_cfg.get("cache_dir"), allow_patterns=hub_patterns(config, weight_map))
+                                 cache_dir=model_cfg.get("cache_dir"), allow_patterns=patterns)
     except Exception as err:
         raise InputError(f"could not download {model_cfg['repo_id']}: {type(err).__name__}: {err}") from None
     return Path(path)
 
 
-def obtain(model_cfg: dict, synthetic_dir: str | Path) -> Path:
+def obtain(model_cfg: dict, synthetic_dir: str | Path, metadata_dir: str | Path | None = None) -> Path:
     source = model_cfg["source"]
     if source == "synthetic":
         from .synthetic import build_synthetic
@@ -83,7 +140,7 @@ def obtain(model_cfg: dict, synthetic_dir: str | Path) -> Path:
     if source == "embedded":
         return embedded_dir()
     if source == "hf":
-        return fetch_hub(model_cfg)
+        return fetch_hub(model_cfg, metadata_dir)
     raise InputError(f"model.source {source!r} is not one of embedded, synthetic, local, hf")
 
 

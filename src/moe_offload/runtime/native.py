@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
@@ -12,13 +13,42 @@ from ..checkpoint.layouts import detect_checkpoint
 
 
 def load_native(checkpoint_dir, device: torch.device, dtype: torch.dtype, experts_implementation: str | None = None):
-    """The text model (for Qwen3-Omni: the thinker only, no talker, no audio output)."""
+    """The text model (for Qwen3-Omni: the thinker only, no talker, no audio output), whole on `device`."""
     layout, _ = detect_checkpoint(checkpoint_dir)
     cls = getattr(transformers, layout.native_class)
     model = cls.from_pretrained(checkpoint_dir, dtype=dtype).to(device).eval()
     if experts_implementation:
         model.set_experts_implementation(experts_implementation)
     return model
+
+
+def offload_memory_map(device: torch.device, device_mb: int | None, cpu_mb: int | None = None) -> dict | None:
+    """accelerate's max_memory: the budget on the compute device and, on CUDA, the host tier after it.
+    On the CPU only the CPU is named (so a GPU that happens to be present stays unused); no budget there
+    means 90% of the memory available now. On CUDA with no budget at all, accelerate measures itself."""
+    if device.type == "cpu":
+        if device_mb is None:
+            device_mb = int(0.9 * psutil.virtual_memory().available / 2**20)
+        return {"cpu": f"{device_mb}MiB"}
+    if device_mb is None and cpu_mb is None:
+        return None
+    memory = {} if device_mb is None else {device.index or 0: f"{device_mb}MiB"}
+    return memory | ({} if cpu_mb is None else {"cpu": f"{cpu_mb}MiB"})
+
+
+def load_native_offloaded(checkpoint_dir, device: torch.device, dtype: torch.dtype, max_memory: dict | None,
+                          offload_folder) -> tuple:
+    """The text model as a user with too little memory runs it: accelerate's device_map="auto" places
+    what fits in `max_memory` on the device, then the CPU, and offloads the rest to disk under
+    offload_folder. Returns (model, placement: device -> number of modules)."""
+    layout, _ = detect_checkpoint(checkpoint_dir)
+    cls = getattr(transformers, layout.native_class)
+    model = cls.from_pretrained(checkpoint_dir, dtype=dtype, device_map="auto", max_memory=max_memory,
+                                offload_folder=str(offload_folder)).eval()
+    placement: dict[str, int] = {}
+    for where in (getattr(model, "hf_device_map", None) or {"": str(device)}).values():
+        placement[str(where)] = placement.get(str(where), 0) + 1
+    return model, placement
 
 
 class _FirstTokenClock(BaseStreamer):
@@ -41,7 +71,8 @@ class _FirstTokenClock(BaseStreamer):
 
 @torch.inference_mode()
 def native_generate(model, input_ids: list[int], max_new_tokens: int, eos_token_id=None) -> dict:
-    """Greedy decoding with transformers' generate(); prefill and decode timed apart."""
+    """Greedy decoding with transformers' generate(); prefill and decode timed apart. (With offloading,
+    model.device is where the inputs go: the first module's device.)"""
     device = model.device
     ids = torch.tensor([input_ids], device=device)
     clock = _FirstTokenClock(device)

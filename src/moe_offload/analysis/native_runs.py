@@ -1,0 +1,111 @@
+"""transformers' native model as the workflow records it, in two jobs:
+
+- the reference: greedy tokens and teacher-forced logits, what the depth runs' fidelity needs. It runs
+  the way a user with too little memory would: accelerate places what fits in a memory budget and
+  offloads the rest to disk, so a machine that cannot hold the model still completes the main job;
+- the timing: the whole model loaded the ordinary way and timed alone, with a chosen experts
+  implementation; optional (native.timing), since it needs the model's full size in memory.
+
+Both write the same JSON shape as a depth run (runs.py): prompts, load_s, decode tok/s, memory and its
+bound, device, threads and the machine's load.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from ..atomic import atomic_path, write_json
+from ..checkpoint.layouts import detect_checkpoint
+from ..runtime.memory import MemoryMeter
+from ..runtime.native import (load_native, load_native_offloaded, native_generate, native_teacher_forced_logits,
+                              offload_memory_map)
+from .run_info import decode_rate, device_of, environment, kv_bytes
+from .runs import check_finite, encode_prompt, speed_bound
+
+
+def _generate_all(model, tok, prompts: list[str], max_new_tokens: int, progress, chat_template) -> list[dict]:
+    runs = []
+    for prompt in prompts:
+        ids = encode_prompt(tok, prompt, chat_template)
+        run = native_generate(model, ids, max_new_tokens, tok.eos_token_id)
+        runs.append({"prompt": prompt, "input_ids": ids, **run,
+                     "text": tok.decode(run["output_ids"], skip_special_tokens=True)})
+        if progress is not None:
+            progress.update(1)
+    return runs
+
+
+def _result(kind: str, model, device, dtype, cfg, runs, load_s, meter, max_new_tokens, held_bytes: int,
+            experts_implementation: str | None) -> dict:
+    seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
+    kv = kv_bytes(cfg, cfg.num_layers, seq, dtype)
+    return {"kind": kind, "model_class": type(model).__name__, **environment(device, dtype),
+            "experts_implementation": experts_implementation or "default", "load_s": load_s,
+            "tok_s": decode_rate(runs), "speed_bound": speed_bound(cfg, cfg.num_layers, dtype, device),
+            "prefill_s": sum(r["prefill_s"] for r in runs),
+            "memory": meter.report({"weights_bytes": held_bytes, "kv_cache_bytes": kv, "total_bytes": held_bytes + kv}),
+            "prompts": runs}
+
+
+def run_native_reference(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
+                         max_memory_mb: int | None, cpu_memory_mb: int | None, offload_dir, out_json, out_logits,
+                         progress=None, chat_template: bool | None = None, start_rss: int | None = None) -> dict:
+    """Greedy tokens and teacher-forced logits within a memory budget (max_memory_mb on the device; on
+    CUDA cpu_memory_mb of host memory after it), the rest offloaded to a temporary folder under
+    offload_dir, removed afterwards."""
+    device, torch_dtype = device_of(device), getattr(torch, dtype)
+    _, cfg = detect_checkpoint(checkpoint_dir)
+    tok = AutoTokenizer.from_pretrained(checkpoint_dir)
+    max_memory = offload_memory_map(device, max_memory_mb, cpu_memory_mb)
+    asked = {str(k): v for k, v in (max_memory or {}).items()}  # accelerate rewrites the dict it is given
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".offload.", dir=offload_dir) as folder:
+        meter = MemoryMeter(device, start_rss)
+        start = time.perf_counter()
+        model, placement = load_native_offloaded(checkpoint_dir, device, torch_dtype, max_memory, folder)
+        load_s = time.perf_counter() - start
+        meter.end_phase("load")
+        runs = _generate_all(model, tok, prompts, max_new_tokens, progress, chat_template)
+        meter.end_phase("generate")
+        logits = {f"prompt_{i}": native_teacher_forced_logits(model, r["input_ids"], r["output_ids"]).contiguous()
+                  for i, r in enumerate(runs)}
+        for i, value in enumerate(logits.values()):
+            check_finite(value, f"native, prompt {i}")
+        # what stayed in memory: parameters not on the meta device (offloaded ones are placeholders there)
+        held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+        offloaded = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "meta")
+        result = _result("native_reference", model, device, torch_dtype, cfg, runs, load_s, meter, max_new_tokens,
+                         held, None)
+    with atomic_path(out_logits) as tmp:
+        save_file(logits, tmp)
+    result["offload"] = {"max_memory": asked, "placement": placement,
+                         "held_bytes": held, "offloaded_to_disk_bytes": offloaded}
+    write_json(out_json, result)
+    return result
+
+
+def run_native_timing(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
+                      out_json, experts_implementation: str | None = None, progress=None,
+                      chat_template: bool | None = None, start_rss: int | None = None) -> dict:
+    """Decode speed, load time and memory of the whole model loaded the ordinary way."""
+    device, torch_dtype = device_of(device), getattr(torch, dtype)
+    _, cfg = detect_checkpoint(checkpoint_dir)
+    tok = AutoTokenizer.from_pretrained(checkpoint_dir)
+    meter = MemoryMeter(device, start_rss)
+    start = time.perf_counter()
+    model = load_native(checkpoint_dir, device, torch_dtype, experts_implementation)
+    load_s = time.perf_counter() - start
+    meter.end_phase("load")
+    runs = _generate_all(model, tok, prompts, max_new_tokens, progress, chat_template)
+    meter.end_phase("generate")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    result = _result("native", model, device, torch_dtype, cfg, runs, load_s, meter, max_new_tokens, weights,
+                     experts_implementation)
+    write_json(out_json, result)
+    return result

@@ -1,0 +1,92 @@
+"""What each job holds in memory, from the model's dimensions, the device and the dtype, so the workflow
+can declare it (Snakemake `mem_mb`) and stop up front when a job cannot fit the machine.
+
+All figures are bytes. They count weights and KV cache at the compute dtype; a process's own overhead
+(Python, torch, allocator slack) is the workflow's `resources.base_mem_mb`, added when declaring.
+"""
+
+from __future__ import annotations
+
+from .checkpoint.layouts import TextConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MB = 2**20
+
+
+def dense_params(cfg: TextConfig, depth: int | None = None) -> int:
+    """Parameters outside the experts: embeddings, lm_head, final norm, and per layer attention, norms and
+    the router (or the dense MLP of a layer without experts), for the first `depth` layers."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attention = h * q + 2 * h * kv + q * h + 2 * cfg.head_dim + 2 * h  # q, k, v, o, q/k norms, two layer norms
+    total = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
+    for layer in range(cfg.num_layers if depth is None else depth):
+        mlp = cfg.num_experts * h if cfg.has_experts(layer) else 3 * h * cfg.intermediate_size
+        total += attention + mlp
+    return total
+
+
+def expert_layers(cfg: TextConfig, depth: int | None = None) -> list[int]:
+    return [layer for layer in cfg.expert_layers if depth is None or layer < depth]
+
+
+def model_bytes(cfg: TextConfig, dtype: str) -> int:
+    """The whole text model's weights at `dtype` (what transformers' native model holds)."""
+    experts = len(cfg.expert_layers) * cfg.num_experts * cfg.expert_params
+    return (dense_params(cfg) + experts) * DTYPE_BYTES[dtype]
+
+
+def kv_bytes(cfg: TextConfig, layers: int, seq_len: int, dtype: str) -> int:
+    return 2 * layers * cfg.num_kv_heads * seq_len * cfg.head_dim * DTYPE_BYTES[dtype]
+
+
+def cache_slots(cfg: TextConfig, depth: int, capacity: int | None, scope: str) -> int:
+    """Experts the cache preallocates (ExpertCache's slabs): capacity per layer, or one pool."""
+    layers = expert_layers(cfg, depth)
+    every = len(layers) * cfg.num_experts
+    if capacity is None:
+        return every
+    return min(capacity, cfg.num_experts) * len(layers) if scope == "per_layer" else min(capacity, every)
+
+
+def depth_bytes(cfg: TextConfig, depth: int, capacity: int | None, scope: str, dtype: str, seq_len: int,
+                pinned_staging: bool = False) -> dict:
+    """A selective run through `depth` layers: dense + capacity x expert + KV, plus (CUDA, pin_memory) the
+    host's pinned staging buffers, one expert per routed slot of a step."""
+    size = DTYPE_BYTES[dtype]
+    parts = {"dense_bytes": dense_params(cfg, depth) * size,
+             "expert_cache_bytes": cache_slots(cfg, depth, capacity, scope) * cfg.expert_params * size,
+             "kv_cache_bytes": kv_bytes(cfg, depth, seq_len, dtype),
+             "host_staging_bytes": (cfg.experts_per_token * len(expert_layers(cfg, depth)) * cfg.expert_bytes
+                                    if pinned_staging else 0)}
+    return {**parts, "total_bytes": sum(parts.values())}
+
+
+def native_bytes(cfg: TextConfig, dtype: str, seq_len: int, budget_bytes: int | None = None) -> dict:
+    """transformers' native model: every weight at `dtype` plus KV; with a budget (accelerate's max_memory),
+    only what fits in it is held, the rest offloaded to disk."""
+    weights = model_bytes(cfg, dtype)
+    held = weights if budget_bytes is None else min(weights, budget_bytes)
+    kv = kv_bytes(cfg, cfg.num_layers, seq_len, dtype)
+    return {"weights_bytes": weights, "held_bytes": held, "offloaded_bytes": weights - held,
+            "kv_cache_bytes": kv, "total_bytes": held + kv}
+
+
+def extract_bytes(cfg: TextConfig) -> dict:
+    """What extraction writes: every expert layer's file and the dense file (bf16, as stored)."""
+    layer = cfg.num_experts * cfg.expert_bytes
+    dense = dense_params(cfg) * 2
+    return {"layer_bytes": layer, "layers_bytes": layer * len(cfg.expert_layers), "dense_bytes": dense,
+            "total_bytes": layer * len(cfg.expert_layers) + dense}
+
+
+def to_mb(nbytes: int, base_mb: int = 0) -> int:
+    """Bytes as a Snakemake mem_mb figure (MiB, rounded up) plus a process's base overhead."""
+    return -(-nbytes // MB) + base_mb
+
+
+def fits_line(job: str, need_mb: int, have_mb: int, hint: str = "") -> str | None:
+    """None when `need_mb` fits in `have_mb`; else the one line saying so."""
+    if need_mb <= have_mb:
+        return None
+    line = f"error: {job} needs {need_mb / 1024:.1f} GiB of memory, the machine has {have_mb / 1024:.1f} GiB"
+    return f"{line}: {hint}" if hint else line

@@ -1,0 +1,89 @@
+"""Resources from the model: the bytes each job holds, checked against what the runtime and transformers
+actually hold, and the real checkpoint's figures the README quotes."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+
+from moe_offload import disk, resources as res
+from moe_offload.checkpoint.extract import extract_dense, extract_layer
+from moe_offload.checkpoint.layouts import detect_checkpoint, text_config_from_dict
+from moe_offload.checkpoint.synthetic import _qwen3_moe_model, text_config
+from moe_offload.errors import InputError
+from moe_offload.runtime.generate import load_runtime
+
+from conftest import small_spec
+
+# Qwen3-Omni-30B-A3B's thinker text model (BACKGROUND.md section 2)
+REAL = text_config_from_dict(dict(
+    vocab_size=152064, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6))
+GiB = 2**30
+
+
+def test_model_bytes_equal_transformers_parameters():
+    spec = small_spec("qwen3_moe", mlp_only_layers=[2])  # a dense-MLP layer counts too
+    model = _qwen3_moe_model(spec)
+    held = sum(p.numel() * 4 for p in model.parameters())  # float32, as built
+    assert res.model_bytes(text_config_from_dict(text_config(spec)), "float32") == held
+
+
+@pytest.mark.parametrize("capacity, scope", [(6, "per_layer"), (None, "per_layer"), (20, "global")])
+def test_depth_bytes_equal_what_the_runtime_holds(omni_ckpt, tmp_path, capacity, scope):
+    depth = 3
+    files = {layer: extract_layer(omni_ckpt, layer, tmp_path / f"layer_{layer}.safetensors") and
+             tmp_path / f"layer_{layer}.safetensors" for layer in range(depth)}
+    extract_dense(omni_ckpt, tmp_path / "dense.safetensors")
+    rt = load_runtime(tmp_path / "dense.safetensors", files, omni_ckpt, depth=depth, capacity=capacity, scope=scope,
+                      dtype=torch.float32)
+    for layer in range(depth):  # the cache allocates a pool when a layer first asks for it
+        rt.cache.slabs(layer)
+    _, cfg = detect_checkpoint(omni_ckpt)
+    need = res.depth_bytes(cfg, depth, capacity, scope, "float32", seq_len=40)
+    assert need["dense_bytes"] == rt.dense_bytes
+    assert need["expert_cache_bytes"] == rt.cache.slab_bytes
+    assert need["kv_cache_bytes"] == 2 * depth * cfg.num_kv_heads * 40 * cfg.head_dim * 4
+    assert need["total_bytes"] == rt.dense_bytes + rt.cache.slab_bytes + need["kv_cache_bytes"]
+
+
+def test_native_within_a_budget_holds_at_most_the_budget():
+    whole = res.native_bytes(REAL, "bfloat16", 100)
+    capped = res.native_bytes(REAL, "bfloat16", 100, budget_bytes=20 * GiB)
+    assert whole["held_bytes"] == whole["weights_bytes"] and whole["offloaded_bytes"] == 0
+    assert capped["held_bytes"] == 20 * GiB
+    assert capped["offloaded_bytes"] == whole["weights_bytes"] - 20 * GiB
+    assert res.native_bytes(REAL, "float32", 100)["weights_bytes"] == 2 * whole["weights_bytes"]
+
+
+def test_real_checkpoint_figures():
+    """The README's figures: experts 54 GiB extracted, 9 MiB each, the rest of the text model 2.9 GiB."""
+    assert REAL.expert_bytes == 9 * 2**20
+    written = res.extract_bytes(REAL)
+    assert written["layer_bytes"] == 1.125 * GiB and written["layers_bytes"] == 54 * GiB
+    assert 2.8 * GiB < written["dense_bytes"] < 3.0 * GiB
+    # all resident on a GPU in bf16: every expert of the 48 layers, plus dense
+    full = res.depth_bytes(REAL, 48, None, "per_layer", "bfloat16", 4096)
+    assert full["expert_cache_bytes"] == 54 * GiB
+    top_k = res.depth_bytes(REAL, 48, 8, "per_layer", "bfloat16", 4096)
+    assert top_k["expert_cache_bytes"] == 48 * 8 * 9 * 2**20  # 3.4 GiB: 48 x 8 real experts
+    assert res.cache_slots(REAL, 48, 1000, "global") == 1000
+    assert res.cache_slots(REAL, 48, 1000, "per_layer") == 48 * 128  # never more than a layer has
+
+
+def test_fits_line_names_job_need_and_machine():
+    assert res.fits_line("job", 100, 100) is None
+    line = res.fits_line("generate_native_timing", 60 * 1024, 23 * 1024, "set native.timing: false")
+    assert line == ("error: generate_native_timing needs 60.0 GiB of memory, the machine has 23.0 GiB: "
+                    "set native.timing: false")
+
+
+def test_check_disk(tmp_path, monkeypatch):
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: Usage(100 * 10**9, 90 * 10**9, 10 * 10**9))
+    disk.check_disk(tmp_path / "not" / "yet", 10 * 10**9, "x")  # exactly enough; a missing folder asks its parent
+    with pytest.raises(InputError, match=r"not enough disk for layer 17 under .*: needs 12.1 GB, 10.0 GB free"):
+        disk.check_disk(tmp_path, 12_100_000_000, "layer 17")

@@ -1,3 +1,0 @@
-from moe_offload import steps
-
-steps.run_step(snakemake, steps.generate_native)  # noqa: F821 (Snakemake injects `snakemake`)

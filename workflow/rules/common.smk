@@ -10,7 +10,11 @@ from moe_offload.disk import check_disk
 from moe_offload.code_version import code_version
 from moe_offload.config import canonical, check_config
 from moe_offload.errors import InputError, config_error_line
-from moe_offload.checkpoint.source import EMBEDDED_DIR, hub_metadata_dir, planned_text_config
+from moe_offload.checkpoint.source import (
+    EMBEDDED_DIR,
+    hub_metadata_dir,
+    planned_text_config,
+)
 
 try:
     validate(config, schema="../schemas/config.schema.yaml")

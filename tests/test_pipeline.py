@@ -12,6 +12,8 @@ import sys
 import jsonschema
 import pandas as pd
 import pytest
+
+from moe_offload.checkpoint.layouts import detect_checkpoint
 import yaml
 
 from moe_offload.checkpoint.shards import header_tensors
@@ -89,7 +91,8 @@ def _numbers_are_like_for_like(workdir, report):
     depths = [r["bytes_read_per_token"] for r in report["depths"]]
     assert depths == sorted(depths) and len(set(depths)) == len(depths)
     profile = json.loads((workdir / "results/cache/profile.json").read_text())
-    assert profile["dtype"] == "float32" and profile["summary"]["expert_bytes"] == 3 * 64 * 32 * 4
+    _, cfg = detect_checkpoint(workdir / "models/default")  # the default checkpoint's expert size, in float32
+    assert profile["dtype"] == "float32" and profile["summary"]["expert_bytes"] == cfg.expert_params * 4
     assert report["cache_profile"]["dtype"] == "float32"
 
 

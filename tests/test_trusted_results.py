@@ -19,7 +19,7 @@ import yaml
 
 from conftest import REPO, error_lines, set_config, snakemake, use_small_synthetic
 from moe_offload import steps
-from moe_offload.analysis.runs import bytes_read_per_token, encode_prompt, speed_bound
+from moe_offload.analysis.run_info import bytes_read_per_token, encode_prompt, speed_bound
 from moe_offload.atomic import write_json
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.shards import Checkpoint

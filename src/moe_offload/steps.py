@@ -176,7 +176,7 @@ def _depth_files(smk) -> list[tuple[Path, str, str]]:
 def generate_native_reference(smk) -> None:
     from .analysis.native_runs import run_native_reference
     from .analysis.run_info import use_threads
-    from .analysis.runs import verify_files
+    from .analysis.run_info import verify_files
 
     run, budget, prompts = smk.params.run, smk.params.budget, list(smk.params.prompts)
     use_threads(smk.threads)
@@ -196,7 +196,7 @@ def generate_native_reference(smk) -> None:
 def generate_native_timing(smk) -> None:
     from .analysis.native_runs import run_native_timing
     from .analysis.run_info import use_threads
-    from .analysis.runs import verify_files
+    from .analysis.run_info import verify_files
 
     run, impl, prompts = smk.params.run, smk.params.experts_implementation, list(smk.params.prompts)
     use_threads(smk.threads)
@@ -213,8 +213,8 @@ def generate_native_timing(smk) -> None:
 
 
 def generate_depth(smk) -> None:
-    from .analysis.run_info import use_threads
-    from .analysis.runs import run_depth, verify_files
+    from .analysis.run_info import use_threads, verify_files
+    from .analysis.runs import run_depth
 
     run, depth = smk.params.run, int(smk.wildcards.depth)
     use_threads(smk.threads)

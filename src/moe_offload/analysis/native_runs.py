@@ -25,8 +25,7 @@ from ..checkpoint.layouts import detect_checkpoint
 from ..runtime.memory import MemoryMeter
 from ..runtime.native import (load_native, load_native_offloaded, native_generate, native_teacher_forced_logits,
                               offload_memory_map)
-from .run_info import decode_rate, device_of, environment, kv_bytes
-from .runs import check_finite, encode_prompt, speed_bound
+from .run_info import check_finite, decode_rate, device_of, encode_prompt, environment, kv_bytes, speed_bound
 
 
 def _generate_all(model, tok, prompts: list[str], max_new_tokens: int, progress, chat_template) -> list[dict]:

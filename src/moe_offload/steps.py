@@ -173,17 +173,24 @@ def _depth_files(smk) -> list[tuple[Path, str, str]]:
     return files
 
 
-def generate_native_reference(smk) -> None:
-    from .analysis.native_runs import run_native_reference
-    from .analysis.run_info import use_threads
-    from .analysis.run_info import verify_files
+def _native_start(smk) -> Path:
+    """What both native jobs do first: take their threads, and hash the checkpoint files the native model
+    reads against the manifest. Returns the checkpoint directory."""
+    from .analysis.run_info import use_threads, verify_files
 
-    run, budget, prompts = smk.params.run, smk.params.budget, list(smk.params.prompts)
     use_threads(smk.threads)
     manifest, checkpoint = _manifest(smk), _checkpoint(smk)
     files = _native_files(checkpoint, manifest)
     with progress_bar(smk, len(files), "file", "verifying checkpoint files") as bar:
         verify_files(files, bar)
+    return checkpoint
+
+
+def generate_native_reference(smk) -> None:
+    from .analysis.native_runs import run_native_reference
+
+    run, budget, prompts = smk.params.run, smk.params.budget, list(smk.params.prompts)
+    checkpoint = _native_start(smk)
     with progress_bar(smk, len(prompts), "prompt", "native reference") as bar:
         result = run_native_reference(checkpoint, prompts, run["max_new_tokens"], run["device"], run["dtype"],
                                       budget["max_memory_mb"], budget["cpu_memory_mb"], smk.params.offload_dir,
@@ -195,15 +202,9 @@ def generate_native_reference(smk) -> None:
 
 def generate_native_timing(smk) -> None:
     from .analysis.native_runs import run_native_timing
-    from .analysis.run_info import use_threads
-    from .analysis.run_info import verify_files
 
     run, impl, prompts = smk.params.run, smk.params.experts_implementation, list(smk.params.prompts)
-    use_threads(smk.threads)
-    manifest, checkpoint = _manifest(smk), _checkpoint(smk)
-    files = _native_files(checkpoint, manifest)
-    with progress_bar(smk, len(files), "file", "verifying checkpoint files") as bar:
-        verify_files(files, bar)
+    checkpoint = _native_start(smk)
     with progress_bar(smk, len(prompts), "prompt", "native timing") as bar:
         result = run_native_timing(checkpoint, prompts, run["max_new_tokens"], run["device"], run["dtype"],
                                    smk.output.json, None if impl == "default" else impl, bar,

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa: E402
+from moe_offload.runtime.decode import Decoder, default_path  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
 from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
@@ -168,7 +169,7 @@ def bytes_per_token(rt) -> int:
 
 
 def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_logits=False, kernels=None,
-             host_tier=False):
+             host_tier=False, path=None):
     device = torch.device(a.device)
     peak = Peak(device)
     t0 = time.perf_counter()
@@ -176,8 +177,8 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
                       pin_memory=pin, use_kernels=kernels, host_tier=host_tier)
     rt.model.record_trace = trace
     load_s = time.perf_counter() - t0
-    warm = generate(rt, ids, a.max_new_tokens)
-    runs = [generate(rt, ids, a.max_new_tokens) for _ in range(a.repeats)]
+    warm = generate(rt, ids, a.max_new_tokens, path=path)
+    runs = [generate(rt, ids, a.max_new_tokens, path=path) for _ in range(a.repeats)]
     mem = peak.read()
     toks = [g.decode_tokens_per_second for g in runs]
     cap_per_layer = cfg.num_experts if capacity is None else capacity
@@ -191,6 +192,7 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     bound_resident = rt.dense_bytes + resident * expert_bytes + kv
     out = {
         "label": label, "capacity_per_layer": cap_per_layer, "pin_memory": pin, "record_trace": trace,
+        "decode_path": path or default_path(rt.model, 1, greedy=True),
         "host_tier_bytes": rt.cache.host_tier_bytes,
         "fused_kernels": rt.model.kernels, "bytes_per_token": bytes_per_token(rt),
         "load_seconds": load_s, "warmup_tok_s": warm.decode_tokens_per_second,
@@ -213,7 +215,7 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     out["tokens_stable_across_runs"] = all(g.tokens[0] == tokens for g in runs + [warm])
     extra = {"tokens": tokens}
     if keep_logits:
-        g = generate(rt, ids, a.max_new_tokens, return_logits=True)
+        g = generate(rt, ids, a.max_new_tokens, return_logits=True, path=path)
         extra["logits"] = torch.stack([l[0] for l in g.logits])
     rt.cache.close()
     del rt, warm, runs
@@ -239,8 +241,9 @@ def profile_decode(rt, ids, cfg, steps=8):
         if prof:
             prof.__enter__()
         start = time.perf_counter()
+        decoder = Decoder(model, default_path(model, 1, greedy=True), lambda logits: logits.argmax(-1))
         for s in range(steps):
-            tok = model.forward(tok[:, None], torch.tensor([t + s], device=dev))[:, -1].argmax(-1)
+            _, tok, _ = decoder.step(tok, t + s, last=s + 1 == steps)
         sync(dev)
         seconds = time.perf_counter() - start
         if prof:
@@ -452,7 +455,8 @@ def main():
             result["hbm_probe"] = hbm_probe(device)
             result["h2d_probe"] = h2d_probe(device, cfg.expert_bytes)
         record(run_ours, a, files, cfg, ids, None, label="ours_full", keep_logits=True)
-        if device.type == "cuda":
+        if device.type == "cuda":  # the same step as one graph per token, settled before the next launch
+            record(run_ours, a, files, cfg, ids, None, label="ours_full_graph", path="graph")
             record(run_ours, a, files, cfg, ids, None, label="ours_full_torch", kernels=False)
         record(run_ours, a, files, cfg, ids, None, label="ours_full_no_trace", trace=False)
         record(run_ours, a, files, cfg, ids, k, label="ours_topk")

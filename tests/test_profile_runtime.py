@@ -26,22 +26,22 @@ def extracted(omni_ckpt, tmp_path_factory):
     return omni_ckpt, out, cfg
 
 
-def _run(extracted, capacity, scope, policy="lru", optimistic=None):
+def _run(extracted, capacity, scope, policy="lru", path=None):
     ckpt, out, _ = extracted
     rt = load_runtime(out / "dense.safetensors", out, ckpt, capacity=capacity, scope=scope, policy=policy)
-    rt.model.optimistic = optimistic
     tok = AutoTokenizer.from_pretrained(ckpt)
     for i, text in enumerate(PROMPTS):  # one cache across prompts, as the workflow's depth runs do
-        generate(rt, tok(text)["input_ids"], 12, prompt=i)
+        generate(rt, tok(text)["input_ids"], 12, prompt=i, path=path)
     return rt.cache.stats(), pd.DataFrame(rt.model.trace, columns=list(TRACE_COLUMNS))
 
 
 @pytest.mark.parametrize("scope, capacity", [("per_layer", 4), ("per_layer", 7), ("global", 40), ("global", 100)])
-@pytest.mark.parametrize("policy, optimistic", [("lru", False), ("lru", True), ("lfu", None)])
-def test_simulation_equals_runtime_counters(extracted, scope, capacity, policy, optimistic):
-    """Also with the optimistic decode step (CUDA's default), whose counters come from replaying the
-    step's accesses after the fact."""
-    counted, trace = _run(extracted, capacity, scope, policy, optimistic)
+@pytest.mark.parametrize("policy, path", [("lru", "careful"), ("lru", "optimistic"), ("lru", "pipelined"),
+                                          ("lfu", None)])
+def test_simulation_equals_runtime_counters(extracted, scope, capacity, policy, path):
+    """Also with the optimistic and pipelined decode steps (CUDA's), whose counters come from replaying
+    each step's accesses after the fact (a step launched ahead of a miss is discarded unseen)."""
+    counted, trace = _run(extracted, capacity, scope, policy, path)
     simulated = simulate(access_sequence(trace), policy, scope, capacity)
     assert counted["misses"] > 0 and counted["hits"] > 0
     assert (simulated["hits"], simulated["misses"]) == (counted["hits"], counted["misses"])

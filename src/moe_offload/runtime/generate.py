@@ -16,6 +16,7 @@ import torch
 from ..errors import InputError
 from .expert_cache import ExpertCache
 from ..checkpoint.layouts import Layout, TextConfig, detect_checkpoint
+from .decode import Decoder, check_path, default_path
 from .model import TRACE_COLUMNS, Transformer, load_dense
 
 
@@ -114,13 +115,16 @@ def _as_batch(ids, device) -> torch.Tensor:
 @torch.inference_mode()
 def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, eos_token_id: int | list[int] | None = None,
-             prompt=0, return_logits: bool = False) -> Generation:
-    """Greedy (temperature 0) or sampled generation. `prompt` labels the trace rows (an id, or one per row)."""
+             prompt=0, return_logits: bool = False, path: str | None = None) -> Generation:
+    """Greedy (temperature 0) or sampled generation. `prompt` labels the trace rows (an id, or one per row).
+    path: how each decode step runs (decode.PATHS; None: the device's default)."""
     model, device = runtime.model, runtime.device
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = _as_batch(input_ids, device)
     b, t = ids.shape
+    path = default_path(model, b, temperature <= 0) if path is None else path
+    check_path(model, path, b, temperature <= 0)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     generator = None
     if temperature > 0:
@@ -143,13 +147,13 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
     model.flush()
     s1 = runtime.cache.stats()
 
-    # Decode: one token per forward, until max_new_tokens or every row has produced an eos.
-    pos = torch.zeros(1, dtype=torch.long, device=device)
-    start, step = time.perf_counter(), 0
+    # Decode: one token per step, until max_new_tokens or every row has produced an eos.
+    decoder = Decoder(model, path, lambda step_logits: sample(step_logits, temperature, top_k, top_p, generator))
+    start, step, tokens = time.perf_counter(), 0, tok.tolist()
     while True:
         if return_logits:
             logits_out.append(logits.float().cpu())
-        for row, token in enumerate(tok.tolist()):
+        for row, token in enumerate(tokens):
             if not done[row]:
                 out[row].append(token)
                 done[row] = token in eos
@@ -157,9 +161,7 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
         if step >= max_new_tokens or all(done):
             break
         model.trace_context = {"prompt": prompt, "step": step}
-        pos.fill_(t + step - 1)  # on the device: building a new tensor from the host would sync
-        logits = model.forward(tok[:, None], pos, positions=[t + step - 1])[:, -1]
-        tok = sample(logits, temperature, top_k, top_p, generator)
+        logits, tok, tokens = decoder.step(tok, t + step - 1, last=step + 1 >= max_new_tokens)
     model.flush()  # the last step's hits: counted inside the timed span, as every other step's
     _sync(device)
     decode_seconds = time.perf_counter() - start

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 
 
-def _capture(fn, pool):
+def capture(fn, pool=None):
     """Run fn once eagerly on a side stream (compiles kernels, writes what the step writes), then
-    capture it into a graph sharing `pool`. Returns (graph, fn's outputs, which the graph rewrites)."""
+    capture it into a graph sharing `pool` (None: a pool of its own). Returns (graph, fn's outputs,
+    which the graph rewrites)."""
     main = torch.cuda.current_stream()
     side = torch.cuda.Stream()
     side.wait_stream(main)
@@ -48,7 +49,7 @@ class LayerGraphs:
         if not hasattr(block.mlp, "route_fused"):  # a dense layer: one graph
             def dense():
                 x.copy_(block.forward_fused(x, m.rope_cos, m.rope_sin, pos, mask))
-            self.graphs[i] = (_capture(dense, self.pool)[0],)
+            self.graphs[i] = (capture(dense, self.pool)[0],)
             return
 
         def pre():
@@ -56,13 +57,13 @@ class LayerGraphs:
             top_i, top_w, _ = block.mlp.route_fused(h, self.record)
             return h, resid, top_i, top_w
 
-        pre_graph, outs = _capture(pre, self.pool)
+        pre_graph, outs = capture(pre, self.pool)
         pre_graph.replay()  # fills outs with this step's values (capturing computed nothing)
         m.load_routed(block.mlp.layer, self.record.tolist())
 
         def post():
             x.copy_(block.mlp.experts_fused(*outs))
-        self.graphs[i] = (pre_graph, outs, _capture(post, self.pool)[0])
+        self.graphs[i] = (pre_graph, outs, capture(post, self.pool)[0])
 
     def run(self, x: torch.Tensor, input_pos: torch.Tensor, start: int) -> torch.Tensor:
         """Layers start.. for one token whose layer-`start` input is x [H]; returns the final hidden [H]."""

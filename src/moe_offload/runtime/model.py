@@ -100,7 +100,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
         super().__init__()
         self.cfg, self.layer, self.router, self.cache, self.record = cfg, layer, w["mlp.gate.weight"], cache, record
-        self.defer = False  # set by Transformer for an optimistic one-token step (see Transformer.decode)
+        self.defer = False  # set by Transformer for an optimistic one-token step (see Transformer.optimistic)
         self.pending = None
         self.kernels = False  # set by Transformer: one-token steps through the fused kernels
 
@@ -221,13 +221,9 @@ class Transformer(nn.Module):
         self.trace_context: dict = {"prompt": 0, "step": 0}
         self.record_trace = True
         self._pos = None
-        self._graph = None  # the captured decode step on CUDA (see _replay_graph)
+        self.step_graphs = None  # the optimistic step captured on CUDA (decode.StepGraphs), kept across calls
         self._layer_graphs = None  # the careful decode step on CUDA, as per-layer graphs
         self._deferred = None  # a settled step's hits, not yet accounted (see flush)
-        # One-token steps go optimistic (one host sync per token, see _optimistic) on CUDA, where the
-        # host must not wait for the GPU layer by layer; on CPU nothing runs ahead, so by default not.
-        self.optimistic: bool | None = None
-        self._expect_resident = True
         self.kernels = kernels.available(self.embed.device) if use_kernels is None else use_kernels
         if self.kernels and not kernels.available(self.embed.device):
             raise InputError(f"the fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1), "
@@ -266,51 +262,53 @@ class Transformer(nn.Module):
             row_b, row_t = divmod(i, t)
             self.trace.append((prompt[row_b] if per_row else prompt, step, self._pos[row_t], layer, experts, ws))
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None):
-        """positions: input_pos as host ints, when the caller has them (saves a device round trip)."""
-        positions = input_pos.tolist() if positions is None else positions
+    def check_positions(self, positions: list[int]) -> int:
+        """The KV length a step at these positions sees; one line if they run past the cache."""
         end = positions[-1] + 1
         if end > self.max_seq_len:
             raise InputError(f"position {end - 1} is past the KV cache ({self.max_seq_len}): call setup_caches")
-        one_token = input_ids.numel() == 1 and self.cache.keeps_step_resident
-        optimistic = self.embed.is_cuda if self.optimistic is None else self.optimistic
-        graph = one_token and optimistic and self._expect_resident and self.embed.is_cuda
-        if graph:  # nothing launched before the replay: it does the whole step
-            logits, inputs, pending = self._replay_graph(input_ids, input_pos)
-        self.flush()  # the previous step's bookkeeping, on the host while this step runs on the GPU
+        return end
+
+    def begin_step(self, positions: list[int]) -> None:
+        """Before a step's host work: the previous step's deferred bookkeeping, then this step's positions
+        (for its trace rows)."""
+        self.flush()
         self._pos = positions
-        start, misses, x = 0, self.cache.misses, None
-        if one_token and optimistic and self._expect_resident:
-            if not graph:
-                logits, inputs, pending = self._optimistic(F.embedding(input_ids, self.embed), self.causal[input_pos],
-                                                           input_pos)
-            start = self._settle(pending)
-            if start == len(self.layers):
-                return logits
-            x = inputs[start]
-        x = F.embedding(input_ids, self.embed) if x is None else x
-        mask = self.causal[input_pos, :end]
-        if one_token and self.kernels and x.shape[0] == 1:  # the careful way, still through the kernels
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None):
+        """Every layer, each MoE layer showing its routing to the host and loading its experts before they
+        run: the prefill, and the careful one-token step. positions: input_pos as host ints, when the
+        caller has them (saves a device round trip)."""
+        positions = input_pos.tolist() if positions is None else positions
+        end = self.check_positions(positions)
+        self.begin_step(positions)
+        return self.head(self.careful_from(F.embedding(input_ids, self.embed), input_pos, 0, end))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+
+    def careful_from(self, x: torch.Tensor, input_pos: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Layers start.. for x [B, T, H] (its layer-`start` input), loading each MoE layer's experts
+        before they run; end: the KV length the step sees. Returns the final hidden [B, T, H]."""
+        one_token = x.shape[0] * x.shape[1] == 1 and self.cache.keeps_step_resident
+        if one_token and self.kernels:  # through the kernels: on CUDA as per-layer graphs
             if self.embed.is_cuda:
                 if self._layer_graphs is None or self._layer_graphs.kv_version != self._kv_version:
                     self._layer_graphs = LayerGraphs(self)
-                x = self._layer_graphs.run(x.view(-1), input_pos, start)
-            else:
-                x = self._careful_fused(x.view(-1), input_pos, mask, start)
-            x = x.view(1, 1, -1)
-        else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            for block in self.layers[start:]:
-                x = block(x, cos, sin, input_pos, mask)
-        if one_token:  # a step that loaded experts predicts another: go the careful way until one does not
-            self._expect_resident = self.cache.misses == misses
-        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+                return self._layer_graphs.run(x.view(-1), input_pos, start).view(1, 1, -1)
+            return self._careful_fused(x.view(-1), input_pos, self.causal[input_pos, :end], start).view(1, 1, -1)
+        mask = self.causal[input_pos, :end]
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        for block in self.layers[start:]:
+            x = block(x, cos, sin, input_pos, mask)
+        return x
 
-    def _optimistic(self, x, mask, input_pos):
+    def optimistic_step(self, input_ids: torch.Tensor, input_pos: torch.Tensor):
         """One token through every layer assuming each routed expert is already resident: no host sync
-        at all. Returns logits, each layer's input, and each MoE layer's (top_i, top_w) for `_settle`.
-        The mask covers the whole KV cache (later positions masked out) so shapes never change and the
-        step can be a CUDA graph."""
+        at all. Returns (logits [1, 1, V], each layer's input, (MoE layers, their routing [layers, 2, k]
+        on the device)) for `settle`. The mask covers the whole KV cache (later positions masked out) and
+        only device tensors are read, so shapes never change and the step can be a CUDA graph."""
+        x, mask = F.embedding(input_ids, self.embed), self.causal[input_pos]
         if self.kernels and x.shape[0] == 1:
             return self._optimistic_fused(x.view(-1), mask, input_pos)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
@@ -331,7 +329,7 @@ class Transformer(nn.Module):
         return logits, inputs, ([m.layer for m in moes], routing)
 
     def _optimistic_fused(self, x, mask, input_pos):
-        """`_optimistic` for one row through the fused kernels: about ten launches a layer."""
+        """`optimistic_step` for one row through the fused kernels: about ten launches a layer."""
         moe_layers = [b.mlp.layer for b in self.layers if isinstance(b.mlp, MoE)]
         # the route kernels write each layer's choice here, so the host reads the step's in one copy
         routing = torch.empty(len(moe_layers), 2, self.cfg.experts_per_token, dtype=torch.float32, device=x.device)
@@ -368,15 +366,13 @@ class Transformer(nn.Module):
                 x = resid + block.mlp(h)
         return x
 
-    def _settle(self, pending) -> int:
-        """One host sync for the whole step; the cache then replays the step's accesses in order. Returns
-        len(layers) when every routed expert was resident, else the first layer that routed to an
-        absent one: the caller redoes the step from there the careful way (its KV entries at this
-        position are simply overwritten)."""
-        layers, routing = pending
+    def settle(self, layers: list[int], host: list) -> int:
+        """An optimistic step's routing, read by the host ([layers][2][k]): the cache replays the step's
+        accesses in order. Returns len(self.layers) when every routed expert was resident, else the
+        first layer that routed to an absent one: the caller redoes the step from there the careful way
+        (its KV entries at this position are simply overwritten)."""
         if not layers:
             return len(self.layers)
-        host = routing.cpu().tolist()
         for j, (layer, (experts, _)) in enumerate(zip(layers, host)):
             if not all(self.cache.is_resident(layer, int(e)) for e in experts):
                 self._deferred = (layers[:j], host[:j], self._pos, dict(self.trace_context))
@@ -388,7 +384,7 @@ class Transformer(nn.Module):
 
     def flush(self) -> None:
         """Account a settled step's hits in order: recency in the cache policy, counters, trace rows.
-        Deferred from `_settle` so that the host does it while the GPU runs the next step; callers that
+        Deferred from `settle` so that the host does it while the GPU runs the next step; callers that
         read the cache's counters call it first (generate does)."""
         if self._deferred is None:
             return
@@ -399,30 +395,6 @@ class Transformer(nn.Module):
             self.cache.get_many(layer, step_accesses([chosen]))  # all hits: counted, recency refreshed in order
             self.record(layer, [chosen], [weights], 1, 1)
         self._pos, self.trace_context = saved
-
-    def _replay_graph(self, input_ids, input_pos):
-        """The optimistic step as a CUDA graph (gpt-fast's "reduce-overhead", by hand): one replay
-        launches every kernel of every layer. Captured at the first decode step, again whenever the KV
-        cache is reallocated (longer, or for a larger batch); slabs, slot tables and weights are static
-        tensors it reads at each replay."""
-        g = self._graph
-        if g is None or g["kv_version"] != self._kv_version:
-            ids, pos = input_ids.clone(), input_pos.clone()
-            run = lambda: self._optimistic(F.embedding(ids, self.embed), self.causal[pos], pos)  # noqa: E731
-            side = torch.cuda.Stream(self.embed.device)
-            side.wait_stream(torch.cuda.current_stream(self.embed.device))
-            with torch.cuda.stream(side):  # warm-up at the real token and position: writes what the step writes
-                run()
-            torch.cuda.current_stream(self.embed.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = run()
-            g = self._graph = {"graph": graph, "ids": ids, "pos": pos, "out": out, "kv_version": self._kv_version}
-        g["ids"].copy_(input_ids)
-        g["pos"].copy_(input_pos)
-        g["graph"].replay()
-        logits, inputs, pending = g["out"]
-        return logits.clone(), inputs, pending
 
 
 def load_dense(path: str | Path, layout: Layout, depth: int, device, dtype) -> dict[str, torch.Tensor]:

@@ -64,11 +64,16 @@ def check_layout(name, spec, work, device, new_tokens):
         except Exception as err:
             refs[impl] = dict(error=f"{type(err).__name__}: {err}")
     out = {"spec": spec, "native": {k: {kk: vv for kk, vv in v.items() if kk != "cases"} for k, v in refs.items()}}
-    variants = [(f"{c}_{k}", cap, kern) for c, cap in (("all", None), ("top_k", cfg.experts_per_token), ("between", 6))
+    # (name, capacity, kernels, load_runtime's other settings, decode path: None is the default, pipelined)
+    variants = [(f"{c}_{k}", cap, kern, {}, None)
+                for c, cap in (("all", None), ("top_k", cfg.experts_per_token), ("between", 6))
                 for k, kern in (("kernels", True), ("torch", False))]
-    for cap_name, cap, kern in variants:
+    variants += [("all_kernels_graph", None, True, {}, "graph"), ("between_kernels_graph", 6, True, {}, "graph"),
+                 ("between_kernels_host_tier", 6, True, dict(host_tier=True), None),
+                 ("unified_kernels", None, True, dict(unified=True), None)]
+    for cap_name, cap, kern, settings, path in variants:
         rt = load_runtime(work / "dense.safetensors", work, ckpt, capacity=cap, device=device, dtype=torch.float32,
-                          use_kernels=kern, pin_memory=True)
+                          use_kernels=kern, pin_memory=True, **settings)
         for impl, ref in refs.items():
             if "cases" not in ref:
                 continue
@@ -77,7 +82,7 @@ def check_layout(name, spec, work, device, new_tokens):
                 ids = case["ids"]
                 rt.model.setup_caches(1, ids.shape[1])
                 prefill = rt.model.forward(ids, torch.arange(ids.shape[1], device=device))[0].float()
-                g = generate(rt, ids, new_tokens, return_logits=True)
+                g = generate(rt, ids, new_tokens, return_logits=True, path=path)
                 steps = torch.stack([l[0] for l in g.logits]).to(device)
                 rows.append(dict(tokens_identical=g.tokens[0] == case["tokens"],
                                  max_abs_diff_prefill=(prefill - case["full"]).abs().max().item(),
@@ -87,7 +92,7 @@ def check_layout(name, spec, work, device, new_tokens):
             # captured decode graph has to be recaptured, not replayed over freed buffers)
             ids = ref["cases"][0]["ids"]
             generate(rt, torch.cat([ids, ids]), 4)
-            again = generate(rt, ids, new_tokens)
+            again = generate(rt, ids, new_tokens, path=path)
             rows.append(dict(tokens_identical=again.tokens[0] == ref["cases"][0]["tokens"], after_batch_2=True,
                              max_abs_diff_prefill=0.0, max_abs_diff_steps=0.0, logit_scale=0.0))
             out[f"ours_{cap_name}_vs_native_{impl}"] = dict(

@@ -102,6 +102,22 @@ def test_host_tier_matches_transformers(model, path):
     assert gen.decode_stats["misses"] > 0
 
 
+@pytest.mark.parametrize("path", ["careful", "pipelined"])
+def test_unified_memory_matches_transformers(model, path):
+    """Unified memory: every expert read once into slabs that stay where they were read (pinned host RAM
+    on CUDA, which the kernels read in place), so nothing misses after the start, asked for capacity 6 or
+    not; transformers' tokens and logits."""
+    cfg, case = model["cfg"], model["cases"][0]
+    rt = model["runtime"](capacity=6, unified=True, use_kernels=False)
+    assert rt.cache.slots == len(cfg.expert_layers) * cfg.num_experts
+    gen = generate(rt, case["ids"], NEW_TOKENS, return_logits=True, path=path)
+    assert gen.tokens[0] == case["tokens"]
+    for ours, theirs in zip(gen.logits, case["step_logits"]):
+        assert (ours[0] - theirs).abs().max().item() <= TOL
+    assert gen.prefill_stats["misses"] == gen.decode_stats["misses"] == 0
+    assert gen.decode_stats["hits"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("capacity", ["all", "between"])
 def test_fused_kernels_match_transformers(model, capacity):

@@ -49,12 +49,13 @@ def cache_slots(cfg: TextConfig, depth: int, capacity: int | None, scope: str) -
 
 
 def depth_bytes(cfg: TextConfig, depth: int, capacity: int | None, scope: str, dtype: str, seq_len: int,
-                pinned_staging: bool = False) -> dict:
+                pinned_staging: bool = False, unified: bool = False) -> dict:
     """A selective run through `depth` layers: dense + capacity x expert + KV, plus (CUDA, pin_memory) the
-    host's pinned staging buffers, one expert per routed slot of a step."""
+    host's pinned staging buffers, one expert per routed slot of a step. unified: every expert is held."""
     size = DTYPE_BYTES[dtype]
+    slots = cache_slots(cfg, depth, None if unified else capacity, "per_layer" if unified else scope)
     parts = {"dense_bytes": dense_params(cfg, depth) * size,
-             "expert_cache_bytes": cache_slots(cfg, depth, capacity, scope) * cfg.expert_params * size,
+             "expert_cache_bytes": slots * cfg.expert_params * size,
              "kv_cache_bytes": kv_bytes(cfg, depth, seq_len, dtype),
              "host_staging_bytes": (cfg.experts_per_token * len(expert_layers(cfg, depth)) * cfg.expert_bytes
                                     if pinned_staging else 0)}

@@ -199,8 +199,10 @@ def native_timing_needs():
 
 
 def depth_needs(depth):
-    """dense + capacity x expert + KV (+ pinned host staging on a GPU)."""
+    """dense + capacity x expert + KV (+ pinned host staging on a GPU); unified memory: every expert, in
+    host RAM."""
     cache = config["cache"]
+    unified = cache["unified_memory"]
     need = res.depth_bytes(
         TEXT,
         depth,
@@ -208,15 +210,19 @@ def depth_needs(depth):
         cache["scope"],
         DTYPE,
         SEQ_LEN,
-        pinned_staging=ON_GPU and cache["pin_memory"],
+        pinned_staging=ON_GPU and cache["pin_memory"] and not unified,
+        unified=unified,
     )
-    host = need["total_bytes"]
+    host, device = need["total_bytes"], need["total_bytes"]
     if ON_GPU:  # the dense file passes through the host; the staging buffers stay there
         host = need["dense_bytes"] + need["host_staging_bytes"]
+        if unified:  # the GPU reads the experts in host RAM
+            host += need["expert_cache_bytes"]
+            device -= need["expert_cache_bytes"]
     return _checked(
         f"generate_depth (depth {depth})",
-        _needs(host, need["total_bytes"]),
-        "lower cache.capacity",
+        _needs(host, device),
+        "set cache.unified_memory: false" if unified else "lower cache.capacity",
     )
 
 

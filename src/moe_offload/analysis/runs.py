@@ -51,7 +51,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
                       scope=cache["scope"], policy=cache["policy"], device=str(device), dtype=torch_dtype,
                       pin_memory=cache.get("pin_memory", False), side_stream=cache.get("side_stream", False),
                       host_tier=host_tier_on(cache.get("host_tier", False), layer_files),
-                      use_kernels=cache.get("fused_kernels"))
+                      use_kernels=cache.get("fused_kernels"), unified=cache.get("unified_memory", False))
     load_s = time.perf_counter() - start
     meter.end_phase("load")
     runs, prefill_stats, decode_stats = [], [], []
@@ -89,6 +89,8 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
     kv = kv_bytes(cfg, depth, seq, torch_dtype)
     experts = rt.cache.slab_bytes  # capacity x one expert in the compute dtype, per pool
+    if rt.cache.unified and device.type != "cpu":  # in host RAM, beside the device memory measured
+        experts = 0
     # on the CPU the host tier is in the memory measured (RSS); on a GPU it is host RAM, beside it
     host = rt.cache.host_tier_bytes if device.type == "cpu" else 0
     bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slots,
@@ -98,6 +100,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
               "prefill_s": sum(r["prefill_s"] for r in runs),
               "memory": meter.report(bound),
               "cache": {**cache, "capacity": rt.cache.capacity, "host_tier_bytes": rt.cache.host_tier_bytes,
+                        "unified_bytes": rt.cache.slab_bytes if rt.cache.unified else 0,
                         **counters,
                         "prefill": _sum(prefill_stats), "decode": _sum(decode_stats)},
               "fidelity": {"top1_agreement": _mean(scores, "top1_agreement"), "mean_kl": _mean(scores, "mean_kl"),

@@ -90,12 +90,16 @@ class ExpertCache:
     `host_tier` keeps every expert of the given layers in host RAM (pinned on CUDA), read once from the
     layer files at start: a miss is then one copy from RAM (one DMA on CUDA) instead of a file read.
     It costs the experts' bytes in RAM, so it is for hosts that can hold them.
+
+    `unified` (unified memory: Jetson Thor, GH200) holds every expert in slabs in pinned host RAM, read
+    once at start in the compute dtype, which the GPU's kernels read in place: nothing is ever copied to
+    the device and nothing is evicted. Capacity is then every expert of each layer.
     """
 
     def __init__(self, layer_files: dict[int, str | Path], layout: Layout, capacity: int, scope: str = "per_layer",
                  policy: str = "lru", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  pin_memory: bool = False, experts_per_token: int | None = None, side_stream: bool = False,
-                 host_tier: bool = False):
+                 host_tier: bool = False, unified: bool = False):
         self.spans: dict[int, list[ExpertSpan]] = {}
         top_k_recorded = []
         for layer, path in sorted(layer_files.items()):
@@ -107,6 +111,8 @@ class ExpertCache:
                 top_k_recorded.append(int(meta["experts_per_token"]))
         if experts_per_token is None:  # the extractor records it in each layer file's metadata
             experts_per_token = max(top_k_recorded, default=None)
+        if unified:  # every expert of each layer stays where it was read (no second copy in a host tier)
+            capacity, scope, host_tier = max(len(spans) for spans in self.spans.values()), "per_layer", False
         if experts_per_token is not None and capacity < experts_per_token:
             raise InputError(f"cache capacity {capacity} is below experts_per_token {experts_per_token}: "
                              f"one token needs {experts_per_token} experts of a layer")
@@ -115,7 +121,7 @@ class ExpertCache:
         except ValueError as err:
             raise InputError(str(err)) from None
         self.layout, self.capacity, self.scope, self.policy_name = layout, capacity, scope, policy
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.unified = torch.device(device), dtype, unified
         self._fds: dict[int, int] = {}
         for layer, path in sorted(layer_files.items()):
             self._fds[layer] = os.open(path, os.O_RDONLY)
@@ -140,9 +146,12 @@ class ExpertCache:
                 buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=cuda)
                 self._read_into(buf, self._fds[layer], start)
                 self._host[layer] = (buf, start)
+        self.reset_stats()
         for layer in self.spans:
             self._pool(layer)  # allocate every slab now: the memory held is the bound, from the start
-        self.reset_stats()
+            if unified:
+                self.get_many(layer, list(range(len(self.spans[layer]))))
+        self.reset_stats()  # the start's reads are not the run's misses
 
     @property
     def keeps_step_resident(self) -> bool:
@@ -171,8 +180,11 @@ class ExpertCache:
             gate, _, down = self.spans[layer][0].parts
             (i, h), slots = gate[2], self.capacity
             slots = min(slots, sum(len(s) for s in self.spans.values()) if pool_id is None else len(self.spans[layer]))
-            w1 = torch.empty(slots, 2 * i, h, dtype=self.dtype, device=self.device)
-            w2 = torch.empty(slots, *down[2], dtype=self.dtype, device=self.device)
+            where = dict(device=self.device)
+            if self.unified:  # in pinned host RAM, which the GPU reads in place
+                where = dict(device="cpu", pin_memory=self.device.type == "cuda")
+            w1 = torch.empty(slots, 2 * i, h, dtype=self.dtype, **where)
+            w2 = torch.empty(slots, *down[2], dtype=self.dtype, **where)
             self._pools[pool_id] = (w1, w2, list(range(slots - 1, -1, -1)))
         if layer not in self._tables:
             self._tables[layer] = torch.full((len(self.spans[layer]),), -1, dtype=torch.long, device=self.device)
@@ -188,7 +200,7 @@ class ExpertCache:
 
     @property
     def slab_bytes(self) -> int:
-        """The memory the cache holds for experts: every slot, preallocated."""
+        """The memory the cache holds for experts: every slot, preallocated (host RAM when unified)."""
         return sum(w1.nbytes + w2.nbytes for w1, w2, _ in self._pools.values())
 
     def slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,7 +290,7 @@ class ExpertCache:
         into its slot, cast to the compute dtype."""
         span, slot = self.spans[layer][expert], self.slot[(layer, expert)]
         targets = self._views(layer, slot)
-        if self.device.type != "cuda":
+        if not targets[0].is_cuda:  # on the CPU, or into a unified slab in host RAM
             flat = raw.view(span.dtype)
             for target, (a, b, shape) in zip(targets, span.parts):
                 target.copy_(flat[a:b].view(shape))

@@ -129,6 +129,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)
         for e in step_accesses(chosen):
             gate, up, down = self.cache.get(self.layer, e)
+            if gate.device != flat.device:  # unified memory: a prefill copies what it uses, decoding reads in place
+                gate, up, down = (w.to(flat.device, non_blocking=True) for w in (gate, up, down))
             if len(chosen) == 1:  # decoding one token: no index tensors, no sync
                 slot = chosen[0].index(e)
                 out += swiglu(flat, gate, up, down) * top_w[:, slot, None]

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM, Qwen3OmniMoeThinkerForConditionalGeneration
 
 from moe_offload.checkpoint.extract import extract_dense, extract_layer
+from moe_offload.runtime.decode import Decoder
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.synthetic import build_synthetic
@@ -87,6 +88,26 @@ def test_logits_and_greedy_tokens_match_transformers(model, capacity, path):
         assert s["evictions"] == 0
     else:
         assert s["evictions"] > 0
+
+
+def test_pipelined_step_launched_ahead_of_a_miss_is_thrown_away(model):
+    """Step N+1 is launched from step N's greedy token before N is settled; when N missed, N's redo gives
+    a token of its own and N+1 runs again from it: transformers' tokens, with steps thrown away (capacity
+    6 misses after clean steps)."""
+    rt, discarded = model["runtime"](capacity=6, use_kernels=False), 0
+    for case in model["cases"]:
+        ids, n = case["ids"], NEW_TOKENS
+        t = ids.shape[1]
+        rt.model.setup_caches(1, t + n)
+        with torch.inference_mode():
+            tok = rt.model.forward(ids, torch.arange(t))[:, -1].argmax(-1)
+            decoder, tokens = Decoder(rt.model, "pipelined", lambda logits: logits.argmax(-1)), tok.tolist()
+            for step in range(1, n):
+                _, tok, host = decoder.step(tok, t + step - 1, last=step + 1 == n)
+                tokens += host
+        assert tokens == case["tokens"]
+        discarded += decoder.discarded
+    assert discarded > 0
 
 
 @pytest.mark.parametrize("path", ["careful", "optimistic"])

@@ -9,7 +9,8 @@ A one-token step can go four ways (gpt-fast's `decode_one_token`, with a cache u
   layer the careful way.
 - graph: the optimistic step as a CUDA graph replay (`StepGraphs`).
 - pipelined: greedy only; the next step's graph is launched before this one is settled, since each
-  graph writes the other's input itself. A step that missed discards the one launched after it.
+  graph writes the other's input itself. A step that missed discards the one launched after it, so a
+  step is launched ahead only after a step that settled with every expert resident.
 
 A step that loaded experts predicts another, so after one the steps go careful until one loads none.
 """
@@ -53,6 +54,10 @@ class Decoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=model.embed.device)
         self.expect_resident = True
         self.ahead = None  # pipelined: the graph launched for the next step, not yet settled
+        # pipelined: the last step settled with every expert resident; only then is launching the next one
+        # before this one settles likely to pay (a miss throws the step launched ahead away)
+        self.clean = False
+        self.discarded = 0  # steps launched ahead and thrown away
 
     def _graphs(self) -> StepGraphs:
         m = self.model
@@ -69,6 +74,7 @@ class Decoder:
             misses = m.cache.misses
             logits = m.forward(tok.view(-1, 1), self.pos, [position])[:, -1]
             self.expect_resident = m.cache.misses == misses
+            self.clean = False
             return self._picked(logits)
         if self.path == "optimistic":
             m.begin_step([position])
@@ -80,7 +86,7 @@ class Decoder:
             if k is None:  # nothing launched for this step yet
                 k = 0
                 graphs.launch(0, tok, position)
-            if self.path == "pipelined" and not last:
+            if self.path == "pipelined" and not last and self.clean:
                 graphs.launch(1 - k)  # the next step, from this one's greedy token, before this one settles
                 self.ahead = 1 - k
             m.begin_step([position])  # the previous step's bookkeeping, while the GPU runs
@@ -88,7 +94,9 @@ class Decoder:
             logits, inputs, layers, _ = graphs.out[k]
             greedy = (graphs.ids[1 - k].view(-1).clone(), [token]) if self.path == "pipelined" else None
         start = m.settle(layers, host)
-        if start < len(m.layers):  # an expert was absent: redo from that layer, loading as it goes
+        self.clean = start == len(m.layers)
+        if not self.clean:  # an expert was absent: redo from that layer, loading as it goes
+            self.discarded += self.ahead is not None
             self.ahead = None  # a step launched ahead read this one's wrong token
             self.expect_resident = False
             return self._picked(m.head(m.careful_from(inputs[start], self.pos, start, position + 1))[:, -1])

@@ -202,12 +202,13 @@ def bytes_per_token(rt) -> int:
 
 
 def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_logits=False, kernels=None,
-             host_tier=False, path=None, unified=False):
+             host_tier=False, path=None, unified=False, prefetch=False):
     device = torch.device(a.device)
     peak = Peak(device)
     t0 = time.perf_counter()
     rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=capacity, device=a.device, dtype=a.dtype,
-                      pin_memory=pin, use_kernels=kernels, host_tier=host_tier, unified=unified)
+                      pin_memory=pin, use_kernels=kernels, host_tier=host_tier, unified=unified,
+                      prefetch=prefetch)
     rt.model.record_trace = trace
     load_s = time.perf_counter() - t0
     warm = generate(rt, ids, a.max_new_tokens, path=path)
@@ -226,7 +227,7 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     out = {
         "label": label, "capacity_per_layer": cap_per_layer, "pin_memory": pin, "record_trace": trace,
         "decode_path": path or default_path(rt.model, 1, greedy=True),
-        "host_tier_bytes": rt.cache.host_tier_bytes, "unified_memory": unified,
+        "host_tier_bytes": rt.cache.host_tier_bytes, "unified_memory": unified, "prefetch": prefetch,
         "fused_kernels": rt.model.kernels, "bytes_per_token": bytes_per_token(rt),
         "load_seconds": load_s, "warmup_tok_s": warm.decode_tokens_per_second,
         "tok_s": statistics.median(toks), "tok_s_runs": toks,
@@ -500,6 +501,8 @@ def main():
             record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}", pin=device.type == "cuda")
             record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}_host", pin=device.type == "cuda",
                    host_tier=True)
+            record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}_host_prefetch", pin=device.type == "cuda",
+                   host_tier=True, prefetch=True)
         if device.type == "cuda":  # every expert in pinned host RAM, read in place over the bus
             record(run_ours, a, files, cfg, ids, None, label="ours_unified", unified=True)
         if a.recheck:  # the full cache again, last: shows how much the order of runs moves the figures
@@ -533,6 +536,15 @@ def main():
                     entry["fraction_of_unified_bound"] = r["tok_s"] / entry["unified_bound_tok_s"]
                 elif misses == 0:
                     entry["fraction_of_hbm_bound"] = r["tok_s"] / entry["hbm_bound_tok_s"]
+                elif r.get("prefetch") and resident_s:
+                    # the experts that had to cross the bus: misses left plus those the lookahead hid; with
+                    # transfers overlapping compute the bound is the larger of the two, not their sum
+                    used = s["prefetch_used"] / steps
+                    entry.update(misses_hidden_per_token=used, prefetched_per_token=s["prefetched"] / steps,
+                                 prefetch_precision=s["prefetch_used"] / s["prefetched"] if s["prefetched"] else None,
+                                 prefetch_recall=used / (used + misses) if used + misses else None)
+                    entry["offload_bound_tok_s"] = 1 / max(resident_s, (misses + used) * cfg.expert_bytes / h2d)
+                    entry["fraction_of_offload_bound"] = r["tok_s"] / entry["offload_bound_tok_s"]
                 elif resident_s:  # offloaded: the resident step plus each miss's bytes over pinned H2D
                     entry["offload_bound_tok_s"] = 1 / (resident_s + misses * cfg.expert_bytes / h2d)
                     entry["fraction_of_offload_bound"] = r["tok_s"] / entry["offload_bound_tok_s"]

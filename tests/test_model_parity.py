@@ -124,6 +124,20 @@ def test_host_tier_matches_transformers(model, path):
 
 
 @pytest.mark.parametrize("path", ["careful", "pipelined"])
+def test_router_lookahead_prefetch_matches_transformers(model, path):
+    """With the host tier, each careful layer loads the experts the next layer's router predicts from its
+    input: still transformers' tokens, and some predicted loads are then asked for (misses hidden)."""
+    cfg, case = model["cfg"], model["cases"][1]
+    rt = model["runtime"](capacity=6, host_tier=True, prefetch=True, use_kernels=False)
+    gen = generate(rt, case["ids"], NEW_TOKENS, return_logits=True, path=path)
+    assert gen.tokens[0] == case["tokens"]
+    for ours, theirs in zip(gen.logits, case["step_logits"]):
+        assert (ours[0] - theirs).abs().max().item() <= TOL
+    s = gen.decode_stats
+    assert 0 < s["prefetch_used"] <= s["prefetched"]
+
+
+@pytest.mark.parametrize("path", ["careful", "pipelined"])
 def test_unified_memory_matches_transformers(model, path):
     """Unified memory: every expert read once into slabs that stay where they were read (pinned host RAM
     on CUDA, which the kernels read in place), so nothing misses after the start, asked for capacity 6 or
@@ -140,21 +154,25 @@ def test_unified_memory_matches_transformers(model, path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("capacity", ["all", "between"])
+@pytest.mark.parametrize("capacity", ["all", "between", "between_prefetch"])
 def test_fused_kernels_match_transformers(model, capacity):
     """The decode step CUDA runs: every layer through the fused Triton kernels (here under Triton's
     interpreter, which is slow: one prompt, a few tokens), redo from a layer that missed included
     (capacity 6 misses)."""
     cfg, case, steps = model["cfg"], model["cases"][0], 6
     assert not model["runtime"](capacity=cfg.num_experts).model.kernels  # on the CPU only when asked for
-    rt = model["runtime"](capacity=cfg.num_experts if capacity == "all" else 6, use_kernels=True)
+    prefetch = capacity == "between_prefetch"
+    rt = model["runtime"](capacity=cfg.num_experts if capacity == "all" else 6, use_kernels=True,
+                          host_tier=prefetch, prefetch=prefetch)
     assert rt.model.kernels
     gen = generate(rt, case["ids"], steps, return_logits=True, path="pipelined")
     assert gen.tokens[0] == case["tokens"][:steps]
     for ours, theirs in zip(gen.logits, case["step_logits"]):
         assert (ours[0] - theirs).abs().max().item() <= TOL
-    if capacity == "between":
+    if capacity != "all":
         assert gen.decode_stats["misses"] > 0  # the redo path ran
+    if prefetch:
+        assert gen.decode_stats["prefetched"] > 0
 
 
 def test_truncated_depth_matches_truncated_transformers(model):

@@ -51,7 +51,8 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
                       scope=cache["scope"], policy=cache["policy"], device=str(device), dtype=torch_dtype,
                       pin_memory=cache.get("pin_memory", False), side_stream=cache.get("side_stream", False),
                       host_tier=host_tier_on(cache.get("host_tier", False), layer_files),
-                      use_kernels=cache.get("fused_kernels"), unified=cache.get("unified_memory", False))
+                      use_kernels=cache.get("fused_kernels"), unified=cache.get("unified_memory", False),
+                      prefetch=cache.get("prefetch", False))
     load_s = time.perf_counter() - start
     meter.end_phase("load")
     runs, prefill_stats, decode_stats = [], [], []

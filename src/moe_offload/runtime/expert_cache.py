@@ -99,7 +99,7 @@ class ExpertCache:
     def __init__(self, layer_files: dict[int, str | Path], layout: Layout, capacity: int, scope: str = "per_layer",
                  policy: str = "lru", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  pin_memory: bool = False, experts_per_token: int | None = None, side_stream: bool = False,
-                 host_tier: bool = False, unified: bool = False):
+                 host_tier: bool = False, unified: bool = False, prefetch: bool = False):
         self.spans: dict[int, list[ExpertSpan]] = {}
         top_k_recorded = []
         for layer, path in sorted(layer_files.items()):
@@ -138,6 +138,11 @@ class ExpertCache:
                          for _ in range(n_staging)] if cuda and pin_memory else None
         self._staging_free = [torch.cuda.Event() for _ in range(n_staging)] if self._staging else None
         self._stream = torch.cuda.Stream(self.device) if cuda and side_stream else None
+        # router lookahead: predicted experts copied on a stream of their own while the GPU computes; only
+        # from the host tier (a file read would block the host, which is the decode step's critical path)
+        self.prefetch_stream = torch.cuda.Stream(self.device) if cuda and prefetch and host_tier else None
+        self.prefetches = prefetch and host_tier and not unified
+        self._prefetched: set[tuple[int, int]] = set()  # loaded ahead, not yet asked for
         self._host: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (its experts' bytes, file offset of [0])
         if host_tier:
             for layer, spans in self.spans.items():
@@ -161,12 +166,14 @@ class ExpertCache:
 
     def reset_stats(self) -> None:
         self.hits = self.misses = self.evictions = self.bytes_loaded = 0
+        self.prefetched = self.prefetch_used = 0  # experts loaded ahead; of them, asked for before eviction
         self.load_seconds = 0.0
 
     def stats(self) -> dict:
         accesses = self.hits + self.misses
         return dict(hits=self.hits, misses=self.misses, evictions=self.evictions, bytes_loaded=self.bytes_loaded,
-                    load_seconds=self.load_seconds, hit_rate=self.hits / accesses if accesses else 0.0)
+                    load_seconds=self.load_seconds, hit_rate=self.hits / accesses if accesses else 0.0,
+                    prefetched=self.prefetched, prefetch_used=self.prefetch_used)
 
     def num_experts(self, layer: int) -> int:
         return len(self.spans[layer])
@@ -227,26 +234,57 @@ class ExpertCache:
         for expert in experts:
             if not 0 <= expert < len(self.spans[layer]):
                 raise InputError(f"layer {layer} has experts 0..{len(self.spans[layer]) - 1}, asked for {expert}")
-            key = (layer, expert)
-            hit, evicted = self.policy.access(key)
-            if hit:
+            if self._admit(layer, expert):
                 self.hits += 1
+                if (layer, expert) in self._prefetched:  # a miss the lookahead hid
+                    self._prefetched.discard((layer, expert))
+                    self.prefetch_used += 1
                 continue
             self.misses += 1
-            free = self._pool(layer)[2]
-            if evicted is not None:
-                self.evictions += 1
-                free.append(self.slot.pop(evicted))
-                self._tables[evicted[0]][evicted[1]] = -1
-            self.slot[key] = free.pop()
             misses.append(expert)
-        if not misses:
+        if misses:
+            self._load_all(layer, misses)
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Load the absent ones of `experts` (predicted for `layer`) on the prefetch stream, as the most
+        recent keys of the policy, counting neither hits nor misses; `wait_prefetch` before reading them."""
+        if not self.prefetches or layer not in self.spans:
             return
+        absent = [e for e in dict.fromkeys(experts) if not self.is_resident(layer, e)]
+        for expert in absent:
+            self._admit(layer, expert)
+            self._prefetched.add((layer, expert))
+        self.prefetched += len(absent)
+        if absent:
+            self._load_all(layer, absent, self.prefetch_stream)
+
+    def wait_prefetch(self) -> None:
+        """The compute stream waits for the experts loaded ahead (before kernels read their slots)."""
+        if self.prefetch_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.prefetch_stream)
+
+    def _admit(self, layer: int, expert: int) -> bool:
+        """The policy's access to (layer, expert): True on a hit; else the key gets a slot (evicting the
+        policy's victim) and False."""
+        key = (layer, expert)
+        hit, evicted = self.policy.access(key)
+        if hit:
+            return True
+        free = self._pool(layer)[2]
+        if evicted is not None:
+            self.evictions += 1
+            self._prefetched.discard(evicted)
+            free.append(self.slot.pop(evicted))
+            self._tables[evicted[0]][evicted[1]] = -1
+        self.slot[key] = free.pop()
+        return False
+
+    def _load_all(self, layer: int, misses: list[int], stream=None) -> None:
         start = time.perf_counter()
         spans = [self.spans[layer][e] for e in misses]
         if layer in self._host:  # no file reads: each miss is a copy out of RAM
             for e, span in zip(misses, spans):
-                self._load(layer, e, self._read(span, self._fds[layer], 0, layer), None)
+                self._load(layer, e, self._read(span, self._fds[layer], 0, layer), None, stream)
         elif self._staging is not None and len(misses) > len(self._staging):
             for e in misses:  # more misses than staging buffers (a prefill): one at a time
                 self._load(layer, e, self._read(self.spans[layer][e], self._fds[layer], 0), 0)
@@ -285,9 +323,9 @@ class ExpertCache:
             raise InputError(f"short read: {n} of {span.nbytes} bytes at offset {span.offset}")
         return buf
 
-    def _load(self, layer: int, expert: int, raw: torch.Tensor, buffer: int) -> None:
+    def _load(self, layer: int, expert: int, raw: torch.Tensor, buffer: int, stream=None) -> None:
         """Copy one expert's bytes (read into `raw`, pinned staging buffer number `buffer` when pinned)
-        into its slot, cast to the compute dtype."""
+        into its slot, cast to the compute dtype; on `stream` (a prefetch) or the cache's own."""
         span, slot = self.spans[layer][expert], self.slot[(layer, expert)]
         targets = self._views(layer, slot)
         if not targets[0].is_cuda:  # on the CPU, or into a unified slab in host RAM
@@ -297,8 +335,11 @@ class ExpertCache:
             self._tables[layer][expert] = slot
             return
         main = torch.cuda.current_stream(self.device)
-        stream = self._stream or main
-        if self._stream is not None:
+        if stream is None:
+            # a prefetch in flight may be writing the slot this load was given: it lands first
+            self.wait_prefetch()
+            stream = self._stream or main
+        if self._stream is not None and stream is self._stream:
             stream.wait_stream(main)  # the slot's previous expert may still be read by queued kernels
         with torch.cuda.stream(stream):
             # Copy the stored bytes (bf16: half those of f32) and cast on the device, into the slot.
@@ -307,7 +348,7 @@ class ExpertCache:
                 target.copy_(flat[a:b].view(shape))
             if buffer is not None and self._staging is not None:
                 self._staging_free[buffer].record(stream)
-        if self._stream is not None:
+        if stream is self._stream:
             main.wait_stream(self._stream)
         self._tables[layer][expert] = slot
 

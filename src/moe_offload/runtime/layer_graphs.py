@@ -38,7 +38,7 @@ class LayerGraphs:
         self.x = torch.empty(ref.shape[1], dtype=ref.dtype, device=ref.device)  # the residual stream
         self.pos = torch.zeros(1, dtype=torch.long, device=ref.device)
         self.mask = model.causal[0:1].clone()  # the whole cache: shapes never change
-        self.record = torch.empty(2, model.cfg.experts_per_token, dtype=torch.float32, device=ref.device)
+        self.record = model.routing_record(ref.device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple] = {}  # layer index -> (pre, pre's outputs, post) or (dense,)
 
@@ -54,7 +54,7 @@ class LayerGraphs:
 
         def pre():
             h, resid = block.attention_fused(x, m.rope_cos, m.rope_sin, pos, mask)
-            top_i, top_w, _ = block.mlp.route_fused(h, self.record)
+            top_i, top_w = m.route_careful(block, h, self.record)
             return h, resid, top_i, top_w
 
         pre_graph, outs = capture(pre, self.pool)
@@ -63,6 +63,7 @@ class LayerGraphs:
 
         def post():
             x.copy_(block.mlp.experts_fused(*outs))
+        m.cache.wait_prefetch()
         self.graphs[i] = (pre_graph, outs, capture(post, self.pool)[0])
 
     def run(self, x: torch.Tensor, input_pos: torch.Tensor, start: int) -> torch.Tensor:
@@ -82,5 +83,6 @@ class LayerGraphs:
             pre, _, post = entry
             pre.replay()
             m.load_routed(block.mlp.layer, self.record.tolist())  # the layer's one host sync
+            m.cache.wait_prefetch()  # the experts loaded ahead for this layer have landed
             post.replay()
         return self.x.clone()

@@ -103,6 +103,7 @@ class MoE(nn.Module):
         self.defer = False  # set by Transformer for an optimistic one-token step (see Transformer.optimistic)
         self.pending = None
         self.kernels = False  # set by Transformer: one-token steps through the fused kernels
+        self.lookahead = None  # set by Transformer when the cache prefetches: (next MoE layer, its router)
 
     def route(self, flat):
         logits = F.linear(flat, self.router)
@@ -125,6 +126,9 @@ class MoE(nn.Module):
         self.record(self.layer, chosen, host[1].tolist(), b, t)
         if len(chosen) == 1 and self.cache.keeps_step_resident:
             self.cache.get_many(self.layer, step_accesses(chosen))  # misses read in parallel
+            if self.lookahead is not None:
+                self.cache.prefetch(self.lookahead[0], self.predict_next(flat[0]).tolist())
+            self.cache.wait_prefetch()  # this layer's experts may have been loaded ahead
             return self._apply_slots(flat, top_i, top_w).view(b, t, h)
         out = torch.zeros_like(flat)
         for e in step_accesses(chosen):
@@ -151,6 +155,11 @@ class MoE(nn.Module):
         gate, up = torch.matmul(w1[slots], flat[0]).chunk(2, dim=-1)  # [k, I] each
         y = torch.matmul(w2[slots], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [k, H]
         return (y * top_w[0, :, None]).sum(0, keepdim=True)
+
+    def predict_next(self, h: torch.Tensor) -> torch.Tensor:
+        """Router lookahead: the next MoE layer's top-k for this layer's normed input h [H], standing in
+        for its own (the residual stream changes little from one layer to the next)."""
+        return torch.topk(F.linear(h, self.lookahead[1]), self.cfg.experts_per_token).indices
 
     def route_fused(self, h, record=None):
         """One token, h [H] normed -> (top_i [k], top_w [k], slots [k]) through the router and the route
@@ -232,9 +241,11 @@ class Transformer(nn.Module):
                              f"not {self.embed.device}")
         if self.kernels and self.embed.device.type != "cuda" and use_kernels is None:
             self.kernels = False  # under the interpreter only when asked for (tests): it is slow
-        for block in self.layers:
-            if isinstance(block.mlp, MoE):
-                block.mlp.kernels = self.kernels
+        moes = [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+        for i, moe in enumerate(moes):
+            moe.kernels = self.kernels
+            if cache.prefetches and i + 1 < len(moes):
+                moe.lookahead = (moes[i + 1].layer, moes[i + 1].router)
         self._kv_version = 0  # bumped whenever setup_caches allocates: a captured graph reads the old buffers
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
@@ -297,12 +308,16 @@ class Transformer(nn.Module):
             if self.embed.is_cuda:
                 if self._layer_graphs is None or self._layer_graphs.kv_version != self._kv_version:
                     self._layer_graphs = LayerGraphs(self)
-                return self._layer_graphs.run(x.view(-1), input_pos, start).view(1, 1, -1)
-            return self._careful_fused(x.view(-1), input_pos, self.causal[input_pos, :end], start).view(1, 1, -1)
-        mask = self.causal[input_pos, :end]
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        for block in self.layers[start:]:
-            x = block(x, cos, sin, input_pos, mask)
+                x = self._layer_graphs.run(x.view(-1), input_pos, start)
+            else:
+                x = self._careful_fused(x.view(-1), input_pos, self.causal[input_pos, :end], start)
+            x = x.view(1, 1, -1)
+        else:
+            mask = self.causal[input_pos, :end]
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            for block in self.layers[start:]:
+                x = block(x, cos, sin, input_pos, mask)
+        self.cache.wait_prefetch()  # whatever runs next may read the experts loaded ahead
         return x
 
     def optimistic_step(self, input_ids: torch.Tensor, input_pos: torch.Tensor):
@@ -347,21 +362,38 @@ class Transformer(nn.Module):
         return logits.view(1, 1, -1), inputs, (moe_layers, routing if moe_layers else None)
 
     def load_routed(self, layer: int, routing: list[list[float]]) -> None:
-        """A careful step's layer: its routing [experts, weights] on the host, recorded, and its experts
-        made resident (misses read in parallel) before the experts run."""
+        """A careful step's layer: its routing [experts, weights(, the next MoE layer's predicted
+        experts)] on the host, recorded, and its experts made resident (misses read in parallel) before
+        the experts run; the predicted ones are loaded ahead."""
         chosen = [int(e) for e in routing[0]]
         self.record(layer, [chosen], [routing[1]], 1, 1)
         self.cache.get_many(layer, step_accesses([chosen]))
+        lookahead = self.layers[layer].mlp.lookahead
+        if lookahead is not None:
+            self.cache.prefetch(lookahead[0], [int(e) for e in routing[2]])
+
+    def routing_record(self, device) -> torch.Tensor:
+        """Where a careful step's layer writes what the host reads in its one sync: [2, k] experts and
+        weights, and a third row, the next layer's predicted experts, when the cache prefetches."""
+        rows = 3 if self.cache.prefetches else 2
+        return torch.empty(rows, self.cfg.experts_per_token, dtype=torch.float32, device=device)
+
+    def route_careful(self, block: Block, h: torch.Tensor, record: torch.Tensor):
+        """A careful step's routing through the kernels into `record` (see routing_record)."""
+        top_i, top_w, _ = block.mlp.route_fused(h, record[:2])
+        if record.shape[0] == 3 and block.mlp.lookahead is not None:
+            record[2].copy_(block.mlp.predict_next(h))
+        return top_i, top_w
 
     def _careful_fused(self, x, input_pos, mask, start: int):
         """Layers start.. for one token through the kernels, each MoE layer's routing brought to the host
         (its one sync) and its experts loaded before they run: a miss costs its transfer. On CUDA the same
         steps run as per-layer graphs (LayerGraphs)."""
-        record = torch.empty(2, self.cfg.experts_per_token, dtype=torch.float32, device=x.device)
+        record = self.routing_record(x.device)
         for block in self.layers[start:]:
             h, resid = block.attention_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
             if isinstance(block.mlp, MoE):
-                top_i, top_w, _ = block.mlp.route_fused(h, record)
+                top_i, top_w = self.route_careful(block, h, record)
                 self.load_routed(block.mlp.layer, record.tolist())
                 x = block.mlp.experts_fused(h, resid, top_i, top_w)
             else:

@@ -8,7 +8,8 @@ from pathlib import Path
 from .shards import INDEX_NAME, Checkpoint, read_header
 from ..errors import InputError
 from .layouts import Layout, TextConfig, detect, detect_checkpoint, layout_by_name, text_config_from_dict
-from .validate import hash_file
+from ..hashing import hash_file
+from .hub import fetch_hub_metadata, hub_file, hub_metadata_dir
 
 # Files besides weight shards that a text run needs from a hub repo.
 HUB_SIDE_FILES = ["config.json", "generation_config.json", INDEX_NAME, "tokenizer*", "vocab.json", "merges.txt",
@@ -23,26 +24,6 @@ def embedded_dir() -> Path:
         raise InputError(f"model.source embedded: {EMBEDDED_DIR}/config.json not found (the trained default ships "
                          "with the repository; training/README.md says how to make it), or use source: synthetic")
     return EMBEDDED_DIR
-
-
-HUB_METADATA = ("config.json", INDEX_NAME)
-
-
-def hub_metadata_dir(model_cfg: dict, root: str | Path = "results/model/hub") -> Path:
-    """Where a hub repo's config and index are kept, one folder per repo and revision."""
-    return Path(root) / f"{model_cfg['repo_id'].replace('/', '--')}@{model_cfg.get('revision') or 'main'}"
-
-
-def fetch_hub_metadata(model_cfg: dict, out_dir: str | Path) -> Path:
-    """config.json and the index of a hub repo, copied into out_dir (each file written whole)."""
-    from ..atomic import atomic_path
-
-    out_dir = Path(out_dir)
-    for name in HUB_METADATA:
-        data = Path(_hub_file(model_cfg, name)).read_bytes()
-        with atomic_path(out_dir / name) as tmp:
-            tmp.write_bytes(data)
-    return out_dir
 
 
 def planned_text_config(model_cfg: dict, fetch: bool = True) -> tuple[Layout, TextConfig]:
@@ -65,17 +46,6 @@ def planned_text_config(model_cfg: dict, fetch: bool = True) -> tuple[Layout, Te
             raise InputError(f"{metadata / 'config.json'} is missing: plan the run where the hub is reachable first")
         fetch_hub_metadata(model_cfg, metadata)
     return detect(json.loads((metadata / "config.json").read_text()))
-
-
-def _hub_file(model_cfg: dict, filename: str) -> str:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(model_cfg["repo_id"], filename, revision=model_cfg.get("revision"),
-                               cache_dir=model_cfg.get("cache_dir"))
-    except Exception as err:  # the hub client raises many types; all mean "could not get it"
-        raise InputError(f"could not get {filename} of {model_cfg['repo_id']}@{model_cfg.get('revision')}: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def hub_patterns(config: dict, weight_map: dict[str, str]) -> list[str]:
@@ -115,8 +85,8 @@ def fetch_hub(model_cfg: dict, metadata_dir: str | Path | None = None) -> Path:
         config = json.loads((Path(metadata_dir) / "config.json").read_text())
         weight_map = json.loads((Path(metadata_dir) / INDEX_NAME).read_text())["weight_map"]
     else:
-        config = json.loads(Path(_hub_file(model_cfg, "config.json")).read_text())
-        weight_map = json.loads(Path(_hub_file(model_cfg, INDEX_NAME)).read_text())["weight_map"]
+        config = json.loads(Path(hub_file(model_cfg, "config.json")).read_text())
+        weight_map = json.loads(Path(hub_file(model_cfg, INDEX_NAME)).read_text())["weight_map"]
     patterns = hub_patterns(config, weight_map)
     need = hub_download_bytes(model_cfg, patterns)
     if need:
@@ -182,22 +152,3 @@ def project_path(path: str | Path) -> str:
         return str(path.relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def manifest_checkpoint(manifest: dict) -> Path:
-    """The manifest's checkpoint directory, after checking that its files are those the manifest recorded:
-    same size, and same mtime or else same xxh3-128 (a copied folder gets new mtimes, not new bytes)."""
-    path = Path(manifest["path"])
-    for entry in manifest["files"]:
-        file = path / entry["name"]
-        try:
-            stat = file.stat()
-        except OSError:
-            raise InputError(f"checkpoint file {file} recorded in the manifest is gone; "
-                             "redo it with: snakemake --forcerun download") from None
-        changed = stat.st_size != entry["size"] or (
-            stat.st_mtime_ns != entry.get("mtime_ns") and hash_file(file) != entry["xxh3_128"])
-        if changed:
-            raise InputError(f"checkpoint file {file} changed since results/model/manifest.json was made; "
-                             "redo it with: snakemake --forcerun download")
-    return path

@@ -2,29 +2,16 @@ import os
 import sys
 
 import psutil
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from moe_offload import resources as res
 from moe_offload.disk import check_disk
 from moe_offload.code_version import code_version
 from moe_offload.config import canonical, check_config
-from moe_offload.errors import InputError, config_error_line
-from moe_offload.checkpoint.source import (
-    EMBEDDED_DIR,
-    hub_metadata_dir,
-    planned_text_config,
-)
+from moe_offload.errors import InputError
+from moe_offload.checkpoint.source import EMBEDDED_DIR, planned_text_config
 
 try:
-    validate(config, schema="../schemas/config.schema.yaml")
-except WorkflowError as err:
-    sys.exit(config_error_line(err))
-
-HUB_METADATA_DIR = hub_metadata_dir(config["model"])
-try:
-    # the hub's metadata is fetched by the planning process only (once), never by a job
-    LAYOUT, TEXT = planned_text_config(config["model"], fetch=workflow.is_main_process)
+    LAYOUT, TEXT = planned_text_config(config["model"])
     check_config(config, TEXT)
 except InputError as err:
     sys.exit(f"error: {err}")
@@ -66,18 +53,6 @@ if workflow.local_exec and "mem_mb" not in workflow.global_resources:
 # Jobs whose speed the report compares take every core, so no other job runs beside them (each job
 # holds at least one core); they set torch to these threads.
 TIMED_THREADS = workflow.cores if isinstance(workflow.cores, int) else 1
-
-
-def model_source():
-    """Only the settings of the active source, so that editing another source's settings reruns nothing."""
-    model = config["model"]
-    keys = {
-        "embedded": [],
-        "synthetic": ["synthetic"],
-        "local": ["path"],
-        "hf": ["repo_id", "revision", "cache_dir"],
-    }[model["source"]]
-    return canonical({"source": model["source"], **{key: model[key] for key in keys}})
 
 
 def model_files():

@@ -1,5 +1,6 @@
-"""The Hugging Face hub's side of a `hf` source that planning needs: config.json and the index, kept in a
-folder that every plan reads (the rule hub_metadata fetches them)."""
+"""The Hugging Face hub's side of a `hf` source that planning needs: config.json and the index, fetched
+once by the local rule hub_metadata into a folder that every plan reads. No plan reaches the hub, so
+planning works on a machine without internet (a cluster's compute node) once they are stored."""
 
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ HUB_METADATA = ("config.json", INDEX_NAME)
 def hub_metadata_dir(model_cfg: dict, root: str | Path = "results/model/hub") -> Path:
     """Where a hub repo's config and index are kept, one folder per repo and revision."""
     return Path(root) / f"{model_cfg['repo_id'].replace('/', '--')}@{model_cfg.get('revision') or 'main'}"
+
+
+def missing_metadata(model_cfg: dict) -> str | None:
+    """For a hub source whose config and index are not stored yet, the one line saying how to get them;
+    None otherwise."""
+    if model_cfg["source"] != "hf":
+        return None
+    folder = hub_metadata_dir(model_cfg)
+    if all((folder / name).is_file() for name in HUB_METADATA):
+        return None
+    return (f"model.source hf: the config and index of {model_cfg['repo_id']}@{model_cfg.get('revision') or 'main'} "
+            f"are not in {folder} yet; fetch them once where the hub is reachable: snakemake hub_metadata "
+            "(then plan again)")
 
 
 def fetch_hub_metadata(model_cfg: dict, out_dir: str | Path) -> Path:

@@ -9,7 +9,7 @@ from .shards import INDEX_NAME, Checkpoint, read_header
 from ..errors import InputError
 from .layouts import Layout, TextConfig, detect, detect_checkpoint, layout_by_name, text_config_from_dict
 from ..hashing import hash_file
-from .hub import fetch_hub_metadata, hub_file, hub_metadata_dir
+from .hub import hub_file, hub_metadata_dir, missing_metadata
 
 # Files besides weight shards that a text run needs from a hub repo.
 HUB_SIDE_FILES = ["config.json", "generation_config.json", INDEX_NAME, "tokenizer*", "vocab.json", "merges.txt",
@@ -26,10 +26,10 @@ def embedded_dir() -> Path:
     return EMBEDDED_DIR
 
 
-def planned_text_config(model_cfg: dict, fetch: bool = True) -> tuple[Layout, TextConfig]:
+def planned_text_config(model_cfg: dict) -> tuple[Layout, TextConfig]:
     """Layout and dimensions known before anything is built or fetched, so the DAG has every layer.
-    For the hub: read from the metadata kept under results/model/hub; fetched there the first time
-    (fetch=True, the planning process on a machine with internet), never by a job on a compute node."""
+    For the hub: read from the metadata the rule hub_metadata keeps under results/model/hub, never
+    fetched here (planning needs no network)."""
     source = model_cfg["source"]
     if source == "synthetic":
         from .synthetic import text_config
@@ -40,12 +40,10 @@ def planned_text_config(model_cfg: dict, fetch: bool = True) -> tuple[Layout, Te
         return detect_checkpoint(model_cfg["path"])
     if source == "embedded":
         return detect_checkpoint(embedded_dir())
-    metadata = hub_metadata_dir(model_cfg)
-    if not (metadata / "config.json").is_file():
-        if not fetch:
-            raise InputError(f"{metadata / 'config.json'} is missing: plan the run where the hub is reachable first")
-        fetch_hub_metadata(model_cfg, metadata)
-    return detect(json.loads((metadata / "config.json").read_text()))
+    missing = missing_metadata(model_cfg)
+    if missing:
+        raise InputError(missing)
+    return detect(json.loads((hub_metadata_dir(model_cfg) / "config.json").read_text()))
 
 
 def hub_patterns(config: dict, weight_map: dict[str, str]) -> list[str]:

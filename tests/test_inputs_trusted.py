@@ -13,7 +13,8 @@ import pytest
 from moe_offload.checkpoint.extract import extract_dense, extract_layer
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.shards import INDEX_NAME, Checkpoint
-from moe_offload.checkpoint.source import build_manifest, manifest_checkpoint
+from moe_offload.checkpoint.manifest import manifest_checkpoint
+from moe_offload.checkpoint.source import build_manifest
 from moe_offload.checkpoint.validate import validate_dense, validate_layer
 from moe_offload.errors import InputError
 

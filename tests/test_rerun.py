@@ -56,6 +56,64 @@ def test_each_step_runs_only_its_own_modules():
     assert "moe_offload.resources" not in modules_of("extract_layer")  # resource math changes no output
 
 
+STEPS = ["hub_metadata", "download", "extract_layer", "extract_dense", "validate_layer", "validate_dense",
+         "validate_all", "generate_native_reference", "generate_native_timing", "generate_depth", "profile_cache",
+         "plots", "compare"]
+VALIDATION = {"validate_layer", "validate_dense", "validate_all"}
+
+
+@pytest.mark.parametrize("rel, old, new, changed", [
+    # each stage's own module changes that stage's version only
+    ("checkpoint/validate.py", None, None, VALIDATION),
+    ("checkpoint/extract.py", None, None, {"extract_layer", "extract_dense"}),
+    ("checkpoint/source.py", None, None, {"download"}),
+    ("checkpoint/synthetic.py", None, None, {"download"}),
+    ("checkpoint/hub.py", None, None, {"hub_metadata", "download"}),
+    ("runtime/model.py", None, None, {"generate_depth"}),
+    ("runtime/expert_cache.py", None, None, {"generate_depth"}),
+    ("analysis/runs.py", None, None, {"generate_depth"}),
+    ("runtime/native.py", None, None, NATIVE),
+    ("analysis/native_runs.py", None, None, NATIVE),
+    ("analysis/cache_sim.py", None, None, {"profile_cache"}),
+    ("analysis/plots.py", None, None, {"plots"}),
+    ("analysis/compare.py", None, None, {"compare"}),
+    # code several stages share changes each of them
+    ("hashing.py", None, None, set(STEPS) - {"hub_metadata", "profile_cache", "plots", "compare"}),
+    ("analysis/memory_summary.py", None, None, {"plots", "compare"}),
+    # in steps.py, by what each step reaches: a helper, a constant, the runner (logging only: none)
+    ("steps.py", "    recorded = [json.loads", "    unused = 1\n    recorded = [json.loads", {"generate_depth"}),
+    ("steps.py", "    prefix = layout_by_name", "    unused = 1\n    prefix = layout_by_name", NATIVE),
+    ("steps.py", "    recorded = [json.loads", "    # a comment\n    recorded = [json.loads", set()),
+    ("steps.py", "START_RSS = psutil", "START_RSS = 0 + psutil", NATIVE | {"generate_depth"}),
+    ("steps.py", "    stderr = sys.stderr\n", "    stderr = sys.stderr\n    unused = 1\n", set()),
+])
+def test_a_code_change_changes_the_versions_of_the_steps_running_it(package_copy, rel, old, new, changed):
+    before = {step: code_version(step, package_copy) for step in STEPS}
+    if old is None:  # a new statement at the end of the module
+        (package_copy / rel).write_text((package_copy / rel).read_text() + "\nNEW_STATEMENT = 1\n")
+    else:
+        _edit(package_copy / rel, old, new)
+    cv._tree.cache_clear()
+    after = {step: code_version(step, package_copy) for step in STEPS}
+    assert {step for step in STEPS if after[step] != before[step]} == changed
+
+
+def test_stage_modules_stay_apart():
+    """What issue 8 asks by name: validation code is not the download's or extraction's; extraction code is
+    not the download's; the generation runtime is not extraction's, validation's or native's; native code
+    is not the depth runs'."""
+    download, depth = set(modules_of("download")), set(modules_of("generate_depth"))
+    extract, validate = set(modules_of("extract_layer")), set(modules_of("validate_layer"))
+    native = set(modules_of("generate_native_reference")) | set(modules_of("generate_native_timing"))
+    assert "moe_offload.checkpoint.validate" not in download | extract
+    assert "moe_offload.checkpoint.extract" not in download
+    runtime = {"moe_offload.runtime.model", "moe_offload.runtime.generate", "moe_offload.runtime.expert_cache",
+               "moe_offload.runtime.kernels", "moe_offload.runtime.layer_graphs", "moe_offload.analysis.runs"}
+    assert runtime <= depth and not runtime & (extract | validate | native)
+    assert {"moe_offload.runtime.native", "moe_offload.analysis.native_runs"} <= native
+    assert not {"moe_offload.runtime.native", "moe_offload.analysis.native_runs"} & depth
+
+
 def _jobs(workdir: Path, env: dict) -> set[str]:
     """Rule names a dry run plans (its job-stats table)."""
     proc = snakemake(workdir, "-n", env=env)
@@ -102,6 +160,12 @@ def test_reruns_follow_what_changed(workdir, package_copy):
     extraction = plan_after(code("checkpoint/extract.py", "\ndef ", "\nNEW = 1\n\n\ndef "))
     assert {"extract_layer", "extract_dense", "validate_layer", "generate_depth"} <= extraction
     assert not extraction & ({"download"} | NATIVE)
+    # validation code: validation and what follows, not the download, extraction nor native
+    validation = plan_after(code("checkpoint/validate.py", "\ndef ", "\nNEW = 1\n\n\ndef "))
+    assert VALIDATION | {"generate_depth"} | AFTER_GENERATION == validation
+    # native code: both native jobs and what follows them (the depth runs read the reference)
+    assert plan_after(code("runtime/native.py", "\ndef ", "\nNEW = 1\n\n\ndef ")) == (NATIVE | {"generate_depth"}
+                                                                                      | AFTER_GENERATION)
     # the native implementation: the timing run only (and the report that shows it)
     assert plan_after(setting(native={"experts_implementation": "eager"})) == {"generate_native_timing", "plots",
                                                                               "compare"}

@@ -81,6 +81,32 @@ def test_fits_line_names_job_need_and_machine():
                     "set native.timing: false")
 
 
+def _fake_smi(tmp_path, body: str) -> str:
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\n{body}\n")
+    smi.chmod(0o755)
+    return str(smi)
+
+
+def test_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    two = _fake_smi(tmp_path, 'printf "0, 81559\\n1, 40960\\n"')
+    assert res.gpu_memory_mb("cuda", two) == 81559
+    assert res.gpu_memory_mb("cuda:1", two) == 40960
+    assert res.gpu_memory_mb("cuda:2", two) is None  # no such GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # cuda:0 is then the second GPU
+    assert res.gpu_memory_mb("cuda", two) == 40960
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert res.gpu_memory_mb("cuda", _fake_smi(tmp_path, 'echo "0, [N/A]"')) is None  # no figure (unified memory)
+    assert res.gpu_memory_mb("cuda", _fake_smi(tmp_path, "echo 'NVIDIA-SMI has failed'; exit 9")) is None
+    assert res.gpu_memory_mb("cuda", str(tmp_path / "absent")) is None
+
+
+def test_fits_line_for_gpu_memory_in_mib():
+    line = res.fits_line("generate_depth (depth 1)", 40, 10, "lower cache.capacity", "GPU memory", "the GPU (cuda)")
+    assert line == "error: generate_depth (depth 1) needs 40 MiB of GPU memory, the GPU (cuda) has 10 MiB: lower cache.capacity"
+
+
 def test_check_disk(tmp_path, monkeypatch):
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: Usage(100 * 10**9, 90 * 10**9, 10 * 10**9))

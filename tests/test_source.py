@@ -15,7 +15,7 @@ from moe_offload.errors import InputError
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.source import build_manifest, hub_patterns
 from moe_offload.checkpoint.synthetic import build_synthetic
-from moe_offload.checkpoint.validate import hash_file
+from moe_offload.hashing import hash_file
 
 from conftest import small_spec
 

@@ -7,6 +7,9 @@ All figures are bytes. They count weights and KV cache at the compute dtype; a p
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 from .checkpoint.layouts import TextConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -85,9 +88,39 @@ def to_mb(nbytes: int, base_mb: int = 0) -> int:
     return -(-nbytes // MB) + base_mb
 
 
-def fits_line(job: str, need_mb: int, have_mb: int, hint: str = "") -> str | None:
+def fits_line(job: str, need_mb: int, have_mb: int, hint: str = "", what: str = "memory",
+              holder: str = "the machine") -> str | None:
     """None when `need_mb` fits in `have_mb`; else the one line saying so."""
     if need_mb <= have_mb:
         return None
-    line = f"error: {job} needs {need_mb / 1024:.1f} GiB of memory, the machine has {have_mb / 1024:.1f} GiB"
+    line = f"error: {job} needs {_size(need_mb)} of {what}, {holder} has {_size(have_mb)}"
     return f"{line}: {hint}" if hint else line
+
+
+def _size(mb: int) -> str:
+    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb} MiB"
+
+
+def gpu_memory_mb(device: str, smi: str = "nvidia-smi") -> int | None:
+    """Total memory (MiB) of the GPU that `device` ("cuda" or "cuda:N") names, as nvidia-smi reports it;
+    None where it sees none or gives no figure (no driver, no GPU, or memory it does not report). Asked of
+    nvidia-smi, not torch: the planning process must not initialise CUDA. CUDA_VISIBLE_DEVICES, when it
+    lists indices, says which GPUs cuda:0, cuda:1, ... are."""
+    try:
+        proc = subprocess.run([smi, "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    total = {}
+    for line in proc.stdout.splitlines():
+        index, _, mb = (part.strip() for part in line.partition(","))
+        if index.isdigit():
+            total[int(index)] = int(mb) if mb.isdigit() else None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    order = sorted(total)
+    if visible is not None and all(part.strip().isdigit() for part in visible.split(",") if part.strip()):
+        order = [int(part) for part in visible.split(",") if part.strip() and int(part) in total]
+    number = int(device.partition(":")[2] or 0)
+    return total[order[number]] if number < len(order) else None

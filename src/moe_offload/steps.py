@@ -80,13 +80,13 @@ def _manifest(smk) -> dict:
 
 def _checkpoint(smk) -> Path:
     """The checkpoint directory, checked unchanged since its manifest."""
-    from .checkpoint.source import manifest_checkpoint
+    from .checkpoint.manifest import manifest_checkpoint
 
     return manifest_checkpoint(_manifest(smk))
 
 
 def hub_metadata(smk) -> None:
-    from .checkpoint.source import fetch_hub_metadata
+    from .checkpoint.hub import fetch_hub_metadata
 
     out = fetch_hub_metadata(smk.params.model, Path(smk.output[0]).parent)
     log.info("hub metadata of %s in %s", smk.params.model["repo_id"], out)
@@ -259,7 +259,7 @@ def profile_cache(smk) -> None:
 def plots(smk) -> None:
     import pandas as pd
 
-    from .analysis.compare import memory_summary
+    from .analysis.memory_summary import memory_summary
     from .analysis.plots import plot_fidelity, plot_hit_rate, plot_memory_speed
 
     native = json.loads(Path(smk.input.native).read_text())

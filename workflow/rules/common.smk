@@ -2,29 +2,16 @@ import os
 import sys
 
 import psutil
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from moe_offload import resources as res
 from moe_offload.disk import check_disk
 from moe_offload.code_version import code_version
 from moe_offload.config import canonical, check_config
-from moe_offload.errors import InputError, config_error_line
-from moe_offload.checkpoint.source import (
-    EMBEDDED_DIR,
-    hub_metadata_dir,
-    planned_text_config,
-)
+from moe_offload.errors import InputError
+from moe_offload.checkpoint.source import EMBEDDED_DIR, planned_text_config
 
 try:
-    validate(config, schema="../schemas/config.schema.yaml")
-except WorkflowError as err:
-    sys.exit(config_error_line(err))
-
-HUB_METADATA_DIR = hub_metadata_dir(config["model"])
-try:
-    # the hub's metadata is fetched by the planning process only (once), never by a job
-    LAYOUT, TEXT = planned_text_config(config["model"], fetch=workflow.is_main_process)
+    LAYOUT, TEXT = planned_text_config(config["model"])
     check_config(config, TEXT)
 except InputError as err:
     sys.exit(f"error: {err}")
@@ -66,18 +53,6 @@ if workflow.local_exec and "mem_mb" not in workflow.global_resources:
 # Jobs whose speed the report compares take every core, so no other job runs beside them (each job
 # holds at least one core); they set torch to these threads.
 TIMED_THREADS = workflow.cores if isinstance(workflow.cores, int) else 1
-
-
-def model_source():
-    """Only the settings of the active source, so that editing another source's settings reruns nothing."""
-    model = config["model"]
-    keys = {
-        "embedded": [],
-        "synthetic": ["synthetic"],
-        "local": ["path"],
-        "hf": ["repo_id", "revision", "cache_dir"],
-    }[model["source"]]
-    return canonical({"source": model["source"], **{key: model[key] for key in keys}})
 
 
 def model_files():
@@ -140,22 +115,46 @@ def native_budget():
     return {key: config["native"][key] for key in ("max_memory_mb", "cpu_memory_mb")}
 
 
+# The GPU's memory bounds the GPU jobs of a local run as the machine's bounds mem_mb (unless given:
+# --resources gpu_mem_mb=N), asked of nvidia-smi so that planning never initialises CUDA; one GPU job
+# at a time unless --resources gpu=N says otherwise (jobs do not pick a GPU of their own).
+if workflow.local_exec and workflow.is_main_process and ON_GPU:
+    if "gpu_mem_mb" not in workflow.global_resources:
+        GPU_MB = res.gpu_memory_mb(config["generate"]["device"])
+        if GPU_MB is None:
+            print(
+                f"warning: generate.device is {config['generate']['device']}, but nvidia-smi reports no such "
+                "GPU here (or not its memory): the GPU jobs' memory is not checked",
+                file=sys.stderr,
+            )
+        else:
+            workflow.register_resource("gpu_mem_mb", GPU_MB)
+    if "gpu" not in workflow.global_resources:
+        workflow.register_resource("gpu", 1)
+
+
 def _checked(job, needs, hint):
     """Stop the run up front (while planning, before any job starts) with one line if a job needs more
-    than the bound in force: the machine's memory, or what --resources gives."""
+    than the bound in force (the machine's or GPU's memory, or --resources)."""
     if workflow.is_main_process:
         for name, need_mb in needs.items():
             have = workflow.global_resources.get(name)
             have_mb = getattr(have, "value", have)
             if name == "mem_mb":
                 have_mb = have_mb or MACHINE_MB
-            line = res.fits_line(job, need_mb, have_mb, hint) if have_mb else None
+            what, holder = (
+                ("memory", "the machine")
+                if name == "mem_mb"
+                else ("GPU memory", f"the GPU ({config['generate']['device']})")
+            )
+            line = (
+                res.fits_line(job, need_mb, have_mb, hint, what, holder)
+                if have_mb
+                else None
+            )
             if line:
                 # printed before exiting: Snakemake wraps the exit of a resource function in its own report
-                print(
-                    line if name == "mem_mb" else line.replace("memory", name),
-                    file=sys.stderr,
-                )
+                print(line, file=sys.stderr)
                 sys.exit(1)
     return needs
 

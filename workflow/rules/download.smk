@@ -1,24 +1,3 @@
-if config["model"]["source"] == "hf":
-
-    # The hub's config and index, kept under results/ so that planning (also on a cluster's compute
-    # nodes) reads them from disk; `--forcerun hub_metadata` refreshes them.
-    rule hub_metadata:
-        output:
-            multiext(
-                str(HUB_METADATA_DIR) + "/",
-                "config.json",
-                "model.safetensors.index.json",
-            ),
-        log:
-            "logs/hub_metadata.log",
-        localrule: True
-        params:
-            model=model_source(),
-            code=code_version("hub_metadata"),
-        script:
-            "../scripts/hub_metadata.py"
-
-
 rule download:
     input:
         model_files(),

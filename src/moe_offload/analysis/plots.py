@@ -71,7 +71,7 @@ def plot_hit_rate(profile_csv: pd.DataFrame, path, target: float | None = None,
 
 
 def plot_memory_speed(native: dict, depths: list[dict], path, memory) -> None:
-    """memory(run) -> dict with generate_peak_bytes and bound_bytes (compare.memory_summary)."""
+    """memory(run) -> dict with generate_peak_bytes and bound_bytes (analysis.memory_summary)."""
     full = max(d["depth"] for d in depths)
     runs = [("native", native)] + [(f"depth {d['depth']}" + (" (full)" if d["depth"] == full else ""), d)
                                    for d in sorted(depths, key=lambda d: d["depth"])]

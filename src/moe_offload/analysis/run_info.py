@@ -107,7 +107,7 @@ def check_finite(logits: torch.Tensor, what: str) -> None:
 def verify_files(files: list[tuple[Path, str, str]], progress=None) -> None:
     """Each (file, recorded xxh3-128, rule or file that redoes it) hashed once: a generation job uses no
     byte that validation did not see."""
-    from ..checkpoint.validate import hash_file
+    from ..hashing import hash_file
 
     for path, recorded, redo in files:
         try:

@@ -8,7 +8,8 @@ from pathlib import Path
 from .shards import INDEX_NAME, Checkpoint, read_header
 from ..errors import InputError
 from .layouts import Layout, TextConfig, detect, detect_checkpoint, layout_by_name, text_config_from_dict
-from .validate import hash_file
+from ..hashing import hash_file
+from .hub import hub_file, hub_metadata_dir, missing_metadata
 
 # Files besides weight shards that a text run needs from a hub repo.
 HUB_SIDE_FILES = ["config.json", "generation_config.json", INDEX_NAME, "tokenizer*", "vocab.json", "merges.txt",
@@ -25,30 +26,10 @@ def embedded_dir() -> Path:
     return EMBEDDED_DIR
 
 
-HUB_METADATA = ("config.json", INDEX_NAME)
-
-
-def hub_metadata_dir(model_cfg: dict, root: str | Path = "results/model/hub") -> Path:
-    """Where a hub repo's config and index are kept, one folder per repo and revision."""
-    return Path(root) / f"{model_cfg['repo_id'].replace('/', '--')}@{model_cfg.get('revision') or 'main'}"
-
-
-def fetch_hub_metadata(model_cfg: dict, out_dir: str | Path) -> Path:
-    """config.json and the index of a hub repo, copied into out_dir (each file written whole)."""
-    from ..atomic import atomic_path
-
-    out_dir = Path(out_dir)
-    for name in HUB_METADATA:
-        data = Path(_hub_file(model_cfg, name)).read_bytes()
-        with atomic_path(out_dir / name) as tmp:
-            tmp.write_bytes(data)
-    return out_dir
-
-
-def planned_text_config(model_cfg: dict, fetch: bool = True) -> tuple[Layout, TextConfig]:
+def planned_text_config(model_cfg: dict) -> tuple[Layout, TextConfig]:
     """Layout and dimensions known before anything is built or fetched, so the DAG has every layer.
-    For the hub: read from the metadata kept under results/model/hub; fetched there the first time
-    (fetch=True, the planning process on a machine with internet), never by a job on a compute node."""
+    For the hub: read from the metadata the rule hub_metadata keeps under results/model/hub, never
+    fetched here (planning needs no network)."""
     source = model_cfg["source"]
     if source == "synthetic":
         from .synthetic import text_config
@@ -59,23 +40,10 @@ def planned_text_config(model_cfg: dict, fetch: bool = True) -> tuple[Layout, Te
         return detect_checkpoint(model_cfg["path"])
     if source == "embedded":
         return detect_checkpoint(embedded_dir())
-    metadata = hub_metadata_dir(model_cfg)
-    if not (metadata / "config.json").is_file():
-        if not fetch:
-            raise InputError(f"{metadata / 'config.json'} is missing: plan the run where the hub is reachable first")
-        fetch_hub_metadata(model_cfg, metadata)
-    return detect(json.loads((metadata / "config.json").read_text()))
-
-
-def _hub_file(model_cfg: dict, filename: str) -> str:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(model_cfg["repo_id"], filename, revision=model_cfg.get("revision"),
-                               cache_dir=model_cfg.get("cache_dir"))
-    except Exception as err:  # the hub client raises many types; all mean "could not get it"
-        raise InputError(f"could not get {filename} of {model_cfg['repo_id']}@{model_cfg.get('revision')}: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    missing = missing_metadata(model_cfg)
+    if missing:
+        raise InputError(missing)
+    return detect(json.loads((hub_metadata_dir(model_cfg) / "config.json").read_text()))
 
 
 def hub_patterns(config: dict, weight_map: dict[str, str]) -> list[str]:
@@ -115,8 +83,8 @@ def fetch_hub(model_cfg: dict, metadata_dir: str | Path | None = None) -> Path:
         config = json.loads((Path(metadata_dir) / "config.json").read_text())
         weight_map = json.loads((Path(metadata_dir) / INDEX_NAME).read_text())["weight_map"]
     else:
-        config = json.loads(Path(_hub_file(model_cfg, "config.json")).read_text())
-        weight_map = json.loads(Path(_hub_file(model_cfg, INDEX_NAME)).read_text())["weight_map"]
+        config = json.loads(Path(hub_file(model_cfg, "config.json")).read_text())
+        weight_map = json.loads(Path(hub_file(model_cfg, INDEX_NAME)).read_text())["weight_map"]
     patterns = hub_patterns(config, weight_map)
     need = hub_download_bytes(model_cfg, patterns)
     if need:
@@ -182,22 +150,3 @@ def project_path(path: str | Path) -> str:
         return str(path.relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def manifest_checkpoint(manifest: dict) -> Path:
-    """The manifest's checkpoint directory, after checking that its files are those the manifest recorded:
-    same size, and same mtime or else same xxh3-128 (a copied folder gets new mtimes, not new bytes)."""
-    path = Path(manifest["path"])
-    for entry in manifest["files"]:
-        file = path / entry["name"]
-        try:
-            stat = file.stat()
-        except OSError:
-            raise InputError(f"checkpoint file {file} recorded in the manifest is gone; "
-                             "redo it with: snakemake --forcerun download") from None
-        changed = stat.st_size != entry["size"] or (
-            stat.st_mtime_ns != entry.get("mtime_ns") and hash_file(file) != entry["xxh3_128"])
-        if changed:
-            raise InputError(f"checkpoint file {file} changed since results/model/manifest.json was made; "
-                             "redo it with: snakemake --forcerun download")
-    return path

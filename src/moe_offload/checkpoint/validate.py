@@ -18,9 +18,9 @@ import xxhash
 
 from .shards import Checkpoint, TensorInfo
 from ..errors import InputError
+from ..hashing import CHUNK, hash_file
 from .layouts import PROJECTIONS, detect, read_config
 
-CHUNK = 16 * 1024 * 1024
 TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Every tensor of the text model is a weight, a norm or an embedding: floating point only.
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
@@ -89,14 +89,6 @@ def hash_tensor(info: TensorInfo) -> str:
                 raise InputError(f"{info.file}: truncated inside {info.name}")
             h.update(chunk)
             left -= len(chunk)
-    return h.hexdigest()
-
-
-def hash_file(path: str | Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -1,0 +1,37 @@
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from moe_offload.code_version import code_version
+from moe_offload.config import canonical
+from moe_offload.errors import config_error_line
+from moe_offload.checkpoint.hub import hub_metadata_dir, missing_metadata
+
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as err:
+    sys.exit(config_error_line(err))
+
+HUB_METADATA_DIR = hub_metadata_dir(config["model"])
+# For a hub source whose config and index are not stored yet: the line saying to fetch them first (the
+# plan is made from them, and planning itself never reaches the hub).
+HUB_MISSING = missing_metadata(config["model"])
+
+
+def model_source():
+    """Only the settings of the active source, so that editing another source's settings reruns nothing."""
+    model = config["model"]
+    keys = {
+        "embedded": [],
+        "synthetic": ["synthetic"],
+        "local": ["path"],
+        "hf": ["repo_id", "revision", "cache_dir"],
+    }[model["source"]]
+    return canonical({"source": model["source"], **{key: model[key] for key in keys}})
+
+
+def metadata_first(wildcards):
+    """The input of every target while the hub's metadata is missing: stops the run with one line."""
+    print(f"error: {HUB_MISSING}", file=sys.stderr)
+    sys.exit(1)

@@ -377,9 +377,12 @@ def run_profiles(a, files, cfg, ids) -> dict:
     process stay slower (seen here: native_default 227 tok/s unprofiled, 162 after a profile), so no
     figure is timed after one."""
     device, out = torch.device(a.device), {}
-    for label, cap in (("ours_full", None), ("ours_topk", cfg.experts_per_token)):
+    cases = [("ours_full", None, False), ("ours_topk", cfg.experts_per_token, False)]
+    cases += [(f"ours_cap{c}_host", c, True) for c in a.profile_capacities]
+    for label, cap, host in cases:
         try:
-            rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=cap, device=a.device, dtype=a.dtype)
+            rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=cap, device=a.device, dtype=a.dtype,
+                              host_tier=host, pin_memory=True)
             generate(rt, ids, a.max_new_tokens)  # the same warm-up as the timed runs
             out[label] = profile_decode(rt, ids, cfg)
             rt.cache.close()
@@ -423,6 +426,7 @@ def main():
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--no-profile", action="store_true", help="cuda: skip the torch.profiler pass (run after all timings)")
+    p.add_argument("--profile-capacities", default="", help="cuda: also profile these capacities with the host tier")
     p.add_argument("--only", default=None, help="comma-separated run labels to do (default: all)")
     p.add_argument("--recheck", action="store_true", help="run ours_full once more after the other runs of ours")
     p.add_argument("--capacities", default="", help="comma-separated per-layer capacities to run offloaded, "
@@ -431,6 +435,7 @@ def main():
     a = p.parse_args()
     a.layers = a.layers or (48 if a.dims == "tiny" else 4)
     a.capacities = [int(c) for c in a.capacities.split(",") if c]
+    a.profile_capacities = [int(c) for c in a.profile_capacities.split(",") if c]
     a.dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     a.max_new_tokens = a.max_new_tokens or (64 if a.device.startswith("cuda") else 32)
     device = torch.device(a.device)

@@ -73,6 +73,12 @@ def _expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSp
     return spans, meta
 
 
+def _in_slot_order(span: ExpertSpan) -> bool:
+    """gate, up and down stored back to back in that order, as a slot holds them (w1 = gate then up rows)."""
+    (g0, g1, _), (u0, u1, _), (d0, _, _) = span.parts
+    return g0 == 0 and u0 == g1 and d0 == u1
+
+
 class ExpertCache:
     """`get(layer, expert)` returns that expert's (gate [I,H], up [I,H], down [H,I]) on `device` in `dtype`.
 
@@ -128,6 +134,10 @@ class ExpertCache:
         self.slot: dict[tuple[int, int], int] = {}  # resident key -> slot in its pool's slab
         self._pools: dict[int | None, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # w1, w2, free slots
         self._tables: dict[int, torch.Tensor] = {}  # layer -> [E] slot of each expert on device, -1 if absent
+        # The tables as the host keeps them: written there, pushed to the device once per layer that
+        # changed (a scalar write into a device tensor is a copy from pageable memory plus a host sync)
+        self._host_tables: dict[int, torch.Tensor] = {}
+        self._changed: set[int] = set()
         cuda = self.device.type == "cuda"
         max_bytes = max((s.nbytes for spans in self.spans.values() for s in spans), default=0)
         # Reused pinned buffers, one per expert a step can miss: reads land in them (in parallel) and
@@ -194,7 +204,9 @@ class ExpertCache:
             w2 = torch.empty(slots, *down[2], dtype=self.dtype, **where)
             self._pools[pool_id] = (w1, w2, list(range(slots - 1, -1, -1)))
         if layer not in self._tables:
-            self._tables[layer] = torch.full((len(self.spans[layer]),), -1, dtype=torch.long, device=self.device)
+            self._host_tables[layer] = torch.full((len(self.spans[layer]),), -1, dtype=torch.long)
+            # on the CPU the host's table is the table
+            self._tables[layer] = self._host_tables[layer].to(self.device)
         return self._pools[pool_id]
 
     def is_resident(self, layer: int, expert: int) -> bool:
@@ -275,7 +287,7 @@ class ExpertCache:
             self.evictions += 1
             self._prefetched.discard(evicted)
             free.append(self.slot.pop(evicted))
-            self._tables[evicted[0]][evicted[1]] = -1
+            self._set_slot(*evicted, -1)
         self.slot[key] = free.pop()
         return False
 
@@ -292,6 +304,7 @@ class ExpertCache:
             reads = self._readers.map(lambda i: self._read(spans[i], self._fds[layer], i), range(len(misses)))
             for i, (e, raw) in enumerate(zip(misses, list(reads))):
                 self._load(layer, e, raw, i)
+        self._push_tables()
         self.bytes_loaded += sum(span.nbytes for span in spans)
         self.load_seconds += time.perf_counter() - start
 
@@ -332,7 +345,7 @@ class ExpertCache:
             flat = raw.view(span.dtype)
             for target, (a, b, shape) in zip(targets, span.parts):
                 target.copy_(flat[a:b].view(shape))
-            self._tables[layer][expert] = slot
+            self._set_slot(layer, expert, slot)
             return
         main = torch.cuda.current_stream(self.device)
         if stream is None:
@@ -342,15 +355,35 @@ class ExpertCache:
         if self._stream is not None and stream is self._stream:
             stream.wait_stream(main)  # the slot's previous expert may still be read by queued kernels
         with torch.cuda.stream(stream):
-            # Copy the stored bytes (bf16: half those of f32) and cast on the device, into the slot.
-            flat = raw.to(self.device, non_blocking=raw.is_pinned()).view(span.dtype)
-            for target, (a, b, shape) in zip(targets, span.parts):
-                target.copy_(flat[a:b].view(shape))
+            if span.dtype == self.dtype and _in_slot_order(span):
+                # stored as computed, gate/up/down back to back as w1[slot] then w2[slot]: two DMAs straight
+                # into the slot, no staging tensor on the device and no copies there
+                w1, w2, _ = self._pool(layer)
+                n1 = w1[slot].numel() * span.dtype.itemsize
+                for dst, src in ((w1[slot], raw[:n1]), (w2[slot], raw[n1:])):
+                    dst.view(-1).view(torch.uint8).copy_(src, non_blocking=raw.is_pinned())
+            else:
+                # Copy the stored bytes (bf16: half those of f32) and cast on the device, into the slot.
+                flat = raw.to(self.device, non_blocking=raw.is_pinned()).view(span.dtype)
+                for target, (a, b, shape) in zip(targets, span.parts):
+                    target.copy_(flat[a:b].view(shape))
             if buffer is not None and self._staging is not None:
                 self._staging_free[buffer].record(stream)
         if stream is self._stream:
             main.wait_stream(self._stream)
-        self._tables[layer][expert] = slot
+        self._set_slot(layer, expert, slot)
+
+    def _set_slot(self, layer: int, expert: int, slot: int) -> None:
+        self._host_tables[layer][expert] = slot
+        self._changed.add(layer)
+
+    def _push_tables(self) -> None:
+        """The changed layers' tables to the device, each in one copy queued on the compute stream (from a
+        pinned snapshot, which the caching host allocator keeps until the copy is done)."""
+        for layer in self._changed:
+            if self._tables[layer] is not self._host_tables[layer]:
+                self._tables[layer].copy_(self._host_tables[layer].pin_memory(), non_blocking=True)
+        self._changed.clear()
 
     def close(self) -> None:
         self._readers.shutdown(wait=True)

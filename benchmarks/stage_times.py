@@ -339,12 +339,8 @@ def _median(values):
 
 
 def _line(points: list[tuple[float, float]]):
-    """Least-squares a + b x through the points, the slope at least 0 (a stage does not get faster with more
-    layers: a negative slope is noise over a fixed cost, so the mean is used); proportional through 0 with
-    one point."""
-    if len(points) == 1:
-        x, y = points[0]
-        return lambda d: y * d / x
+    """Least-squares a + b x through two or more points, the slope at least 0 (a stage does not get faster
+    with more layers: a negative slope is noise over a fixed cost, so the mean is used)."""
     n = len(points)
     mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
     b = max(0.0, sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points))
@@ -420,24 +416,26 @@ def summarize(stages: list[dict], planned: dict, planned48: dict, config: dict, 
         points = {k: [(s["depth"], s[k]) for s in depth_runs if s.get(k) is not None and "depth" in s]
                   for k in ("step_s", "process_s", "load_s", "decode_ms_per_token")}
         plan = sorted({d for d in config["generate"]["depths"] if d <= REAL_LAYERS} | {REAL_LAYERS})
-        fits = {k: _line(p) for k, p in points.items() if p}
-        depths = {}
-        for d in plan:
-            row = {k: fit(d) for k, fit in fits.items()}
-            if row.get("decode_ms_per_token"):
-                row["tok_s"] = 1000 / row["decode_ms_per_token"]
-            depths[str(d)] = row
         measured = sorted({p[0] for p in points.get("step_s", [])})
-        extra["generate_depth"] = {
-            "how": (f"a straight line in depth (least squares, slope at least 0) through the depths measured "
-                    f"({measured}), at the workflow's depths {plan}" if len(measured) > 1
-                    else f"proportional to depth from depth {measured} (an upper bound: fixed costs scaled too)") +
-                   "; assumes the cache mode measured (capacity per layer; the host tier on or off as it was: "
-                   "config cache.host_tier auto turns it off where the experts of all layers do not fit in half the "
-                   "RAM, 54 GB at the real 48 layers)",
-            "depths": depths,
-            "step_s": sum(r.get("step_s", 0) for r in depths.values()),
-            "process_s": sum(r.get("process_s", 0) for r in depths.values())}
+        if len(measured) < 2:  # one depth cannot part the fixed costs (lm_head, verification) from the per-layer
+            extra["generate_depth"] = {"how": f"not extrapolated: one depth measured ({measured}); --layers 2 or "
+                                              "more runs two depths, through which a line is drawn"}
+        else:
+            fits = {k: _line(p) for k, p in points.items() if len({x for x, _ in p}) > 1}
+            depths = {}
+            for d in plan:
+                row = {k: fit(d) for k, fit in fits.items()}
+                if row.get("decode_ms_per_token"):
+                    row["tok_s"] = 1000 / row["decode_ms_per_token"]
+                depths[str(d)] = row
+            extra["generate_depth"] = {
+                "how": f"a straight line in depth (least squares, slope at least 0) through the depths measured "
+                       f"({measured}), at the workflow's depths {plan}; assumes the cache mode measured (capacity "
+                       "per layer; the host tier on or off as it was: config cache.host_tier auto turns it off where "
+                       "the experts of all layers do not fit in half the RAM, 54 GiB at the real 48 layers)",
+                "depths": depths,
+                "step_s": sum(r.get("step_s", 0) for r in depths.values()),
+                "process_s": sum(r.get("process_s", 0) for r in depths.values())}
     total = {k: sum(e.get(k, 0) for e in extra.values()) for k in ("step_s", "process_s")}
     return summary, extra, total
 

@@ -1,76 +1,22 @@
-"""The runtime expert cache: (layer, expert) -> (gate, up, down) tensors, loaded from disk on a miss.
+"""The runtime expert cache: (layer, expert) -> (gate, up, down) tensors, loaded on a miss.
 
-Each per-layer expert file keeps one expert's three bf16 tensors adjacent, so a miss is one positional
-read of one contiguous byte range. Which key is resident and which is evicted is decided by
+Resident experts live in slots of preallocated slabs, found through a slot table the kernels read; the
+bytes come from `expert_files`. Which key is resident and which is evicted is decided by
 `cache_policy.Scoped`, the same object the offline simulator replays traces with, so a simulated hit
 rate is this cache's hit rate.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .cache_policy import Scoped
-from ..checkpoint.shards import header_tensors, read_header
+from ..checkpoint.layouts import Layout
 from ..errors import InputError
-from ..checkpoint.layouts import PROJECTIONS, Layout
-
-
-READ_THREADS = min(8, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class ExpertSpan:
-    """Where one expert lives in its layer file: one byte range and each projection's slice of it."""
-
-    offset: int  # absolute byte offset of the range
-    nbytes: int
-    parts: tuple[tuple[int, int, tuple[int, ...]], ...]  # per projection: (start, end) in elements, shape
-    dtype: torch.dtype  # the file's storage dtype (converted to the compute dtype on the device)
-
-
-# The float storage dtypes a layer file may hold (safetensors' names); checkpoints are usually bf16, fine-tunes
-# often float16 or float32.
-STORAGE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
-def _expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSpan], dict]:
-    """Each expert's byte range in a layer file, and the file's metadata, from one read of its header."""
-    parsed = read_header(path)
-    meta = parsed[0].get("__metadata__") or {}
-    tensors = header_tensors(path, parsed)
-    num = int(meta["num_experts"]) if "num_experts" in meta else None
-    if num is None:  # count experts by name when the metadata lacks it
-        num = 0
-        while layout.expert(layer, num, PROJECTIONS[0]) in tensors:
-            num += 1
-    spans = []
-    for e in range(num):
-        infos = []
-        for proj in PROJECTIONS:
-            info = tensors.get(layout.expert(layer, e, proj))
-            if info is None:
-                raise InputError(f"{path}: lacks tensor {layout.expert(layer, e, proj)}")
-            if info.dtype not in STORAGE_DTYPES:
-                raise InputError(f"{path}: {info.name} is {info.dtype}, expected one of {', '.join(STORAGE_DTYPES)}")
-            if infos and info.dtype != infos[0].dtype:
-                raise InputError(f"{path}: layer {layer} expert {e} mixes {infos[0].dtype} and {info.dtype}")
-            infos.append(info)
-        start = min(i.offset for i in infos)
-        end = max(i.offset + i.nbytes for i in infos)
-        if end - start != sum(i.nbytes for i in infos):
-            raise InputError(f"{path}: layer {layer} expert {e}'s tensors are not one contiguous byte range")
-        dtype = STORAGE_DTYPES[infos[0].dtype]
-        size = dtype.itemsize
-        parts = tuple(((i.offset - start) // size, (i.offset - start + i.nbytes) // size, i.shape) for i in infos)
-        spans.append(ExpertSpan(start, end - start, parts, dtype))
-    return spans, meta
+from .cache_policy import Scoped
+from .expert_files import ExpertFiles, ExpertSpan
 
 
 def _in_slot_order(span: ExpertSpan) -> bool:
@@ -106,19 +52,14 @@ class ExpertCache:
                  policy: str = "lru", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  pin_memory: bool = False, experts_per_token: int | None = None, side_stream: bool = False,
                  host_tier: bool = False, unified: bool = False, prefetch: bool = False):
-        self.spans: dict[int, list[ExpertSpan]] = {}
-        top_k_recorded = []
-        for layer, path in sorted(layer_files.items()):
-            path = Path(path)
-            if not path.is_file():
-                raise InputError(f"expert file for layer {layer} does not exist: {path}")
-            self.spans[layer], meta = _expert_spans(path, layout, layer)
-            if "experts_per_token" in meta:
-                top_k_recorded.append(int(meta["experts_per_token"]))
-        if experts_per_token is None:  # the extractor records it in each layer file's metadata
-            experts_per_token = max(top_k_recorded, default=None)
-        if unified:  # every expert of each layer stays where it was read (no second copy in a host tier)
-            capacity, scope, host_tier = max(len(spans) for spans in self.spans.values()), "per_layer", False
+        cuda = torch.device(device).type == "cuda"
+        # unified: every expert of each layer stays where it was read (no second copy in a host tier)
+        self.files = ExpertFiles(layer_files, layout, experts_per_token, staging=cuda and pin_memory,
+                                 host_tier=host_tier and not unified, pinned=cuda)
+        self.spans: dict[int, list[ExpertSpan]] = self.files.spans
+        experts_per_token = self.files.experts_per_token
+        if unified:
+            capacity, scope = max(len(spans) for spans in self.spans.values()), "per_layer"
         if experts_per_token is not None and capacity < experts_per_token:
             raise InputError(f"cache capacity {capacity} is below experts_per_token {experts_per_token}: "
                              f"one token needs {experts_per_token} experts of a layer")
@@ -128,9 +69,6 @@ class ExpertCache:
             raise InputError(str(err)) from None
         self.layout, self.capacity, self.scope, self.policy_name = layout, capacity, scope, policy
         self.device, self.dtype, self.unified = torch.device(device), dtype, unified
-        self._fds: dict[int, int] = {}
-        for layer, path in sorted(layer_files.items()):
-            self._fds[layer] = os.open(path, os.O_RDONLY)
         self.slot: dict[tuple[int, int], int] = {}  # resident key -> slot in its pool's slab
         self._pools: dict[int | None, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # w1, w2, free slots
         self._tables: dict[int, torch.Tensor] = {}  # layer -> [E] slot of each expert on device, -1 if absent
@@ -138,29 +76,12 @@ class ExpertCache:
         # changed (a scalar write into a device tensor is a copy from pageable memory plus a host sync)
         self._host_tables: dict[int, torch.Tensor] = {}
         self._changed: set[int] = set()
-        cuda = self.device.type == "cuda"
-        max_bytes = max((s.nbytes for spans in self.spans.values() for s in spans), default=0)
-        # Reused pinned buffers, one per expert a step can miss: reads land in them (in parallel) and
-        # the H2D copies read from them asynchronously.
-        self._readers = ThreadPoolExecutor(max_workers=READ_THREADS)  # preadv releases the GIL
-        n_staging = experts_per_token or 1
-        self._staging = [torch.empty(max_bytes, dtype=torch.uint8, pin_memory=True)
-                         for _ in range(n_staging)] if cuda and pin_memory else None
-        self._staging_free = [torch.cuda.Event() for _ in range(n_staging)] if self._staging else None
         self._stream = torch.cuda.Stream(self.device) if cuda and side_stream else None
         # router lookahead: predicted experts copied on a stream of their own while the GPU computes; only
         # from the host tier (a file read would block the host, which is the decode step's critical path)
-        self.prefetch_stream = torch.cuda.Stream(self.device) if cuda and prefetch and host_tier else None
         self.prefetches = prefetch and host_tier and not unified
+        self.prefetch_stream = torch.cuda.Stream(self.device) if cuda and self.prefetches else None
         self._prefetched: set[tuple[int, int]] = set()  # loaded ahead, not yet asked for
-        self._host: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (its experts' bytes, file offset of [0])
-        if host_tier:
-            for layer, spans in self.spans.items():
-                start = min(s.offset for s in spans)
-                end = max(s.offset + s.nbytes for s in spans)
-                buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=cuda)
-                self._read_into(buf, self._fds[layer], start)
-                self._host[layer] = (buf, start)
         self.reset_stats()
         for layer in self.spans:
             self._pool(layer)  # allocate every slab now: the memory held is the bound, from the start
@@ -293,52 +214,19 @@ class ExpertCache:
 
     def _load_all(self, layer: int, misses: list[int], stream=None) -> None:
         start = time.perf_counter()
-        spans = [self.spans[layer][e] for e in misses]
-        if layer in self._host:  # no file reads: each miss is a copy out of RAM
-            for e, span in zip(misses, spans):
-                self._load(layer, e, self._read(span, self._fds[layer], 0, layer), None, stream)
-        elif self._staging is not None and len(misses) > len(self._staging):
-            for e in misses:  # more misses than staging buffers (a prefill): one at a time
-                self._load(layer, e, self._read(self.spans[layer][e], self._fds[layer], 0), 0)
-        else:
-            reads = self._readers.map(lambda i: self._read(spans[i], self._fds[layer], i), range(len(misses)))
-            for i, (e, raw) in enumerate(zip(misses, list(reads))):
-                self._load(layer, e, raw, i)
+        for expert, raw, buffer in self.files.read(layer, misses):
+            self._load(layer, expert, raw, buffer, stream)
         self._push_tables()
-        self.bytes_loaded += sum(span.nbytes for span in spans)
+        self.bytes_loaded += sum(self.spans[layer][e].nbytes for e in misses)
         self.load_seconds += time.perf_counter() - start
 
     @property
     def host_tier_bytes(self) -> int:
-        return sum(buf.nbytes for buf, _ in self._host.values())
+        return self.files.host_tier_bytes
 
-    @staticmethod
-    def _read_into(buf: torch.Tensor, fd: int, offset: int) -> None:
-        view, done = buf.numpy(), 0
-        while done < buf.numel():  # a large read may come back short: continue where it stopped
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise InputError(f"short read: {done} of {buf.numel()} bytes at offset {offset}")
-            done += n
-
-    def _read(self, span: ExpertSpan, fd: int, buffer: int, layer: int | None = None) -> torch.Tensor:
-        if layer in self._host:  # the host tier: the bytes are already in (pinned) RAM
-            buf, start = self._host[layer]
-            return buf[span.offset - start: span.offset - start + span.nbytes]
-        if self._staging is not None:
-            self._staging_free[buffer].synchronize()  # the previous async copy out of it must be done
-            buf = self._staging[buffer][: span.nbytes]
-        else:
-            buf = torch.empty(span.nbytes, dtype=torch.uint8)
-        # One positional read straight into the (possibly pinned) buffer: no intermediate bytes object.
-        n = os.preadv(fd, [buf.numpy()], span.offset)
-        if n != span.nbytes:
-            raise InputError(f"short read: {n} of {span.nbytes} bytes at offset {span.offset}")
-        return buf
-
-    def _load(self, layer: int, expert: int, raw: torch.Tensor, buffer: int, stream=None) -> None:
-        """Copy one expert's bytes (read into `raw`, pinned staging buffer number `buffer` when pinned)
-        into its slot, cast to the compute dtype; on `stream` (a prefetch) or the cache's own."""
+    def _load(self, layer: int, expert: int, raw: torch.Tensor, buffer: int | None, stream=None) -> None:
+        """Copy one expert's bytes (`raw`, in staging buffer `buffer` or None) into its slot, cast to the
+        compute dtype; on `stream` (a prefetch) or the cache's own."""
         span, slot = self.spans[layer][expert], self.slot[(layer, expert)]
         targets = self._views(layer, slot)
         if not targets[0].is_cuda:  # on the CPU, or into a unified slab in host RAM
@@ -367,8 +255,7 @@ class ExpertCache:
                 flat = raw.to(self.device, non_blocking=raw.is_pinned()).view(span.dtype)
                 for target, (a, b, shape) in zip(targets, span.parts):
                     target.copy_(flat[a:b].view(shape))
-            if buffer is not None and self._staging is not None:
-                self._staging_free[buffer].record(stream)
+            self.files.release(buffer, stream)
         if stream is self._stream:
             main.wait_stream(self._stream)
         self._set_slot(layer, expert, slot)
@@ -386,10 +273,7 @@ class ExpertCache:
         self._changed.clear()
 
     def close(self) -> None:
-        self._readers.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.files.close()
 
     def __del__(self):
         try:

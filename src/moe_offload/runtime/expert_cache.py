@@ -189,6 +189,8 @@ class ExpertCache:
             self._prefetched.add((layer, expert))
         self.prefetched += len(absent)
         if absent:
+            if self.prefetch_stream is not None:  # an evicted slot may still be read by queued kernels
+                self.prefetch_stream.wait_stream(torch.cuda.current_stream(self.device))
             self._load_all(layer, absent, self.prefetch_stream)
 
     def wait_prefetch(self) -> None:

@@ -3,8 +3,10 @@
 The optimistic step (the whole token as one graph) is right when every routed expert is resident. When
 some are not, each MoE layer must show its routing to the host before its experts run, so the host can
 load the missing ones. Launched eagerly, that is dozens of small kernels and Triton launches per layer;
-here each MoE layer is two graphs, `pre` (attention, norms, router, routing written for the host) and
-`post` (the experts, read from their slots after the loads), with one host sync between them. A dense
+here each MoE layer is graphs: `pre` (attention, norms, router, routing written for the host), then
+`post_resident` (the experts from the slots the router saw, right when they were all resident),
+launched before the host has looked, so the GPU does not wait for it in a layer without a miss; after a
+miss the host loads the experts and runs `post` (the experts from the updated slots) again. A dense
 layer is one graph. Graphs are captured the first time a layer runs, on real data, so their warm-up
 writes only what the step itself writes; they are dropped when the KV cache is reallocated.
 """
@@ -39,8 +41,10 @@ class LayerGraphs:
         self.pos = torch.zeros(1, dtype=torch.long, device=ref.device)
         self.mask = model.causal[0:1].clone()  # the whole cache: shapes never change
         self.record = model.routing_record(ref.device)
+        self.host_record = torch.empty(self.record.shape, dtype=self.record.dtype, pin_memory=True)
+        self.routed = torch.cuda.Event()  # the layer's routing has reached host_record
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple] = {}  # layer index -> (pre, pre's outputs, post) or (dense,)
+        self.graphs: dict[int, tuple] = {}  # layer index -> (pre, post_resident, post) or (dense,)
 
     def _capture_layer(self, i: int, block) -> None:
         """Capture layer i's graphs while running it for this step (each capture's eager warm-up is the
@@ -54,17 +58,20 @@ class LayerGraphs:
 
         def pre():
             h, resid = block.attention_fused(x, m.rope_cos, m.rope_sin, pos, mask)
-            top_i, top_w = m.route_careful(block, h, self.record)
-            return h, resid, top_i, top_w
+            return (h, resid, *m.route_careful(block, h, self.record))
 
-        pre_graph, outs = capture(pre, self.pool)
-        pre_graph.replay()  # fills outs with this step's values (capturing computed nothing)
+        pre_graph, (h, resid, top_i, top_w, slots) = capture(pre, self.pool)
+        pre_graph.replay()  # fills its outputs with this step's values (capturing computed nothing)
         m.load_routed(block.mlp.layer, self.record.tolist())
+        m.cache.wait_prefetch()
+
+        def post_resident():
+            x.copy_(block.mlp.experts_fused(h, resid, top_i, top_w, slots))
 
         def post():
-            x.copy_(block.mlp.experts_fused(*outs))
-        m.cache.wait_prefetch()
-        self.graphs[i] = (pre_graph, outs, capture(post, self.pool)[0])
+            x.copy_(block.mlp.experts_fused(h, resid, top_i, top_w))
+        # post's warm-up last: it writes this step's right output
+        self.graphs[i] = (pre_graph, capture(post_resident, self.pool)[0], capture(post, self.pool)[0])
 
     def run(self, x: torch.Tensor, input_pos: torch.Tensor, start: int) -> torch.Tensor:
         """Layers start.. for one token whose layer-`start` input is x [H]; returns the final hidden [H]."""
@@ -80,9 +87,16 @@ class LayerGraphs:
             if len(entry) == 1:
                 entry[0].replay()
                 continue
-            pre, _, post = entry
+            pre, post_resident, post = entry
             pre.replay()
-            m.load_routed(block.mlp.layer, self.record.tolist())  # the layer's one host sync
+            self.host_record.copy_(self.record, non_blocking=True)
+            self.routed.record()
             m.cache.wait_prefetch()  # the experts loaded ahead for this layer have landed
-            post.replay()
+            post_resident.replay()  # runs while the host looks at the routing
+            self.routed.synchronize()  # the layer's one host sync
+            misses = m.cache.misses
+            m.load_routed(block.mlp.layer, self.host_record.tolist())
+            if m.cache.misses != misses:  # post_resident read an absent expert's slot: again, after the loads
+                m.cache.wait_prefetch()
+                post.replay()
         return self.x.clone()

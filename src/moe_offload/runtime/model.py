@@ -379,11 +379,12 @@ class Transformer(nn.Module):
         return torch.empty(rows, self.cfg.experts_per_token, dtype=torch.float32, device=device)
 
     def route_careful(self, block: Block, h: torch.Tensor, record: torch.Tensor):
-        """A careful step's routing through the kernels into `record` (see routing_record)."""
-        top_i, top_w, _ = block.mlp.route_fused(h, record[:2])
+        """A careful step's routing through the kernels into `record` (see routing_record): top_i, top_w
+        and the slots as the table has them now (an absent expert's reads as 0)."""
+        top_i, top_w, slots = block.mlp.route_fused(h, record[:2])
         if record.shape[0] == 3 and block.mlp.lookahead is not None:
             record[2].copy_(block.mlp.predict_next(h))
-        return top_i, top_w
+        return top_i, top_w, slots
 
     def _careful_fused(self, x, input_pos, mask, start: int):
         """Layers start.. for one token through the kernels, each MoE layer's routing brought to the host
@@ -393,7 +394,7 @@ class Transformer(nn.Module):
         for block in self.layers[start:]:
             h, resid = block.attention_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
             if isinstance(block.mlp, MoE):
-                top_i, top_w = self.route_careful(block, h, record)
+                top_i, top_w, _ = self.route_careful(block, h, record)
                 self.load_routed(block.mlp.layer, record.tolist())
                 x = block.mlp.experts_fused(h, resid, top_i, top_w)
             else:

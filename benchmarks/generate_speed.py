@@ -211,8 +211,10 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
                       prefetch=prefetch)
     rt.model.record_trace = trace
     load_s = time.perf_counter() - t0
-    warm = generate(rt, ids, a.max_new_tokens, path=path)
-    runs = [generate(rt, ids, a.max_new_tokens, path=path) for _ in range(a.repeats)]
+    # --routing sampled: each run samples its own tokens (seed = run), so routing follows varied tokens
+    sampling = dict(temperature=1.0) if a.routing == "sampled" else {}
+    warm = generate(rt, ids, a.max_new_tokens, path=path, seed=a.repeats, **sampling)
+    runs = [generate(rt, ids, a.max_new_tokens, path=path, seed=i, **sampling) for i in range(a.repeats)]
     mem = peak.read()
     toks = [g.decode_tokens_per_second for g in runs]
     cap_per_layer = cfg.num_experts if capacity is None else capacity
@@ -246,7 +248,8 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
         out["decode_ms_per_miss"] = 1000 * s["load_seconds"] / s["misses"]
         out["decode_load_fraction"] = s["load_seconds"] / runs[-1].decode_seconds
     tokens = runs[-1].tokens[0]
-    out["tokens_stable_across_runs"] = all(g.tokens[0] == tokens for g in runs + [warm])
+    if a.routing == "greedy":
+        out["tokens_stable_across_runs"] = all(g.tokens[0] == tokens for g in runs + [warm])
     extra = {"tokens": tokens}
     if keep_logits:
         g = generate(rt, ids, a.max_new_tokens, return_logits=True, path=path)
@@ -426,6 +429,11 @@ def main():
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--no-profile", action="store_true", help="cuda: skip the torch.profiler pass (run after all timings)")
+    p.add_argument("--routing", choices=["greedy", "sampled"], default="greedy",
+                   help="sampled: ours decode by sampling at temperature 1, so consecutive tokens differ (greedy "
+                        "decoding of a random-weight model repeats tokens: far more reuse than a real model's routing)")
+    p.add_argument("--embed-scale", type=float, default=1.0,
+                   help="token embeddings scaled by this in the checkpoint built, so routing follows the token")
     p.add_argument("--profile-capacities", default="", help="cuda: also profile these capacities with the host tier")
     p.add_argument("--only", default=None, help="comma-separated run labels to do (default: all)")
     p.add_argument("--recheck", action="store_true", help="run ours_full once more after the other runs of ours")
@@ -448,11 +456,13 @@ def main():
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": str(a.dtype).replace("torch.", ""), "dims": a.dims, "layers": a.layers, "layout": a.layout,
-              "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
+              "max_new_tokens": a.max_new_tokens, "repeats": a.repeats, "routing": a.routing}
     try:
         spec = dict(DIMS[a.dims], layout=a.layout, num_layers=a.layers, seed=0, mlp_only_layers=[])
         if a.experts:
             spec["num_experts"] = a.experts
+        if a.embed_scale != 1:
+            spec["embed_scale"] = a.embed_scale
         t0 = time.perf_counter()
         ckpt = work / "ckpt"
         if not (ckpt / "config.json").exists():
@@ -565,7 +575,7 @@ def main():
         result["memory_ratio_to_bound"] = {l: r["memory"]["ratio_to_bound"] for l, r in runs.items()
                                            if "memory" in r and "ratio_to_bound" in r["memory"]}
         par = {}
-        for n in ("native_default", "native_eager"):
+        for n in ("native_default", "native_eager") if a.routing == "greedy" else ():  # sampled: other tokens
             if "logits" in extras.get("ours_full", {}) and "logits" in extras.get(n, {}):
                 par[f"ours_full_vs_{n}"] = parity(extras["ours_full"], extras[n])
         if "tokens" in extras.get("ours_topk", {}) and "tokens" in extras.get("ours_full", {}):

@@ -135,6 +135,8 @@ def remove_stale_builds(out_dir: Path) -> None:
 
 def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
     """Build the checkpoint described by `spec` (see config/config.yaml, model.synthetic) at out_dir.
+    Benchmarks may also set `embed_scale` (token embeddings scaled by it, for routing that follows the
+    token).
 
     Written into a temporary sibling and renamed, so out_dir is either complete or absent.
     """
@@ -150,6 +152,12 @@ def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
         for name, param in model.named_parameters():
             if "norm" in name and param.dim() == 1:
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
+        if spec.get("embed_scale", 1) != 1:
+            # token embeddings that outweigh what the layers add: each token's routing follows the token,
+            # as a trained model's does, instead of a residual stream that barely changes from token to token
+            (embed,) = (param for name, param in model.named_parameters()
+                        if name.endswith("embed_tokens.weight") and not name.startswith(("talker", "code2wav")))
+            embed.mul_(spec["embed_scale"])
     model = model.to(getattr(torch, spec.get("storage_dtype", "bfloat16")))  # fine-tunes are often f16 or f32
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(out_dir)

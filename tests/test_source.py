@@ -122,3 +122,21 @@ def test_unsupported_model_type(copy_ckpt):
     (copy_ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="model_type 'llama' is not a supported MoE layout"):
         build_manifest(copy_ckpt, {})
+
+
+def test_embed_scale_scales_the_token_embeddings_alone(tmp_path):
+    """The benchmarks' routing-follows-the-token knob: the built checkpoint's text model differs from the
+    default one only in its token embeddings, multiplied by the scale. (The unused talker is left out:
+    its experts are not initialised by transformers, so they differ between any two builds.)"""
+    from safetensors.torch import load_file
+
+    spec = small_spec("qwen3_omni_thinker", num_layers=2)
+
+    def tensors(out, **extra):
+        ckpt = build_synthetic(tmp_path / out, dict(spec, **extra))
+        return {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    plain, scaled = tensors("plain"), tensors("scaled", embed_scale=4)
+    changed = [k for k in plain if not k.startswith(("talker", "code2wav")) and not (plain[k] == scaled[k]).all()]
+    assert changed == [detect_checkpoint(tmp_path / "plain")[0].prefix + "embed_tokens.weight"]
+    assert (scaled[changed[0]].float() == plain[changed[0]].float() * 4).all()

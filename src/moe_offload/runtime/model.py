@@ -100,7 +100,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
         super().__init__()
         self.cfg, self.layer, self.router, self.cache, self.record = cfg, layer, w["mlp.gate.weight"], cache, record
-        self.defer = False  # set by Transformer for an optimistic one-token step (see Transformer.optimistic)
+        self.defer = False  # set by Transformer for an optimistic one-token step (see Transformer.optimistic_step)
         self.pending = None
         self.kernels = False  # set by Transformer: one-token steps through the fused kernels
         self.lookahead = None  # set by Transformer when the cache prefetches: (next MoE layer, its router)

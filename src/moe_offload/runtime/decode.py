@@ -69,7 +69,8 @@ class Decoder:
         """last: no step follows this one (nothing is launched ahead)."""
         m = self.model
         m.check_positions([position])
-        self.pos.fill_(position)  # on the device: a tensor built from the host would sync
+        if self.path in ("careful", "optimistic") or not self.expect_resident:
+            self.pos.fill_(position)  # on the device: a tensor built from the host would sync (graphs hold their own)
         if self.path == "careful" or not self.expect_resident:
             misses = m.cache.misses
             logits = m.forward(tok.view(-1, 1), self.pos, [position])[:, -1]
@@ -99,6 +100,7 @@ class Decoder:
             self.discarded += self.ahead is not None
             self.ahead = None  # a step launched ahead read this one's wrong token
             self.expect_resident = False
+            self.pos.fill_(position)
             return self._picked(m.head(m.careful_from(inputs[start], self.pos, start, position + 1))[:, -1])
         if greedy is not None:  # the graph picked the token
             return (logits[:, -1], *greedy)

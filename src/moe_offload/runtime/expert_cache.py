@@ -25,6 +25,12 @@ def _in_slot_order(span: ExpertSpan) -> bool:
     return g0 == 0 and u0 == g1 and d0 == u1
 
 
+def _copy_parts(flat: torch.Tensor, span: ExpertSpan, targets) -> None:
+    """One expert's stored elements (flat, in the storage dtype) into its slot's gate, up and down, cast."""
+    for target, (a, b, shape) in zip(targets, span.parts):
+        target.copy_(flat[a:b].view(shape))
+
+
 class ExpertCache:
     """`get(layer, expert)` returns that expert's (gate [I,H], up [I,H], down [H,I]) on `device` in `dtype`.
 
@@ -232,9 +238,7 @@ class ExpertCache:
         span, slot = self.spans[layer][expert], self.slot[(layer, expert)]
         targets = self._views(layer, slot)
         if not targets[0].is_cuda:  # on the CPU, or into a unified slab in host RAM
-            flat = raw.view(span.dtype)
-            for target, (a, b, shape) in zip(targets, span.parts):
-                target.copy_(flat[a:b].view(shape))
+            _copy_parts(raw.view(span.dtype), span, targets)
             self._set_slot(layer, expert, slot)
             return
         main = torch.cuda.current_stream(self.device)
@@ -254,9 +258,7 @@ class ExpertCache:
                     dst.view(-1).view(torch.uint8).copy_(src, non_blocking=raw.is_pinned())
             else:
                 # Copy the stored bytes (bf16: half those of f32) and cast on the device, into the slot.
-                flat = raw.to(self.device, non_blocking=raw.is_pinned()).view(span.dtype)
-                for target, (a, b, shape) in zip(targets, span.parts):
-                    target.copy_(flat[a:b].view(shape))
+                _copy_parts(raw.to(self.device, non_blocking=raw.is_pinned()).view(span.dtype), span, targets)
             self.files.release(buffer, stream)
         if stream is self._stream:
             main.wait_stream(self._stream)

@@ -202,14 +202,17 @@ def bytes_per_token(rt) -> int:
 
 
 def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_logits=False, kernels=None,
-             host_tier=False, path=None, unified=False, prefetch=False):
+             host_tier=False, path=None, unified=False, prefetch=False, in_place=None):
     device = torch.device(a.device)
     peak = Peak(device)
     t0 = time.perf_counter()
     rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=capacity, device=a.device, dtype=a.dtype,
                       pin_memory=pin, use_kernels=kernels, host_tier=host_tier, unified=unified,
-                      prefetch=prefetch)
+                      prefetch=prefetch, in_place_misses=in_place)
     rt.model.record_trace = trace
+    if capacity is None:  # the resident reference: every expert loaded before timing, none first touched later
+        for layer, spans in rt.cache.spans.items():
+            rt.cache.get_many(layer, list(range(len(spans))))
     load_s = time.perf_counter() - t0
     # --routing sampled: each run samples its own tokens (seed = run), so routing follows varied tokens
     sampling = dict(temperature=1.0) if a.routing == "sampled" else {}
@@ -224,12 +227,13 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     seq = len(ids) + a.max_new_tokens
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * seq * dbytes
     bound = rt.dense_bytes + n_moe * cap_per_layer * expert_bytes + kv
-    resident = len(rt.cache.slot)
+    resident = rt.cache.resident_count()
     bound_resident = rt.dense_bytes + resident * expert_bytes + kv
     out = {
         "label": label, "capacity_per_layer": cap_per_layer, "pin_memory": pin, "record_trace": trace,
         "decode_path": path or default_path(rt.model, 1, greedy=True),
         "host_tier_bytes": rt.cache.host_tier_bytes, "unified_memory": unified, "prefetch": prefetch,
+        "in_place_misses": rt.model.in_place,
         "fused_kernels": rt.model.kernels, "bytes_per_token": bytes_per_token(rt),
         "load_seconds": load_s, "warmup_tok_s": warm.decode_tokens_per_second,
         "tok_s": statistics.median(toks), "tok_s_runs": toks,
@@ -438,7 +442,8 @@ def main():
     p.add_argument("--only", default=None, help="comma-separated run labels to do (default: all)")
     p.add_argument("--recheck", action="store_true", help="run ours_full once more after the other runs of ours")
     p.add_argument("--capacities", default="", help="comma-separated per-layer capacities to run offloaded, "
-                   "each with and without the host tier (labels ours_cap{C}, ours_cap{C}_host)")
+                   "each with and without the host tier (labels ours_cap{C}, ours_cap{C}_host; _host_copy: the "
+                   "host tier without in-place misses; _host_prefetch: with router lookahead)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     a.layers = a.layers or (48 if a.dims == "tiny" else 4)
@@ -515,7 +520,9 @@ def main():
         for c in a.capacities:  # offloaded: misses read from the page cache (pinned staging) or the host tier
             record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}", pin=device.type == "cuda")
             record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}_host", pin=device.type == "cuda",
-                   host_tier=True)
+                   host_tier=True)  # with the kernels, misses read in place inside the step (device policy)
+            record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}_host_copy", pin=device.type == "cuda",
+                   host_tier=True, in_place=False)  # misses copied in by the host, the step redone
             record(run_ours, a, files, cfg, ids, c, label=f"ours_cap{c}_host_prefetch", pin=device.type == "cuda",
                    host_tier=True, prefetch=True)
         if device.type == "cuda":  # every expert in pinned host RAM, read in place over the bus

@@ -69,7 +69,9 @@ def check_layout(name, spec, work, device, new_tokens):
                 for c, cap in (("all", None), ("top_k", cfg.experts_per_token), ("between", 6))
                 for k, kern in (("kernels", True), ("torch", False))]
     variants += [("all_kernels_graph", None, True, {}, "graph"), ("between_kernels_graph", 6, True, {}, "graph"),
-                 ("between_kernels_host_tier", 6, True, dict(host_tier=True), None),
+                 ("between_kernels_host_tier", 6, True, dict(host_tier=True), None),  # misses read in place
+                 ("top_k_kernels_host_tier", cfg.experts_per_token, True, dict(host_tier=True), None),
+                 ("between_kernels_host_copy", 6, True, dict(host_tier=True, in_place_misses=False), None),
                  ("unified_kernels", None, True, dict(unified=True), None)]
     for cap_name, cap, kern, settings, path in variants:
         rt = load_runtime(work / "dense.safetensors", work, ckpt, capacity=cap, device=device, dtype=torch.float32,
@@ -107,12 +109,13 @@ def check_layout(name, spec, work, device, new_tokens):
 
 
 def bf16_slots(work, ckpt, device, new_tokens, cases) -> dict:
-    """In bf16 (the files' dtype) a miss is two DMAs straight into the slot: the same kernels over slots
-    filled that way, by file reads or from the host tier, must give bit for bit the logits of every
-    expert resident."""
+    """In bf16 (the files' dtype) a miss is two DMAs straight into the slot, or (host tier, in place) read
+    by the kernels from pinned RAM and written into the slot: the same kernels over slots filled either
+    way must give bit for bit the logits of every expert resident."""
     runs = {}
     for name, settings in (("all", dict(capacity=None)), ("between", dict(capacity=6)),
-                           ("between_host_tier", dict(capacity=6, host_tier=True))):
+                           ("between_host_tier", dict(capacity=6, host_tier=True)),
+                           ("between_host_copy", dict(capacity=6, host_tier=True, in_place_misses=False))):
         rt = load_runtime(work / "dense.safetensors", work, ckpt, device=device, dtype=torch.bfloat16,
                           pin_memory=True, **settings)
         runs[name] = [generate(rt, case["ids"], new_tokens, return_logits=True) for case in cases]
@@ -120,7 +123,7 @@ def bf16_slots(work, ckpt, device, new_tokens, cases) -> dict:
         rt.cache.close()
     same = {name: all(g.tokens == a.tokens and all(torch.equal(x, y) for x, y in zip(g.logits, a.logits))
                       for g, a in zip(runs[name], runs["all"]))
-            for name in ("between", "between_host_tier")}
+            for name in ("between", "between_host_tier", "between_host_copy")}
     return {"identical_to_capacity_all": same, "decode_misses": {k: v for k, v in runs.items() if k.endswith("_misses")}}
 
 

@@ -129,7 +129,7 @@ def main():
         y = F.scaled_dot_product_attention(qq.view(1, HEADS, 1, D), kc, vc, attn_mask=mask, scale=D ** -0.5,
                                            enable_gqa=True)
         h2, r = kernels.rms_norm(x, norm_w, 1e-6, delta=F.linear(y.view(-1), wo))
-        ti, tw, sl = kernels.route(F.linear(h2, router), table, K, True)
+        ti, tw, sl, _ = kernels.route(F.linear(h2, router), table, K, True)
         return kernels.moe(h2, w1, w2, sl, tw, r)
 
     layer()

@@ -38,13 +38,14 @@ def test_route_matches_softmax_topk_and_looks_up_slots(dtype):
     table = torch.randperm(e)
     table[logits.float().argmax()] = -1  # the top expert is absent: its slot reads as 0, never -1
     record = torch.full((2, k), -5.0)
-    top_i, top_w, slots = kernels.route(logits, table, k, norm_topk_prob=True, record=record)
+    top_i, top_w, slots, src = kernels.route(logits, table, k, norm_topk_prob=True, record=record)
+    assert src is None  # no device policy: nothing is read from the host
     assert record[0].tolist() == top_i.float().tolist() and record[1].tolist() == top_w.float().tolist()
     want_w, want_i = torch.topk(torch.softmax(logits, -1, dtype=torch.float32), k)
     assert top_i.tolist() == want_i.tolist()
     assert (top_w.float() - (want_w / want_w.sum()).to(dtype).float()).abs().max() <= TOL[dtype] / 10
     assert slots.tolist() == table[want_i].clamp(min=0).tolist()
-    _, unnormed, _ = kernels.route(logits, table, k, norm_topk_prob=False)
+    _, unnormed, _, _ = kernels.route(logits, table, k, norm_topk_prob=False)
     assert (unnormed.float() - want_w.to(dtype).float()).abs().max() <= TOL[dtype] / 10
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM, Qwen3OmniMoeThinkerForConditionalGeneration
@@ -17,6 +18,9 @@ from moe_offload.runtime.decode import Decoder
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.synthetic import build_synthetic
+from moe_offload.analysis.cache_sim import access_sequence, simulate
+from moe_offload.runtime.cache_policy import Scoped
+from moe_offload.runtime.model import TRACE_COLUMNS
 
 BASE = dict(num_layers=4, num_experts=16, experts_per_token=4, hidden_size=64, moe_intermediate_size=32, num_heads=4,
             num_kv_heads=2, head_dim=16, seed=0, max_shard_size="1MB")
@@ -173,6 +177,41 @@ def test_fused_kernels_match_transformers(model, capacity):
         assert gen.decode_stats["misses"] > 0  # the redo path ran
     if prefetch:
         assert gen.decode_stats["prefetched"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capacity", ["top_k", "between"])
+def test_in_place_misses_match_transformers_and_the_host_lru(model, capacity):
+    """With the host tier, decode steps read absent experts from it in place, the LRU run by the route
+    kernel on the device: transformers' tokens and logits, and exactly the hits, misses and final
+    residents of the host's LRU replaying the trace (two prompts on one runtime: the policy goes to the
+    device for each decode and back to the host for the next prefill)."""
+    cfg, steps = model["cfg"], 6
+    cap = {"top_k": cfg.experts_per_token, "between": 6}[capacity]
+    rt = model["runtime"](capacity=cap, host_tier=True, use_kernels=True)
+    assert rt.model.in_place and not model["runtime"](capacity=cap, host_tier=True, use_kernels=True,
+                                                     in_place_misses=False).model.in_place
+    hits = misses = 0
+    for prompt, case in enumerate(model["cases"][:2]):
+        gen = generate(rt, case["ids"], steps, return_logits=True, path="pipelined", prompt=prompt)
+        assert gen.tokens[0] == case["tokens"][:steps]
+        for ours, theirs in zip(gen.logits, case["step_logits"]):
+            assert (ours[0] - theirs).abs().max().item() <= TOL
+        assert gen.decode_stats["misses"] > 0 and gen.decode_stats["load_seconds"] == 0  # read inside the step
+        for stats in (gen.prefill_stats, gen.decode_stats):
+            hits, misses = hits + stats["hits"], misses + stats["misses"]
+    accesses = access_sequence(pd.DataFrame(rt.model.trace, columns=TRACE_COLUMNS))
+    assert simulate(accesses, "lru", "per_layer", cap) == {"hits": hits, "misses": misses}
+    replay = Scoped("lru", "per_layer", cap)
+    for key in accesses:
+        replay.access(key)
+    assert rt.cache.resident_count() == len(cfg.expert_layers) * cap
+    for layer in cfg.expert_layers:
+        assert sorted(k for k in rt.cache.slot if k[0] == layer) == sorted(replay.pool(layer).order())
+        w1, _, table = rt.cache.slabs(layer)  # each resident expert's slot holds its bytes
+        for (_, expert), slot in ((k, s) for k, s in rt.cache.slot.items() if k[0] == layer):
+            assert table[expert] == slot
+            assert torch.equal(w1[slot, :w1.shape[1] // 2], rt.cache.get(layer, expert)[0])
 
 
 def test_truncated_depth_matches_truncated_transformers(model):

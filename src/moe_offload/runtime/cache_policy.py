@@ -34,6 +34,15 @@ class LRU:
         self._order[key] = None
         return False, evicted
 
+    def order(self) -> list:
+        """The resident keys, least recently used first."""
+        return list(self._order)
+
+    def restore(self, keys) -> None:
+        """Make `keys` (least recently used first) the residents: the state another copy of this policy
+        reached (the decode step's copy on the GPU, see runtime.device_policy)."""
+        self._order = OrderedDict((key, None) for key in keys)
+
 
 class LFU:
     """Evict the resident used least often so far (counting every access since the start, resident or
@@ -84,11 +93,14 @@ class Scoped:
         self._pools: dict[int | None, object] = {}
 
     def access(self, key: Key) -> tuple[bool, Key | None]:
-        pool_id = key[0] if self.scope == "per_layer" else None
-        pool = self._pools.get(pool_id)
-        if pool is None:
-            pool = self._pools[pool_id] = ONLINE_POLICIES[self.policy](self.capacity)
-        return pool.access(key)
+        return self.pool(key[0]).access(key)
+
+    def pool(self, layer: int):
+        """The policy that `layer`'s keys go through (created empty if none has been accessed)."""
+        pool_id = layer if self.scope == "per_layer" else None
+        if pool_id not in self._pools:
+            self._pools[pool_id] = ONLINE_POLICIES[self.policy](self.capacity)
+        return self._pools[pool_id]
 
 
 def step_accesses(chosen: list[list[int]]) -> list[int]:

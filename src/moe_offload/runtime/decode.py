@@ -77,6 +77,8 @@ class Decoder:
             self.expect_resident = m.cache.misses == misses
             self.clean = False
             return self._picked(logits)
+        if m.in_place:
+            m.cache.to_device()  # the device's copy of the cache's policy decides from here
         if self.path == "optimistic":
             m.begin_step([position])
             logits, inputs, (layers, routing) = m.optimistic_step(tok.view(1, 1), self.pos)

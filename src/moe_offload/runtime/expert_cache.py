@@ -16,13 +16,8 @@ import torch
 from ..checkpoint.layouts import Layout
 from ..errors import InputError
 from .cache_policy import Scoped
+from .device_policy import DevicePolicy, host_offsets, in_slot_order
 from .expert_files import ExpertFiles, ExpertSpan
-
-
-def _in_slot_order(span: ExpertSpan) -> bool:
-    """gate, up and down stored back to back in that order, as a slot holds them (w1 = gate then up rows)."""
-    (g0, g1, _), (u0, u1, _), (d0, _, _) = span.parts
-    return g0 == 0 and u0 == g1 and d0 == u1
 
 
 def _copy_parts(flat: torch.Tensor, span: ExpertSpan, targets) -> None:
@@ -52,12 +47,19 @@ class ExpertCache:
     `unified` (unified memory: Jetson Thor, GH200) holds every expert in slabs in pinned host RAM, read
     once at start in the compute dtype, which the GPU's kernels read in place: nothing is ever copied to
     the device and nothing is evicted. Capacity is then every expert of each layer.
+
+    `in_place_misses` (with the host tier, LRU, per layer, no prefetch; None: whenever those hold) keeps
+    a copy of the policy on the device (`device_policy`) for one-token steps through the kernels: a miss
+    is read from the host tier in place and written into its slot inside the step (see device_policy).
+    While decode steps run that way the device's copy is the truth; every host entry point first takes
+    it back (`to_host`).
     """
 
     def __init__(self, layer_files: dict[int, str | Path], layout: Layout, capacity: int, scope: str = "per_layer",
                  policy: str = "lru", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  pin_memory: bool = False, experts_per_token: int | None = None, side_stream: bool = False,
-                 host_tier: bool = False, unified: bool = False, prefetch: bool = False):
+                 host_tier: bool = False, unified: bool = False, prefetch: bool = False,
+                 in_place_misses: bool | None = None):
         cuda = torch.device(device).type == "cuda"
         # unified: every expert of each layer stays where it was read (no second copy in a host tier)
         self.files = ExpertFiles(layer_files, layout, experts_per_token, staging=cuda and pin_memory,
@@ -88,12 +90,21 @@ class ExpertCache:
         self.prefetches = prefetch and host_tier and not unified
         self.prefetch_stream = torch.cuda.Stream(self.device) if cuda and self.prefetches else None
         self._prefetched: set[tuple[int, int]] = set()  # loaded ahead, not yet asked for
+        self.device_policy, self.on_device = None, False  # see in_place_misses
         self.reset_stats()
         for layer in self.spans:
             self._pool(layer)  # allocate every slab now: the memory held is the bound, from the start
             if unified:
                 self.get_many(layer, list(range(len(self.spans[layer]))))
         self.reset_stats()  # the start's reads are not the run's misses
+        if in_place_misses is not False and host_tier and not unified and policy == "lru" and scope == "per_layer" \
+                and not self.prefetches:
+            offsets = {L: host_offsets(spans, self.files.host_start(L)) for L, spans in self.spans.items()}
+            if all(o is not None for o in offsets.values()):
+                self.device_policy = DevicePolicy(self, offsets)
+        if in_place_misses and self.device_policy is None:
+            raise InputError("in-place misses need the host tier, an LRU per-layer cache, no prefetch, and experts "
+                             "stored gate, up, down back to back")
 
     @property
     def keeps_step_resident(self) -> bool:
@@ -137,7 +148,35 @@ class ExpertCache:
         return self._pools[pool_id]
 
     def is_resident(self, layer: int, expert: int) -> bool:
+        self.to_host()
         return (layer, expert) in self.slot
+
+    def resident_count(self) -> int:
+        self.to_host()
+        return len(self.slot)
+
+    def to_device(self) -> None:
+        """Hand the policy to the device's copy (before decode steps that read misses in place)."""
+        if self.device_policy is not None and not self.on_device:
+            self.device_policy.push()
+            self.on_device = True
+
+    def to_host(self) -> None:
+        """Take the policy back from the device's copy (before the host decides anything)."""
+        if self.on_device:
+            self.device_policy.pull()
+            self.on_device = False
+
+    def count_step(self, layer: int, experts: list[int], outcomes: list[float]) -> None:
+        """A step's experts of `layer` as the device's policy served them (outcome 0 hit, 1 miss, 2 miss
+        that evicted): the counters the host would have kept."""
+        for expert, outcome in zip(experts, outcomes):
+            if outcome == 0:
+                self.hits += 1
+                continue
+            self.misses += 1
+            self.evictions += outcome == 2
+            self.bytes_loaded += self.spans[layer][expert].nbytes
 
     @property
     def slots(self) -> int:
@@ -169,6 +208,7 @@ class ExpertCache:
         none of them evicts another; with another policy, call `get` one expert at a time."""
         if layer not in self.spans:
             raise InputError(f"no expert file was given for layer {layer}")
+        self.to_host()
         misses = []
         for expert in experts:
             if not 0 <= expert < len(self.spans[layer]):
@@ -189,6 +229,7 @@ class ExpertCache:
         recent keys of the policy, counting neither hits nor misses; `wait_prefetch` before reading them."""
         if not self.prefetches or layer not in self.spans:
             return
+        self.to_host()
         absent = [e for e in dict.fromkeys(experts) if not self.is_resident(layer, e)]
         for expert in absent:
             self._admit(layer, expert)
@@ -224,7 +265,7 @@ class ExpertCache:
         start = time.perf_counter()
         for expert, raw, buffer in self.files.read(layer, misses):
             self._load(layer, expert, raw, buffer, stream)
-        self._push_tables()
+        self.push_tables()
         self.bytes_loaded += sum(self.spans[layer][e].nbytes for e in misses)
         self.load_seconds += time.perf_counter() - start
 
@@ -249,7 +290,7 @@ class ExpertCache:
         if self._stream is not None and stream is self._stream:
             stream.wait_stream(main)  # the slot's previous expert may still be read by queued kernels
         with torch.cuda.stream(stream):
-            if span.dtype == self.dtype and _in_slot_order(span):
+            if span.dtype == self.dtype and in_slot_order(span):
                 # stored as computed, gate/up/down back to back as w1[slot] then w2[slot]: two DMAs straight
                 # into the slot, no staging tensor on the device and no copies there
                 w1, w2, _ = self._pool(layer)
@@ -268,13 +309,22 @@ class ExpertCache:
         self._host_tables[layer][expert] = slot
         self._changed.add(layer)
 
-    def _push_tables(self) -> None:
+    def push_tables(self) -> None:
         """The changed layers' tables to the device, each in one copy queued on the compute stream (from a
         pinned snapshot, which the caching host allocator keeps until the copy is done)."""
         for layer in self._changed:
             if self._tables[layer] is not self._host_tables[layer]:
                 self._tables[layer].copy_(self._host_tables[layer].pin_memory(), non_blocking=True)
         self._changed.clear()
+
+    def free_slots(self, layer: int) -> list[int]:
+        """`layer`'s pool's free slots (the last is taken next)."""
+        return self._pool(layer)[2]
+
+    def pull_table(self, layer: int) -> None:
+        """The host's copy of `layer`'s slot table from the device's (after the device's policy wrote it)."""
+        if self._tables[layer] is not self._host_tables[layer]:
+            self._host_tables[layer].copy_(self._tables[layer])
 
     def close(self) -> None:
         self.files.close()

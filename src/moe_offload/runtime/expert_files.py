@@ -112,6 +112,14 @@ class ExpertFiles:
     def host_tier_bytes(self) -> int:
         return sum(buf.nbytes for buf, _ in self._host.values())
 
+    def host_start(self, layer: int) -> int | None:
+        """The file offset of byte 0 of `layer`'s host-tier buffer (None without a host tier)."""
+        return self._host[layer][1] if layer in self._host else None
+
+    def host_elements(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """`layer`'s host-tier buffer as elements of its storage dtype (the kernels read experts there)."""
+        return self._host[layer][0].view(dtype)
+
     def read(self, layer: int, experts: list[int]) -> Iterator[tuple[int, torch.Tensor, int | None]]:
         spans = [self.spans[layer][e] for e in experts]
         if layer in self._host:  # no file reads: slices of RAM

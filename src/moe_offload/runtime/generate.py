@@ -47,13 +47,15 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
                  depth: int | None = None, capacity: int | None = None, scope: str = "per_layer", policy: str = "lru",
                  device: str = "cpu", dtype: torch.dtype | str | None = None, pin_memory: bool = False,
                  side_stream: bool = False, use_kernels: bool | None = None, host_tier: bool = False,
-                 unified: bool = False, prefetch: bool = False) -> Runtime:
+                 unified: bool = False, prefetch: bool = False, in_place_misses: bool | None = None) -> Runtime:
     """layer_files: {layer: path}, or a directory holding layer_{L}.safetensors. capacity None = every expert.
     dtype None = float32 on CPU, bfloat16 on CUDA. use_kernels: decode through the fused Triton kernels
     (None: on CUDA when Triton is installed). host_tier: every expert of the run in (pinned) RAM, read once.
     unified: every expert in pinned RAM, read in place by the GPU's kernels (unified-memory machines).
     prefetch: with the host tier, each careful step's MoE layer loads the experts the next layer's router
-    predicts from its input, on a side stream, while the GPU computes (router lookahead)."""
+    predicts from its input, on a side stream, while the GPU computes (router lookahead). in_place_misses:
+    with the host tier, decode steps read absent experts from it in place (None: whenever the cache can;
+    see ExpertCache)."""
     layout, cfg = detect_checkpoint(checkpoint_dir)
     depth = cfg.num_layers if depth is None else depth
     if not 1 <= depth <= cfg.num_layers:
@@ -72,7 +74,7 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
         raise InputError(f"no expert file given for layer(s) {missing}")
     cache = ExpertCache({L: layer_files[L] for L in needed}, layout, cfg.num_experts if capacity is None else capacity, scope, policy,
                         device, dtype, pin_memory, experts_per_token=cfg.experts_per_token, side_stream=side_stream,
-                        host_tier=host_tier, unified=unified, prefetch=prefetch)
+                        host_tier=host_tier, unified=unified, prefetch=prefetch, in_place_misses=in_place_misses)
     dense = load_dense(dense_path, layout, depth, device, dtype)
     model = Transformer(cfg, layout, dense, cache, depth, use_kernels)
     if unified and device.type == "cuda" and not model.kernels:

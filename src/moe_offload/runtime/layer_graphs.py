@@ -19,17 +19,17 @@ import torch
 def capture(fn, pool=None):
     """Run fn once eagerly on a side stream (compiles kernels, writes what the step writes), then
     capture it into a graph sharing `pool` (None: a pool of its own). Returns (graph, fn's outputs,
-    which the graph rewrites)."""
+    which the graph rewrites, and the eager run's outputs)."""
     main = torch.cuda.current_stream()
     side = torch.cuda.Stream()
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        fn()
+        warm = fn()
     main.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
-    return graph, out
+    return graph, out, warm
 
 
 class LayerGraphs:
@@ -60,7 +60,7 @@ class LayerGraphs:
             h, resid = block.attention_fused(x, m.rope_cos, m.rope_sin, pos, mask)
             return (h, resid, *m.route_careful(block, h, self.record))
 
-        pre_graph, (h, resid, top_i, top_w, slots) = capture(pre, self.pool)
+        pre_graph, (h, resid, top_i, top_w, slots), _ = capture(pre, self.pool)
         pre_graph.replay()  # fills its outputs with this step's values (capturing computed nothing)
         m.load_routed(block.mlp.layer, self.record.tolist())
         m.cache.wait_prefetch()

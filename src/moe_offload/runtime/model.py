@@ -161,18 +161,22 @@ class MoE(nn.Module):
         for its own (the residual stream changes little from one layer to the next)."""
         return torch.topk(F.linear(h, self.lookahead[1]), self.cfg.experts_per_token).indices
 
-    def route_fused(self, h, record=None):
-        """One token, h [H] normed -> (top_i [k], top_w [k], slots [k]) through the router and the route
-        kernel; an absent expert's slot reads as 0 (see kernels.route)."""
+    def route_fused(self, h, record=None, in_place=False):
+        """One token, h [H] normed -> (top_i [k], top_w [k], slots [k], src) through the router and the
+        route kernel. An absent expert's slot reads as 0 (see kernels.route); with in_place, the cache's
+        policy on the device gives it a slot at once and src says where it is in the host tier."""
         _, _, table = self.cache.slabs(self.layer)
+        policy = self.cache.device_policy.args(self.layer) if in_place else None
         return kernels.route(F.linear(h, self.router), table, self.cfg.experts_per_token, self.cfg.norm_topk_prob,
-                             record)
+                             record, policy)
 
-    def experts_fused(self, h, resid, top_i, top_w, slots=None):
+    def experts_fused(self, h, resid, top_i, top_w, slots=None, src=None):
         """resid + the routed experts applied to h, each read in place from its slot (looked up now in the
-        slot table when slots is None: after the experts were loaded)."""
+        slot table when slots is None: after the experts were loaded), or from the host tier where src
+        says so (written into its slot on the way)."""
         w1, w2, table = self.cache.slabs(self.layer)
-        return kernels.moe(h, w1, w2, table[top_i] if slots is None else slots, top_w, resid)
+        host = (self.cache.device_policy.host[self.layer], src) if src is not None else None
+        return kernels.moe(h, w1, w2, table[top_i] if slots is None else slots, top_w, resid, host)
 
 
 class Block(nn.Module):
@@ -193,13 +197,14 @@ class Block(nn.Module):
         delta = self.attn.forward_fused(kernels.rms_norm(x, self.ln1, self.eps), rope_cos, rope_sin, input_pos, mask)
         return kernels.rms_norm(x, self.ln2, self.eps, delta=delta)
 
-    def forward_fused(self, x, rope_cos, rope_sin, input_pos, mask, record=None):
-        """The whole layer for one token, x [H] -> [H], assuming the routed experts are resident; the
-        routing goes into record [2, k] (float32) for the caller to check."""
+    def forward_fused(self, x, rope_cos, rope_sin, input_pos, mask, record=None, in_place=False):
+        """The whole layer for one token, x [H] -> [H], assuming the routed experts are resident (or, with
+        in_place, reading the absent ones from the host tier); the routing goes into record [2, k]
+        (float32; [3, k] with the outcomes when in_place) for the caller to check."""
         h, resid = self.attention_fused(x, rope_cos, rope_sin, input_pos, mask)
         if isinstance(self.mlp, MoE):
-            top_i, top_w, slots = self.mlp.route_fused(h, record)
-            return self.mlp.experts_fused(h, resid, top_i, top_w, slots)
+            top_i, top_w, slots, src = self.mlp.route_fused(h, record, in_place)
+            return self.mlp.experts_fused(h, resid, top_i, top_w, slots, src)
         return resid + self.mlp(h)
 
 
@@ -241,6 +246,8 @@ class Transformer(nn.Module):
                              f"not {self.embed.device}")
         if self.kernels and self.embed.device.type != "cuda" and use_kernels is None:
             self.kernels = False  # under the interpreter only when asked for (tests): it is slow
+        # one-token steps read misses from the host tier in place, the cache's policy on the device
+        self.in_place = self.kernels and cache.device_policy is not None
         moes = [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
         for i, moe in enumerate(moes):
             moe.kernels = self.kernels
@@ -348,16 +355,20 @@ class Transformer(nn.Module):
     def _optimistic_fused(self, x, mask, input_pos):
         """`optimistic_step` for one row through the fused kernels: about ten launches a layer."""
         moe_layers = [b.mlp.layer for b in self.layers if isinstance(b.mlp, MoE)]
-        # the route kernels write each layer's choice here, so the host reads the step's in one copy
-        routing = torch.empty(len(moe_layers), 2, self.cfg.experts_per_token, dtype=torch.float32, device=x.device)
+        # the route kernels write each layer's choice here (and each expert's outcome, in place), so the
+        # host reads the step's in one copy
+        rows = 3 if self.in_place else 2
+        routing = torch.empty(len(moe_layers), rows, self.cfg.experts_per_token, dtype=torch.float32, device=x.device)
         inputs, j = [], 0
         for block in self.layers:
             inputs.append(x.view(1, 1, -1))
             if isinstance(block.mlp, MoE):
-                x = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask, record=routing[j])
+                x = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask, routing[j], self.in_place)
                 j += 1
             else:
                 x = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
+        if self.in_place:
+            self.cache.device_policy.tick()
         logits = F.linear(kernels.rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
         return logits.view(1, 1, -1), inputs, (moe_layers, routing if moe_layers else None)
 
@@ -381,7 +392,7 @@ class Transformer(nn.Module):
     def route_careful(self, block: Block, h: torch.Tensor, record: torch.Tensor):
         """A careful step's routing through the kernels into `record` (see routing_record): top_i, top_w
         and the slots as the table has them now (an absent expert's reads as 0)."""
-        top_i, top_w, slots = block.mlp.route_fused(h, record[:2])
+        top_i, top_w, slots, _ = block.mlp.route_fused(h, record[:2])
         if record.shape[0] == 3 and block.mlp.lookahead is not None:
             record[2].copy_(block.mlp.predict_next(h))
         return top_i, top_w, slots
@@ -408,6 +419,9 @@ class Transformer(nn.Module):
         (its KV entries at this position are simply overwritten)."""
         if not layers:
             return len(self.layers)
+        if self.in_place:  # every expert ran, from its slot or from the host tier: nothing to redo
+            self._deferred = (layers, host, self._pos, dict(self.trace_context))
+            return len(self.layers)
         for j, (layer, (experts, _)) in enumerate(zip(layers, host)):
             if not all(self.cache.is_resident(layer, int(e)) for e in experts):
                 self._deferred = (layers[:j], host[:j], self._pos, dict(self.trace_context))
@@ -425,9 +439,12 @@ class Transformer(nn.Module):
             return
         (layers, host, pos, context), self._deferred = self._deferred, None
         saved, (self._pos, self.trace_context) = (self._pos, self.trace_context), (pos, context)
-        for layer, (experts, weights) in zip(layers, host):
+        for layer, (experts, weights, *outcomes) in zip(layers, host):
             chosen = [int(e) for e in experts]
-            self.cache.get_many(layer, step_accesses([chosen]))  # all hits: counted, recency refreshed in order
+            if outcomes:  # in place: the device's policy served them; count what it did
+                self.cache.count_step(layer, chosen, outcomes[0])
+            else:  # all hits: counted, recency refreshed in order
+                self.cache.get_many(layer, step_accesses([chosen]))
             self.record(layer, [chosen], [weights], 1, 1)
         self._pos, self.trace_context = saved
 

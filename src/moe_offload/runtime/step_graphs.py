@@ -24,7 +24,8 @@ class StepGraphs:
         moe_layers = sum(hasattr(b.mlp, "route_fused") for b in model.layers)
         self.ids = [torch.zeros(1, 1, dtype=torch.long, device=dev) for _ in range(2)]
         self.pos = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(2)]
-        self.host_routing = [torch.zeros(moe_layers, 2, model.cfg.experts_per_token, pin_memory=self.cuda)
+        rows = 3 if model.in_place else 2  # experts, weights (and outcomes: see Transformer._optimistic_fused)
+        self.host_routing = [torch.zeros(moe_layers, rows, model.cfg.experts_per_token, pin_memory=self.cuda)
                              for _ in range(2)]
         self.host_token = [torch.zeros(1, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
         self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
@@ -44,9 +45,13 @@ class StepGraphs:
             self.pos[k].fill_(position)
         if not self.cuda:
             self.out[k] = self._step(k)
+        elif self.graphs[k] is None:
+            # Captured at its first launch. The warm-up computes this very step, so its results are this
+            # step's and the graph is not replayed now: a step must run once, since with in-place misses
+            # it also moves the cache's policy on the device.
+            self.graphs[k], self.out[k], warm = capture(lambda: self._step(k))
+            _copy_into(self.out[k], warm)
         else:
-            if self.graphs[k] is None:  # captured at its first launch; the warm-up computes this very step
-                self.graphs[k], self.out[k] = capture(lambda: self._step(k))
             self.graphs[k].replay()
         routing = self.out[k][3]
         if routing is not None:
@@ -60,3 +65,12 @@ class StepGraphs:
         if self.cuda:
             self.events[k].synchronize()
         return self.host_routing[k].tolist(), int(self.host_token[k])
+
+
+def _copy_into(dst, src) -> None:
+    """The tensors of src into those of dst, the same nested structure (lists, tuples, tensors, ints)."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (list, tuple)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)

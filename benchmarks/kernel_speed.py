@@ -1,7 +1,8 @@
 """Where one decoded layer's time goes, at the real Qwen3-Omni thinker's dims, on a GPU: each step of the
-fused decode path timed alone (CUDA events through triton.testing.do_bench, median), next to the bytes it
-must read and the HBM bandwidth measured in the same run; the MoE kernels' tile shapes swept; and the
-whole layer as one CUDA graph, against the sum of its parts and its byte bound.
+fused decode path timed alone inside a CUDA graph, its weights evicted from L2 first, next to the bytes it
+must read and the HBM bandwidth measured in the same run (the faster of cuBLAS's and our GEMV on 4.3 GB);
+the kernels' tile shapes swept; the whole layer as one CUDA graph against its byte bound; and a profile of
+that graph, kernel by kernel.
 
   python3 benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json
 
@@ -31,6 +32,50 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median") / 1000  # seconds
 
 
+_FLUSH = None
+_FLUSH_SECONDS = None
+
+
+def bench_graph(fn, calls: int = 20) -> float:
+    """Seconds per call of fn's GPU work: `calls` calls captured in one CUDA graph, each after a write of
+    128 MB that evicts the 50 MB L2 (its own time, measured the same way, subtracted), so every call
+    reads its weights from HBM as a decode step does. (A kernel of a few microseconds launched from Python
+    measures the launch, not the kernel.)"""
+    global _FLUSH, _FLUSH_SECONDS
+    if _FLUSH is None:
+        _FLUSH = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+
+    def replay_time(body):
+        body()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                _FLUSH.zero_()
+                body()
+        return bench(g.replay) / calls
+    if _FLUSH_SECONDS is None:
+        _FLUSH_SECONDS = replay_time(lambda: None)
+    return replay_time(fn) - _FLUSH_SECONDS
+
+
+def kernel_times(fn, calls: int, per_call: int = 1) -> dict[str, float]:
+    """GPU time per kernel name, µs per call / per_call (e.g. per layer of an 8-layer graph), from
+    torch.profiler's CUDA activity over `calls` calls; inside CUDA graphs too."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            name = ev.name[:60]
+            times[name] = times.get(name, 0.0) + ev.device_time / calls / per_call
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--slots", type=int, default=64, help="experts resident in the slab (past L2 at 64)")
@@ -41,7 +86,7 @@ def main():
     torch.manual_seed(0)
     w = torch.randn(65536, 32768, dtype=dt, device=dev)
     v = torch.randn(32768, dtype=dt, device=dev)
-    hbm = w.nbytes / bench(lambda: torch.mv(w, v))
+    hbm = max(w.nbytes / bench(lambda: torch.mv(w, v)), w.nbytes / bench(lambda: kernels.linear(v, w)))  # the stricter
     del w
     torch.cuda.empty_cache()
 
@@ -62,13 +107,16 @@ def main():
     slots = torch.randperm(a.slots, device=dev)[:K]
     weights = torch.rand(K, dtype=dt, device=dev)
     x_heads = torch.randn(HEADS * D, dtype=dt, device=dev)
+    lm_head = torch.randn(V, H, dtype=dt, device=dev) / H ** 0.5
     qkv = F.linear(x, wqkv)
-    q = kernels.qk_norm_rope_kv(qkv, qn, kn, cos, sin, pos, kc, vc, HEADS, KV, 1e-6)
     expert_bytes = 3 * H * I * 2
 
-    def attention():
-        return F.scaled_dot_product_attention(q.view(1, HEADS, 1, D), kc, vc, attn_mask=mask, scale=D ** -0.5,
-                                              enable_gqa=True)
+    def attention():  # norms, RoPE, the cache write and attention over the cache, one kernel
+        return kernels.attention(qkv, qn, kn, cos, sin, pos, kc, vc, mask[0], HEADS, KV, 1e-6, D ** -0.5)
+
+    def attention_sdpa():  # the library's attention alone, for reference
+        return F.scaled_dot_product_attention(qkv[:HEADS * D].view(1, HEADS, 1, D), kc, vc, attn_mask=mask,
+                                              scale=D ** -0.5, enable_gqa=True)
 
     def gathered():  # the PyTorch path: copy the k experts out of the slab, then two batched products
         gate, up = torch.matmul(w1[slots], x).chunk(2, dim=-1)
@@ -78,58 +126,89 @@ def main():
     steps = {  # name: (function, bytes it must read)
         "rms_norm_add": (lambda: kernels.rms_norm(x, norm_w, 1e-6, delta=x), 3 * H * 2),
         "qkv_linear": (lambda: F.linear(x, wqkv), wqkv.nbytes),
-        "qk_norm_rope_kv": (lambda: kernels.qk_norm_rope_kv(qkv, qn, kn, cos, sin, pos, kc, vc, HEADS, KV, 1e-6),
-                            qkv.nbytes),
-        "attention_sdpa": (attention, kc.nbytes + vc.nbytes),
+        "attention_fused": (attention, kc.nbytes + vc.nbytes),
+        "attention_sdpa_alone": (attention_sdpa, kc.nbytes + vc.nbytes),
+        "norm_linear_qkv": (lambda: kernels.norm_linear(x, norm_w, 1e-6, wqkv), wqkv.nbytes),
+        "add_norm_linear_router": (lambda: kernels.norm_linear(x, norm_w, 1e-6, router, delta=x), router.nbytes),
         "o_linear": (lambda: F.linear(x_heads, wo), wo.nbytes),
         "router_linear": (lambda: F.linear(x, router), router.nbytes),
         "route": (lambda: kernels.route(x[:E], table, K, True), E * 2),
         "moe_fused": (lambda: kernels.moe(x, w1, w2, slots, weights, x), K * expert_bytes),
         "moe_gathered_torch": (lambda: gathered(), K * expert_bytes),
+        "lm_head_cublas": (lambda: F.linear(x, lm_head), lm_head.nbytes),
+        "lm_head_norm_linear": (lambda: kernels.norm_linear(x, norm_w, 1e-6, lm_head), lm_head.nbytes),
     }
     result = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_bytes_per_second": hbm,
               "dims": dict(H=H, I=I, E=E, K=K, heads=HEADS, kv=KV, D=D, seq=a.seq, slots=a.slots), "steps": {}}
     for name, (fn, nbytes) in steps.items():
-        s = bench(fn)
+        s = bench_graph(fn)
         result["steps"][name] = {"us": s * 1e6, "bytes": nbytes, "bound_us": nbytes / hbm * 1e6,
                                  "fraction_of_bound": nbytes / hbm / s}
 
-    # The MoE kernels' tiles: each alone, then the best pair.
-    sweep = {"gate_up": [], "down": []}
+    # The MoE kernels' tiles and the projections' GEMV tiles: each alone, then the best together.
+    sweep = {"gate_up": [], "down": [], "gemv_qkv_plus_o": []}
     i_act = torch.randn(K, I, dtype=dt, device=dev)
-    for bi, bh, nw in itertools.product([8, 16, 32, 64], [128, 256, 512], [2, 4, 8]):
-        kernels.GATE_UP_BLOCKS = dict(BLOCK_I=bi, BLOCK_H=bh, num_warps=nw)
-        gu = kernels._blocks(kernels.GATE_UP_BLOCKS, BLOCK_I=I, BLOCK_H=H)
-        fn = lambda: kernels._moe_gate_up_kernel[(K, -(-I // bi))](x, w1, slots, i_act, w1.stride(0), H=H, I=I, **gu)  # noqa: E731
-        s = bench(fn)
-        sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_H": bh, "num_warps": nw, "us": s * 1e6,
-                                 "fraction_of_bound": K * 2 * I * H * 2 / hbm / s})
+    for bi, bh, nw in itertools.product([2, 4, 8, 16], [256, 512, 1024, 2048], [2, 4, 8]):
+        fn = lambda: kernels._moe_gate_up_kernel[(K, -(-I // bi))](  # noqa: E731
+            x, w1, slots, i_act, w1, slots, w1.stride(0), H=H, I=I, HOST=False, BLOCK_I=bi, BLOCK_H=bh, num_warps=nw)
+        sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_H": bh, "num_warps": nw, "us": bench_graph(fn) * 1e6})
     out = torch.empty_like(x)
-    for bh, bi, nw in itertools.product([4, 8, 16, 32], [128, 256, 512], [2, 4, 8]):
-        kernels.DOWN_BLOCKS = dict(BLOCK_H=bh, BLOCK_I=bi, num_warps=nw)
-        dn = kernels._blocks(kernels.DOWN_BLOCKS, BLOCK_H=H, BLOCK_I=I)
-        fn = lambda: kernels._moe_down_kernel[(-(-H // bh),)](i_act, w2, slots, weights, x, out, w2.stride(0), K=K, H=H, I=I, HAS_RESID=True, **dn)  # noqa: E731
-        s = bench(fn)
-        sweep["down"].append({"BLOCK_H": bh, "BLOCK_I": bi, "num_warps": nw, "us": s * 1e6,
-                              "fraction_of_bound": K * H * I * 2 / hbm / s})
+    part = torch.empty(K, H, dtype=dt, device=dev)
+    for bh, bi, nw in itertools.product([2, 4, 8, 16, 32], [256, 512, 1024], [2, 4, 8]):
+        count = kernels._row_counters(dev, -(-H // bh))
+        fn = lambda: kernels._moe_down_kernel[(-(-H // bh), K)](  # noqa: E731
+            i_act, w2, slots, weights, x, out, w2, slots, part, count, w2.stride(0), K=K, H=H, I=I, HAS_RESID=True,
+            HOST=False, BLOCK_H=bh, BLOCK_I=bi, num_warps=nw)
+        sweep["down"].append({"BLOCK_H": bh, "BLOCK_I": bi, "num_warps": nw, "us": bench_graph(fn) * 1e6})
+    for bn, bk, nw in itertools.product([2, 4, 8, 16], [512, 1024, 2048], [2, 4, 8]):
+        kernels.GEMV_BLOCKS = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+        us = (bench_graph(lambda: kernels.linear(x, wqkv)) + bench_graph(lambda: kernels.linear(x_heads, wo))) * 1e6
+        sweep["gemv_qkv_plus_o"].append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "us": us})
+    sweep["attention"] = []
+    for bs, nw in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
+        kernels.ATTENTION_BLOCKS = dict(BLOCK_S=bs, num_warps=nw)
+        sweep["attention"].append({"BLOCK_S": bs, "num_warps": nw, "us": bench_graph(attention) * 1e6})
+    sweep["norm_linear_qkv"] = []
+    for bn, nw in itertools.product([1, 2, 4, 8], [2, 4, 8]):
+        kernels.NORM_GEMV_BLOCKS = dict(BLOCK_N=bn, num_warps=nw)
+        us = bench_graph(lambda: kernels.norm_linear(x, norm_w, 1e-6, wqkv)) * 1e6
+        sweep["norm_linear_qkv"].append({"BLOCK_N": bn, "num_warps": nw, "us": us})
+    sweep["route_and_rms_norm"] = []
+    for nw in [1, 2, 4, 8]:
+        kernels.SMALL_BLOCKS = dict(num_warps=nw)
+        us = (bench_graph(lambda: kernels.route(x[:E], table, K, True))
+              + bench_graph(lambda: kernels.rms_norm(x, norm_w, 1e-6, delta=x))) * 1e6
+        sweep["route_and_rms_norm"].append({"num_warps": nw, "us": us})
+    read = {"gate_up": K * 2 * I * H * 2, "down": K * H * I * 2, "gemv_qkv_plus_o": wqkv.nbytes + wo.nbytes,
+            "attention": kc.nbytes + vc.nbytes, "norm_linear_qkv": wqkv.nbytes, "route_and_rms_norm": E * 2 + 3 * H * 2}
     for k in sweep:
+        for r in sweep[k]:
+            r["fraction_of_bound"] = read[k] / hbm / (r["us"] / 1e6)
         sweep[k].sort(key=lambda r: r["us"])
-    result["moe_tile_sweep_top5"] = {k: v[:5] for k, v in sweep.items()}
-    best_gu, best_dn = sweep["gate_up"][0], sweep["down"][0]
-    kernels.GATE_UP_BLOCKS = {k: best_gu[k] for k in ("BLOCK_I", "BLOCK_H", "num_warps")}
-    kernels.DOWN_BLOCKS = {k: best_dn[k] for k in ("BLOCK_H", "BLOCK_I", "num_warps")}
-    s = bench(lambda: kernels.moe(x, w1, w2, slots, weights, x))
+    result["tile_sweep_top5"] = {k: v[:5] for k, v in sweep.items()}
+    pick = lambda row, keys: {k: row[k] for k in keys}  # noqa: E731
+    kernels.GATE_UP_BLOCKS = pick(sweep["gate_up"][0], ("BLOCK_I", "BLOCK_H", "num_warps"))
+    kernels.DOWN_BLOCKS = pick(sweep["down"][0], ("BLOCK_H", "BLOCK_I", "num_warps"))
+    kernels.GEMV_BLOCKS = pick(sweep["gemv_qkv_plus_o"][0], ("BLOCK_N", "BLOCK_K", "num_warps"))
+    kernels.ATTENTION_BLOCKS = pick(sweep["attention"][0], ("BLOCK_S", "num_warps"))
+    kernels.NORM_GEMV_BLOCKS = pick(sweep["norm_linear_qkv"][0], ("BLOCK_N", "num_warps"))
+    kernels.SMALL_BLOCKS = pick(sweep["route_and_rms_norm"][0], ("num_warps",))
+    s = bench_graph(lambda: kernels.moe(x, w1, w2, slots, weights, x))
     result["moe_fused_best_tiles"] = {"gate_up": kernels.GATE_UP_BLOCKS, "down": kernels.DOWN_BLOCKS, "us": s * 1e6,
                                       "fraction_of_bound": K * expert_bytes / hbm / s}
+    for name, (wt, xin) in {"qkv": (wqkv, x), "o": (wo, x_heads)}.items():
+        s = bench_graph(lambda: kernels.linear(xin, wt))
+        result["steps"][f"{name}_gemv_triton"] = {"us": s * 1e6, "bytes": wt.nbytes, "bound_us": wt.nbytes / hbm * 1e6,
+                                                  "fraction_of_bound": wt.nbytes / hbm / s}
 
-    # One whole layer as a CUDA graph, as the decode step replays it.
+    # One whole layer as a CUDA graph, as the decode step replays it (Block.forward_fused's kernels).
+    layer_bytes = wqkv.nbytes + wo.nbytes + router.nbytes + K * expert_bytes
+
     def layer():
-        h = kernels.rms_norm(x, norm_w, 1e-6)
-        qq = kernels.qk_norm_rope_kv(F.linear(h, wqkv), qn, kn, cos, sin, pos, kc, vc, HEADS, KV, 1e-6)
-        y = F.scaled_dot_product_attention(qq.view(1, HEADS, 1, D), kc, vc, attn_mask=mask, scale=D ** -0.5,
-                                           enable_gqa=True)
-        h2, r = kernels.rms_norm(x, norm_w, 1e-6, delta=F.linear(y.view(-1), wo))
-        ti, tw, sl, _ = kernels.route(F.linear(h2, router), table, K, True)
+        y = kernels.attention(kernels.norm_linear(x, norm_w, 1e-6, wqkv), qn, kn, cos, sin, pos, kc, vc, mask[0],
+                              HEADS, KV, 1e-6, D ** -0.5)
+        logits, h2, r = kernels.norm_linear(x, norm_w, 1e-6, router, delta=kernels.linear(y, wo))
+        ti, tw, sl, _ = kernels.route(logits, table, K, True)
         return kernels.moe(h2, w1, w2, sl, tw, r)
 
     layer()
@@ -138,12 +217,12 @@ def main():
         for _ in range(8):  # eight layers per replay, so the launch of the graph itself is amortised
             layer()
     s = bench(g.replay) / 8
-    layer_bytes = wqkv.nbytes + wo.nbytes + router.nbytes + K * expert_bytes
     result["layer_graph"] = {"us": s * 1e6, "bytes": layer_bytes, "bound_us": layer_bytes / hbm * 1e6,
-                             "fraction_of_bound": layer_bytes / hbm / s,
-                             "sum_of_steps_us": sum(result["steps"][n]["us"] for n in (
-                                 "rms_norm_add", "qkv_linear", "qk_norm_rope_kv", "attention_sdpa", "o_linear",
-                                 "rms_norm_add", "router_linear", "route", "moe_fused"))}
+                             "fraction_of_bound": layer_bytes / hbm / s}
+    # Profiled last: once the profiler has run in a process, later launches are slower (docs/benchmarks.md).
+    # Back-to-back replays: the weights of 8 layers (0.9 GB) do not stay in the 50 MB L2.
+    result["profile_layer_graph_us_per_layer"] = kernel_times(g.replay, 20, 8)
+    result["profile_moe_us"] = kernel_times(lambda: kernels.moe(x, w1, w2, slots, weights, x), 50)
     emit(result, a.out)
 
 

@@ -61,21 +61,66 @@ def test_moe_reads_experts_in_place(dtype):
     assert (kernels.moe(x, w1, w2, slots, weights).float() - want.float()).abs().max() <= TOL[dtype]
 
 
-def test_qk_norm_rope_writes_the_kv_cache(dtype):
-    heads, kv, d, seq, pos = 4, 2, 16, 10, 6
+def test_moe_down_adds_the_experts_in_order_across_row_blocks(dtype, monkeypatch):
+    """Small tiles: several row blocks, each finished by whichever of its k programs comes last, which
+    leaves the shared counters zeroed for the next call (a graph replay reuses them)."""
+    import triton
+    monkeypatch.setattr(kernels, "_blocks",
+                        lambda tuned, **dims: {k: min(8, triton.next_power_of_2(n)) for k, n in dims.items()})
+    h, i, slots_n, k = 44, 20, 6, 4
+    x, resid = torch.randn(h, dtype=dtype), torch.randn(h, dtype=dtype)
+    w1 = torch.randn(slots_n, 2 * i, h, dtype=dtype) / h ** 0.5
+    w2 = torch.randn(slots_n, h, i, dtype=dtype) / i ** 0.5
+    slots, weights = torch.tensor([3, 0, 5, 1]), torch.rand(k, dtype=dtype)
+    want = resid.clone()
+    for j, s in enumerate(slots.tolist()):  # transformers' order: each expert's weighted product added in turn
+        want += swiglu(x, w1[s, :i], w1[s, i:], w2[s]) * weights[j]
+    for _ in range(2):
+        got = kernels.moe(x, w1, w2, slots, weights, resid)
+        assert (got.float() - want.float()).abs().max() <= TOL[dtype]
+        assert int(kernels._counters[x.device].abs().sum()) == 0
+
+
+def test_linear_is_f_linear(dtype):
+    x, w = torch.randn(70, dtype=dtype), torch.randn(37, 70, dtype=dtype) / 70 ** 0.5
+    assert (kernels.linear(x, w).float() - torch.nn.functional.linear(x, w).float()).abs().max() <= TOL[dtype]
+
+
+def test_norm_linear_is_the_norm_then_f_linear(dtype):
+    x, d, nw = torch.randn(70, dtype=dtype), torch.randn(70, dtype=dtype), torch.randn(70, dtype=dtype)
+    w = torch.randn(37, 70, dtype=dtype) / 70 ** 0.5
+    want = torch.nn.functional.linear(rms_norm(x, nw, 1e-6), w)
+    assert (kernels.norm_linear(x, nw, 1e-6, w).float() - want.float()).abs().max() <= TOL[dtype]
+    out, normed, summed = kernels.norm_linear(x, nw, 1e-6, w, delta=d)
+    assert ((summed.float() - (x + d).float()).abs() <= (x + d).float().abs() * 2 ** -7).all()  # see above
+    assert (normed.float() - rms_norm(x + d, nw, 1e-6).float()).abs().max() <= TOL[dtype]
+    want = torch.nn.functional.linear(rms_norm(x + d, nw, 1e-6), w)
+    assert (out.float() - want.float()).abs().max() <= TOL[dtype]
+
+
+def test_attention_writes_the_kv_cache_and_attends_up_to_the_position(dtype):
+    heads, kv, d, seq, pos = 8, 2, 16, 21, 13
     qkv = torch.randn((heads + 2 * kv) * d, dtype=dtype)
     q_norm, k_norm = torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype)
     freqs = torch.arange(seq, dtype=torch.float32)[:, None] / (1e6 ** (torch.arange(0, d, 2) / d))[None]
     emb = torch.cat((freqs, freqs), -1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-    k_cache, v_cache = torch.full((2, kv, seq, d), 7.0, dtype=dtype), torch.full((2, kv, seq, d), 7.0, dtype=dtype)
-    q = kernels.qk_norm_rope_kv(qkv, q_norm, k_norm, cos, sin, torch.tensor([pos]), k_cache, v_cache, heads, kv, 1e-6)
+    k_cache, v_cache = torch.randn(2, kv, seq, d, dtype=dtype), torch.randn(2, kv, seq, d, dtype=dtype)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    mask = torch.arange(seq) <= pos
+    mask[3] = False  # a masked entry inside the filled part is honoured too
+    got = kernels.attention(qkv, q_norm, k_norm, cos, sin, torch.tensor([pos]), k_cache, v_cache, mask, heads, kv,
+                            1e-6, d ** -0.5)
+    # the PyTorch path's steps: per-head norms, RoPE, the cache write, SDPA over the cache
     want_q = rms_norm(qkv[: heads * d].view(heads, d), q_norm, 1e-6)
     want_k = rms_norm(qkv[heads * d: (heads + kv) * d].view(kv, d), k_norm, 1e-6)
     c, s = cos[pos], sin[pos]
-    assert (q.float() - (want_q * c + rotate_half(want_q) * s).float()).abs().max() <= TOL[dtype]
-    assert (k_cache[0, :, pos].float() - (want_k * c + rotate_half(want_k) * s).float()).abs().max() <= TOL[dtype]
+    want_q, want_k = want_q * c + rotate_half(want_q) * s, want_k * c + rotate_half(want_k) * s
+    assert (k_cache[0, :, pos].float() - want_k.float()).abs().max() <= TOL[dtype]
     assert torch.equal(v_cache[0, :, pos], qkv[(heads + kv) * d:].view(kv, d))
     untouched = torch.ones(2, kv, seq, dtype=torch.bool)
     untouched[0, :, pos] = False
-    assert (k_cache[untouched] == 7).all() and (v_cache[untouched] == 7).all()  # nothing else written
+    assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
+    want = torch.nn.functional.scaled_dot_product_attention(
+        want_q.view(1, heads, 1, d), k_cache[:1], v_cache[:1], attn_mask=mask[None], scale=d ** -0.5, enable_gqa=True)
+    assert (got.float() - want.reshape(-1).float()).abs().max() <= TOL[dtype]

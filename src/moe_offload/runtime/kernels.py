@@ -6,7 +6,9 @@ routed experts' weights out of the cache's slabs before multiplying (`w1[slots]`
 again). These kernels read the routed experts' slots in place and fold the small steps together:
 
   rms_norm / add_rms_norm   the residual add and RMSNorm of a layer in one pass
-  qk_norm_rope_kv           per-head RMSNorm of q and k, RoPE, and the K/V cache write, from the fused QKV output
+  attention                 from the fused QKV output: per-head RMSNorm of q and k, RoPE, the K/V cache
+                            write, and one query over the cache up to its position, GQA heads read in place
+  linear, norm_linear       a one-token GEMV, optionally after the (residual add and) RMSNorm feeding it
   route                     softmax, top-k, renormalisation and the slot lookup (expert -> slab slot); with
                             the cache's LRU on the device, slots for the absent experts too
   moe_gate_up, moe_down     the k experts' SwiGLU straight from the slabs, weighted and added to the residual;
@@ -57,44 +59,70 @@ if triton is not None:
         tl.store(out_ptr + offs, (w * h).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _qk_norm_rope_kv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr,
-                                v_cache_ptr, n_heads, n_kv, cache_head_stride, eps, D: tl.constexpr):
-        head = tl.program_id(0)
-        half = tl.arange(0, D // 2)
-        pos = tl.load(pos_ptr)
-        src = qkv_ptr + head * D
+    def _norm_rope(src, norm_ptr, cos_ptr, sin_ptr, pos, half, eps, dt, D: tl.constexpr):
+        """One head of q or k [D] from the QKV product: per-head RMSNorm, then RoPE (rotate-half form),
+        each step rounded to dt as transformers' elementwise ops round. Returns the two halves (float32)."""
         a = tl.load(src + half).to(tl.float32)
         b = tl.load(src + D // 2 + half).to(tl.float32)
-        dt = q_out_ptr.dtype.element_ty
-        if head < n_heads + n_kv:  # q or k: per-head RMSNorm, then RoPE (rotate-half form)
-            is_q = head < n_heads
-            inv = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + eps)
-            a = (a * inv).to(dt).to(tl.float32)
-            b = (b * inv).to(dt).to(tl.float32)
-            if is_q:
-                wa = tl.load(qn_ptr + half).to(tl.float32)
-                wb = tl.load(qn_ptr + D // 2 + half).to(tl.float32)
-            else:
-                wa = tl.load(kn_ptr + half).to(tl.float32)
-                wb = tl.load(kn_ptr + D // 2 + half).to(tl.float32)
-            a = (wa * a).to(dt).to(tl.float32)
-            b = (wb * b).to(dt).to(tl.float32)
-            c = tl.load(cos_ptr + pos * D + half).to(tl.float32)  # cos = cat(freqs, freqs).cos(): halves equal
-            s = tl.load(sin_ptr + pos * D + half).to(tl.float32)
-            # q*cos + rotate_half(q)*sin, each product rounded as transformers' elementwise ops round
-            ra = ((a * c).to(dt).to(tl.float32) + (-b * s).to(dt).to(tl.float32)).to(dt)
-            rb = ((b * c).to(dt).to(tl.float32) + (a * s).to(dt).to(tl.float32)).to(dt)
-            if is_q:
-                tl.store(q_out_ptr + head * D + half, ra)
-                tl.store(q_out_ptr + head * D + D // 2 + half, rb)
-            else:
-                dst = k_cache_ptr + (head - n_heads) * cache_head_stride + pos * D
-                tl.store(dst + half, ra)
-                tl.store(dst + D // 2 + half, rb)
-        else:  # v: straight into the cache
-            dst = v_cache_ptr + (head - n_heads - n_kv) * cache_head_stride + pos * D
-            tl.store(dst + half, a.to(dt))
-            tl.store(dst + D // 2 + half, b.to(dt))
+        inv = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + eps)
+        a = (tl.load(norm_ptr + half).to(tl.float32) * (a * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        b = (tl.load(norm_ptr + D // 2 + half).to(tl.float32) * (b * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        c = tl.load(cos_ptr + pos * D + half).to(tl.float32)  # cos = cat(freqs, freqs).cos(): halves equal
+        s = tl.load(sin_ptr + pos * D + half).to(tl.float32)
+        ra = ((a * c).to(dt).to(tl.float32) + (-b * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        rb = ((b * c).to(dt).to(tl.float32) + (a * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        return ra, rb
+
+    @triton.jit
+    def _attention_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, mask_ptr,
+                          out_ptr, n_heads, n_kv, head_stride, eps, scale, GROUP: tl.constexpr, D: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+        # One query head per program: its q, and its KV head's k and v for this token, normed and rotated
+        # from the QKV product (the first program of each group writes k and v into the cache); then an
+        # online softmax in float32 over the cache up to the token (later entries are masked out anyway,
+        # so a long cache costs only what is filled), the KV heads read in place rather than repeated for
+        # GQA, and the token's own entry last.
+        head = tl.program_id(0)
+        kv = head // GROUP
+        half = tl.arange(0, D // 2)
+        dt = out_ptr.dtype.element_ty
+        pos = tl.load(pos_ptr)
+        qa, qb = _norm_rope(qkv_ptr + head * D, qn_ptr, cos_ptr, sin_ptr, pos, half, eps, dt, D)
+        ka, kb = _norm_rope(qkv_ptr + (n_heads + kv) * D, kn_ptr, cos_ptr, sin_ptr, pos, half, eps, dt, D)
+        va = tl.load(qkv_ptr + (n_heads + n_kv + kv) * D + half).to(tl.float32)
+        vb = tl.load(qkv_ptr + (n_heads + n_kv + kv) * D + D // 2 + half).to(tl.float32)
+        k_base = k_cache_ptr + kv * head_stride
+        v_base = v_cache_ptr + kv * head_stride
+        if head % GROUP == 0:
+            tl.store(k_base + pos * D + half, ka.to(dt))
+            tl.store(k_base + pos * D + D // 2 + half, kb.to(dt))
+            tl.store(v_base + pos * D + half, va.to(dt))
+            tl.store(v_base + pos * D + D // 2 + half, vb.to(dt))
+        m_i = (tl.sum(qa * ka, axis=0) + tl.sum(qb * kb, axis=0)) * scale  # the token's own score comes first
+        l_i = m_i * 0.0 + 1.0
+        acc_a, acc_b = va, vb
+        s0 = pos * 0
+        while s0 < pos:  # (a while: Triton's interpreter cannot take a loaded bound in range())
+            s = s0 + tl.arange(0, BLOCK_S)
+            inside = s < pos
+            keep = inside & (tl.load(mask_ptr + s, mask=inside, other=0) != 0)
+            rows = s[:, None] * D + half[None, :]
+            k_a = tl.load(k_base + rows, mask=inside[:, None], other=0.0).to(tl.float32)
+            k_b = tl.load(k_base + rows + D // 2, mask=inside[:, None], other=0.0).to(tl.float32)
+            v_a = tl.load(v_base + rows, mask=inside[:, None], other=0.0).to(tl.float32)
+            v_b = tl.load(v_base + rows + D // 2, mask=inside[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(k_a * qa[None, :], axis=1) + tl.sum(k_b * qb[None, :], axis=1)
+            scores = tl.where(keep, scores * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc_a = acc_a * alpha + tl.sum(p[:, None] * v_a, axis=0)
+            acc_b = acc_b * alpha + tl.sum(p[:, None] * v_b, axis=0)
+            m_i = m_new
+            s0 += BLOCK_S
+        tl.store(out_ptr + head * D + half, (acc_a / l_i).to(dt))
+        tl.store(out_ptr + head * D + D // 2 + half, (acc_b / l_i).to(dt))
 
     @triton.jit
     def _route_kernel(logits_ptr, table_ptr, top_i_ptr, top_w_ptr, slots_ptr, record_ptr, owner_ptr, stamp_ptr,
@@ -209,42 +237,113 @@ if triton is not None:
         tl.store(act_ptr + e * I + rows, (silu * up).to(dt), mask=row_mask)
 
     @triton.jit
-    def _moe_down_kernel(act_ptr, w2_ptr, slots_ptr, weights_ptr, resid_ptr, out_ptr, host_ptr, src_ptr, slot_stride,
-                         K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, HAS_RESID: tl.constexpr,
-                         HOST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    def _moe_down_kernel(act_ptr, w2_ptr, slots_ptr, weights_ptr, resid_ptr, out_ptr, host_ptr, src_ptr, part_ptr,
+                         count_ptr, slot_stride, K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+                         HAS_RESID: tl.constexpr, HOST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
+        # One program per (row block, expert), so all k experts' reads are in flight at once; the last
+        # program of a row block to finish adds the k products up, in expert order as transformers does
+        # (an atomic counter per row block; no atomics on the values, so the rounding is the same).
+        block = tl.program_id(0)
+        e = tl.program_id(1)
+        rows = block * BLOCK_H + tl.arange(0, BLOCK_H)
         row_mask = rows < H
         dt = out_ptr.dtype.element_ty
-        total = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for e in tl.static_range(K):
-            base = w2_ptr + tl.load(slots_ptr + e) * slot_stride
-            if HOST:  # as in the gate/up kernel; down follows gate and up in the host tier (2I x H elements)
-                src = tl.load(src_ptr + e)
-                host_base = host_ptr + tl.multiple_of(tl.maximum(src, 0) + 2 * I * H, 16)
-            y = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for i0 in range(0, I, BLOCK_I):
-                cols = i0 + tl.arange(0, BLOCK_I)
-                col_mask = cols < I
-                a = tl.load(act_ptr + e * I + cols, mask=col_mask, other=0.0).to(tl.float32)
-                m = row_mask[:, None] & col_mask[None, :]
-                if HOST:
-                    w = _read_through(base, host_base, rows[:, None] * I + cols[None, :], m, src >= 0)
-                else:
-                    w = tl.load(base + rows[:, None] * I + cols[None, :], mask=m, other=0.0)
-                y += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-            weight = tl.load(weights_ptr + e).to(tl.float32)
-            total += (y.to(dt).to(tl.float32) * weight).to(dt).to(tl.float32)
-        total = total.to(dt)
-        if HAS_RESID:
-            total = (tl.load(resid_ptr + rows, mask=row_mask, other=0.0).to(tl.float32) + total.to(tl.float32)).to(dt)
-        tl.store(out_ptr + rows, total, mask=row_mask)
+        base = w2_ptr + tl.load(slots_ptr + e) * slot_stride
+        if HOST:  # as in the gate/up kernel; down follows gate and up in the host tier (2I x H elements)
+            src = tl.load(src_ptr + e)
+            host_base = host_ptr + tl.multiple_of(tl.maximum(src, 0) + 2 * I * H, 16)
+        y = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            cols = i0 + tl.arange(0, BLOCK_I)
+            col_mask = cols < I
+            a = tl.load(act_ptr + e * I + cols, mask=col_mask, other=0.0).to(tl.float32)
+            m = row_mask[:, None] & col_mask[None, :]
+            if HOST:
+                w = _read_through(base, host_base, rows[:, None] * I + cols[None, :], m, src >= 0)
+            else:
+                w = tl.load(base + rows[:, None] * I + cols[None, :], mask=m, other=0.0)
+            y += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        tl.store(part_ptr + e * H + rows, y.to(dt), mask=row_mask)
+        tl.debug_barrier()  # every thread's part stored before the release below publishes it
+        if tl.atomic_add(count_ptr + block, 1, sem="acq_rel") == K - 1:
+            total = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for j in tl.static_range(K):  # .cg: from L2, where the other programs' stores are
+                yj = tl.load(part_ptr + j * H + rows, mask=row_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+                total += (yj * tl.load(weights_ptr + j).to(tl.float32)).to(dt).to(tl.float32)
+            total = total.to(dt)
+            if HAS_RESID:
+                total = (tl.load(resid_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+                         + total.to(tl.float32)).to(dt)
+            tl.store(out_ptr + rows, total, mask=row_mask)
+            tl.atomic_xchg(count_ptr + block, 0)  # ready for the next launch (graph replays reuse the counters)
+
+    @triton.jit
+    def _norm_gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, eps,
+                          K: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # [x + delta ->] RMSNorm -> W @ normed, one launch instead of two: every program normalises the
+        # whole (small) vector itself, rounding as _rms_norm_kernel does, and reads whole rows of W.
+        cols = tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < n_rows
+        # W's rows first: their read, the bulk of the time, is in flight while the norm is computed
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        dt = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+        if HAS_DELTA:
+            x = (x.to(tl.float32) + tl.load(delta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dt)
+        h = x.to(tl.float32)
+        h = (h * tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)).to(dt).to(tl.float32)
+        h = (tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * h).to(dt)
+        if tl.program_id(0) == 0:  # the normed vector (and the new residual stream) for what comes next
+            tl.store(normed_ptr + cols, h, mask=col_mask)
+            if HAS_DELTA:
+                tl.store(sum_ptr + cols, x, mask=col_mask)
+        acc = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+        tl.store(out_ptr + rows, acc.to(dt), mask=row_mask)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                        other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 # Tile shapes: the GEMV kernels read [rows, cols] tiles with cols contiguous. The fastest of a sweep on an
-# H100 at the real model's dims (benchmarks/kernel_speed.py: 0.61 and 0.41 of the HBM bound alone, against
-# 0.37 and 0.27 for the first guess); valid for any size.
-GATE_UP_BLOCKS = dict(BLOCK_I=8, BLOCK_H=512, num_warps=2)
-DOWN_BLOCKS = dict(BLOCK_H=4, BLOCK_I=256, num_warps=4)
+# H100 at the real model's dims, each kernel timed inside a CUDA graph with its weights out of L2
+# (benchmarks/kernel_speed.py); valid for any size.
+GATE_UP_BLOCKS = dict(BLOCK_I=2, BLOCK_H=2048, num_warps=8)
+DOWN_BLOCKS = dict(BLOCK_H=4, BLOCK_I=256, num_warps=2)
+GEMV_BLOCKS = dict(BLOCK_N=2, BLOCK_K=2048, num_warps=8)
+NORM_GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8)  # whole rows: BLOCK_K is the vector's length
+ATTENTION_BLOCKS = dict(BLOCK_S=128, num_warps=8)
+# The one-program kernels (norm, route) and the per-head one: a vector of a few thousand elements,
+# whose reductions within one warp are shuffles, with no shared memory and no barrier.
+SMALL_BLOCKS = dict(num_warps=1)
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _row_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per row block of the down kernel, which leaves them zeroed: shared by
+    every call on the device (calls on one stream run one after another). Grown on first use, which is a
+    warm-up before any CUDA graph is captured."""
+    c = _counters.get(device)
+    if c is None or c.numel() < n:
+        c = _counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return c
+
+
+def _small() -> dict:
+    return {} if os.environ.get("TRITON_INTERPRET") == "1" else SMALL_BLOCKS
 
 
 def _blocks(tuned: dict, **dims: int) -> dict:
@@ -262,19 +361,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
     out = torch.empty_like(x)
     summed = torch.empty_like(x) if delta is not None else out
     _rms_norm_kernel[(1,)](x, delta if delta is not None else x, weight, out, summed, n, eps,
-                           HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n))
+                           HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), **_small())
     return (out, summed) if delta is not None else out
 
 
-def qk_norm_rope_kv(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int,
-                    eps: float) -> torch.Tensor:
-    """qkv [(n_heads + 2 n_kv) * D] of one token -> q [n_heads, D] normed and rotated; k (normed,
-    rotated) and v written into row 0 of the caches [B, n_kv, S, D] at position pos[0]."""
+def attention(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask, n_heads: int, n_kv: int,
+              eps: float, scale: float) -> torch.Tensor:
+    """One token of batch row 0 from its QKV product qkv [(n_heads + 2 n_kv) * D]: per-head RMSNorm of q
+    and k, RoPE, k and v written into row 0 of the caches [B, n_kv, S, D] at position pos[0], and
+    softmax(q k^T * scale) v over positions 0..pos[0] where mask [S] is True (the token always sees
+    itself). Returns [n_heads * D]."""
     d = q_norm.numel()
-    q = torch.empty(n_heads, d, dtype=qkv.dtype, device=qkv.device)
-    _qk_norm_rope_kv_kernel[(n_heads + 2 * n_kv,)](qkv, q_norm, k_norm, cos, sin, pos, q, k_cache, v_cache, n_heads,
-                                                   n_kv, k_cache.stride(1), eps, D=d)
-    return q
+    out = torch.empty(n_heads * d, dtype=qkv.dtype, device=qkv.device)
+    b = _blocks(ATTENTION_BLOCKS, BLOCK_S=k_cache.shape[2])
+    _attention_kernel[(n_heads,)](qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask.view(torch.uint8), out,
+                                  n_heads, n_kv, k_cache.stride(1), eps, scale, GROUP=n_heads // n_kv, D=d, **b)
+    return out
 
 
 def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None,
@@ -294,7 +396,7 @@ def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: boo
     _route_kernel[(1,)](logits, table, top_i, top_w, slots, top_w if record is None else record, owner, stamp, clock,
                         host_off, slots if src is None else src, e, owner.numel(), K=k, NORM=norm_topk_prob,
                         RECORD=record is not None, POLICY=policy is not None, BLOCK_E=triton.next_power_of_2(e),
-                        BLOCK_K=triton.next_power_of_2(k), BLOCK_S=triton.next_power_of_2(owner.numel()))
+                        BLOCK_K=triton.next_power_of_2(k), BLOCK_S=triton.next_power_of_2(owner.numel()), **_small())
     return top_i, top_w, slots, src
 
 
@@ -313,7 +415,33 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
                                                             HOST=host is not None, **gu)
     out = torch.empty_like(x)
     dn = _blocks(DOWN_BLOCKS, BLOCK_H=h, BLOCK_I=i)
-    _moe_down_kernel[(triton.cdiv(h, dn["BLOCK_H"]),)](act, w2, slots, weights, x if resid is None else resid, out,
-                                                      host_buf, src, w2.stride(0), K=k, H=h, I=i,
-                                                      HAS_RESID=resid is not None, HOST=host is not None, **dn)
+    n_blocks = triton.cdiv(h, dn["BLOCK_H"])
+    part = torch.empty(k, h, dtype=x.dtype, device=x.device)
+    _moe_down_kernel[(n_blocks, k)](act, w2, slots, weights, x if resid is None else resid, out, host_buf, src, part,
+                                    _row_counters(x.device, n_blocks), w2.stride(0), K=k, H=h, I=i,
+                                    HAS_RESID=resid is not None, HOST=host is not None, **dn)
     return out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for one token (x [K], w [N, K] contiguous): a GEMV tiled for decode, accumulated in
+    float32 and rounded once, as cuBLAS rounds."""
+    n, k = w.shape
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    b = _blocks(GEMV_BLOCKS, BLOCK_N=n, BLOCK_K=k)
+    _gemv_kernel[(triton.cdiv(n, b["BLOCK_N"]),)](x, w, out, n, K=k, **b)
+    return out
+
+
+def norm_linear(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor, delta: torch.Tensor | None = None):
+    """F.linear(rms_norm(x [+ delta]) * norm, w) for one token (x [K], w [N, K] contiguous) in one launch.
+    Returns the product [N]; with delta, (product, normed, x + delta) (the new residual stream)."""
+    n, k = w.shape
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    normed = torch.empty_like(x)
+    summed = torch.empty_like(x) if delta is not None else normed
+    b = _blocks(NORM_GEMV_BLOCKS, BLOCK_N=n)
+    _norm_gemv_kernel[(triton.cdiv(n, b["BLOCK_N"]),)](x, x if delta is None else delta, norm, w, summed, normed, out,
+                                                       n, eps, K=k, HAS_DELTA=delta is not None,
+                                                       BLOCK_K=triton.next_power_of_2(k), **b)
+    return (out, normed, summed) if delta is not None else out

@@ -57,8 +57,8 @@ class LayerGraphs:
             return
 
         def pre():
-            h, resid = block.attention_fused(x, m.rope_cos, m.rope_sin, pos, mask)
-            return (h, resid, *m.route_careful(block, h, self.record))
+            h, resid, logits = block.attention_fused(x, m.rope_cos, m.rope_sin, pos, mask)
+            return (h, resid, *m.route_careful(block, h, logits, self.record))
 
         pre_graph, (h, resid, top_i, top_w, slots), _ = capture(pre, self.pool)
         pre_graph.replay()  # fills its outputs with this step's values (capturing computed nothing)

@@ -65,17 +65,14 @@ class Attention(nn.Module):
                                            scale=c.head_dim ** -0.5, enable_gqa=c.num_heads != c.num_kv_heads)
         return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.wo)
 
-    def forward_fused(self, x, rope_cos, rope_sin, input_pos, mask):
-        """One token of batch row 0, x [H] already normed: fused QKV product, one kernel for q/k norm,
-        RoPE and the cache write, then attention and the output projection. Returns [H]."""
+    def forward_fused(self, qkv, rope_cos, rope_sin, input_pos, mask):
+        """One token of batch row 0 from its fused QKV product qkv: one kernel for q/k norm, RoPE, the
+        cache write and attention, then the output projection. Returns [H]."""
         c = self.cfg
-        q = kernels.qk_norm_rope_kv(F.linear(x, self.wqkv), self.q_norm, self.k_norm, rope_cos, rope_sin, input_pos,
-                                    self.k_cache, self.v_cache, c.num_heads, c.num_kv_heads, c.rms_norm_eps)
-        end = mask.shape[-1]
-        y = F.scaled_dot_product_attention(q.view(1, c.num_heads, 1, c.head_dim), self.k_cache[:1, :, :end],
-                                           self.v_cache[:1, :, :end], attn_mask=mask, scale=c.head_dim ** -0.5,
-                                           enable_gqa=c.num_heads != c.num_kv_heads)
-        return F.linear(y.view(-1), self.wo)  # [1, heads, 1, D] is already [heads * D] in memory for one token
+        y = kernels.attention(qkv, self.q_norm, self.k_norm, rope_cos, rope_sin, input_pos, self.k_cache,
+                              self.v_cache, mask.reshape(-1), c.num_heads, c.num_kv_heads, c.rms_norm_eps,
+                              c.head_dim ** -0.5)
+        return kernels.linear(y, self.wo)
 
 
 def swiglu(x, gate, up, down):
@@ -161,14 +158,13 @@ class MoE(nn.Module):
         for its own (the residual stream changes little from one layer to the next)."""
         return torch.topk(F.linear(h, self.lookahead[1]), self.cfg.experts_per_token).indices
 
-    def route_fused(self, h, record=None, in_place=False):
-        """One token, h [H] normed -> (top_i [k], top_w [k], slots [k], src) through the router and the
-        route kernel. An absent expert's slot reads as 0 (see kernels.route); with in_place, the cache's
-        policy on the device gives it a slot at once and src says where it is in the host tier."""
+    def route_fused(self, logits, record=None, in_place=False):
+        """One token's router logits [E] -> (top_i [k], top_w [k], slots [k], src) through the route
+        kernel. An absent expert's slot reads as 0 (see kernels.route); with in_place, the cache's policy
+        on the device gives it a slot at once and src says where it is in the host tier."""
         _, _, table = self.cache.slabs(self.layer)
         policy = self.cache.device_policy.args(self.layer) if in_place else None
-        return kernels.route(F.linear(h, self.router), table, self.cfg.experts_per_token, self.cfg.norm_topk_prob,
-                             record, policy)
+        return kernels.route(logits, table, self.cfg.experts_per_token, self.cfg.norm_topk_prob, record, policy)
 
     def experts_fused(self, h, resid, top_i, top_w, slots=None, src=None):
         """resid + the routed experts applied to h, each read in place from its slot (looked up now in the
@@ -193,17 +189,22 @@ class Block(nn.Module):
 
     def attention_fused(self, x, rope_cos, rope_sin, input_pos, mask):
         """One token of batch row 0 through the fused kernels, x [H] -> (the MLP's normed input, the
-        residual stream after attention)."""
-        delta = self.attn.forward_fused(kernels.rms_norm(x, self.ln1, self.eps), rope_cos, rope_sin, input_pos, mask)
-        return kernels.rms_norm(x, self.ln2, self.eps, delta=delta)
+        residual stream after attention, the router's logits or None in a dense layer). Each norm runs
+        inside the product it feeds (norm_linear)."""
+        qkv = kernels.norm_linear(x, self.ln1, self.eps, self.attn.wqkv)
+        delta = self.attn.forward_fused(qkv, rope_cos, rope_sin, input_pos, mask)
+        if isinstance(self.mlp, MoE):
+            logits, h, resid = kernels.norm_linear(x, self.ln2, self.eps, self.mlp.router, delta=delta)
+            return h, resid, logits
+        return (*kernels.rms_norm(x, self.ln2, self.eps, delta=delta), None)
 
     def forward_fused(self, x, rope_cos, rope_sin, input_pos, mask, record=None, in_place=False):
         """The whole layer for one token, x [H] -> [H], assuming the routed experts are resident (or, with
         in_place, reading the absent ones from the host tier); the routing goes into record [2, k]
         (float32; [3, k] with the outcomes when in_place) for the caller to check."""
-        h, resid = self.attention_fused(x, rope_cos, rope_sin, input_pos, mask)
+        h, resid, logits = self.attention_fused(x, rope_cos, rope_sin, input_pos, mask)
         if isinstance(self.mlp, MoE):
-            top_i, top_w, slots, src = self.mlp.route_fused(h, record, in_place)
+            top_i, top_w, slots, src = self.mlp.route_fused(logits, record, in_place)
             return self.mlp.experts_fused(h, resid, top_i, top_w, slots, src)
         return resid + self.mlp(h)
 
@@ -369,7 +370,7 @@ class Transformer(nn.Module):
                 x = block.forward_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
         if self.in_place:
             self.cache.device_policy.tick()
-        logits = F.linear(kernels.rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+        logits = kernels.norm_linear(x, self.norm, self.cfg.rms_norm_eps, self.lm_head)
         return logits.view(1, 1, -1), inputs, (moe_layers, routing if moe_layers else None)
 
     def load_routed(self, layer: int, routing: list[list[float]]) -> None:
@@ -389,10 +390,10 @@ class Transformer(nn.Module):
         rows = 3 if self.cache.prefetches else 2
         return torch.empty(rows, self.cfg.experts_per_token, dtype=torch.float32, device=device)
 
-    def route_careful(self, block: Block, h: torch.Tensor, record: torch.Tensor):
+    def route_careful(self, block: Block, h: torch.Tensor, logits: torch.Tensor, record: torch.Tensor):
         """A careful step's routing through the kernels into `record` (see routing_record): top_i, top_w
         and the slots as the table has them now (an absent expert's reads as 0)."""
-        top_i, top_w, slots, _ = block.mlp.route_fused(h, record[:2])
+        top_i, top_w, slots, _ = block.mlp.route_fused(logits, record[:2])
         if record.shape[0] == 3 and block.mlp.lookahead is not None:
             record[2].copy_(block.mlp.predict_next(h))
         return top_i, top_w, slots
@@ -403,9 +404,9 @@ class Transformer(nn.Module):
         steps run as per-layer graphs (LayerGraphs)."""
         record = self.routing_record(x.device)
         for block in self.layers[start:]:
-            h, resid = block.attention_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
+            h, resid, logits = block.attention_fused(x, self.rope_cos, self.rope_sin, input_pos, mask)
             if isinstance(block.mlp, MoE):
-                top_i, top_w, _ = self.route_careful(block, h, record)
+                top_i, top_w, _ = self.route_careful(block, h, logits, record)
                 self.load_routed(block.mlp.layer, record.tolist())
                 x = block.mlp.experts_fused(h, resid, top_i, top_w)
             else:

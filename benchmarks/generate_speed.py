@@ -114,10 +114,11 @@ def free(device):
 
 # ---- the runs ---------------------------------------------------------------------------------------------
 
-def hbm_probe(device, rows=65536, cols=32768, dtype=torch.bfloat16) -> dict:
+def hbm_probe(device, rows=1 << 19, cols=4096, dtype=torch.bfloat16) -> dict:
     """What a memory-bound decode can read per second here: a [rows, cols] matrix times a vector (4.3 GB
     of bf16 read once, far past L2), median of 20 timed products after warm-ups, by cuBLAS (torch.mv)
-    and by the runtime's own Triton GEMV; the faster of the two is the bound (the stricter one)."""
+    and by the runtime's own Triton GEMV (whole rows: cols of a few thousand); the faster of the two is
+    the bound (the stricter one)."""
     from moe_offload.runtime import kernels
     w = torch.randn(rows, cols, dtype=dtype, device=device)
     x = torch.randn(cols, dtype=dtype, device=device)

@@ -84,8 +84,8 @@ def main():
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
-    w = torch.randn(65536, 32768, dtype=dt, device=dev)
-    v = torch.randn(32768, dtype=dt, device=dev)
+    w = torch.randn(1 << 20, 4096, dtype=dt, device=dev)  # 8.6 GB; rows short enough for our GEMV's whole rows
+    v = torch.randn(4096, dtype=dt, device=dev)
     hbm = max(w.nbytes / bench(lambda: torch.mv(w, v)), w.nbytes / bench(lambda: kernels.linear(v, w)))  # the stricter
     del w
     torch.cuda.empty_cache()
@@ -146,41 +146,34 @@ def main():
                                  "fraction_of_bound": nbytes / hbm / s}
 
     # The MoE kernels' tiles and the projections' GEMV tiles: each alone, then the best together.
-    sweep = {"gate_up": [], "down": [], "gemv_qkv_plus_o": []}
+    sweep = {"gate_up": [], "moe_by_down_tiles": [], "gemv_qkv_plus_o": []}
     i_act = torch.randn(K, I, dtype=dt, device=dev)
-    for bi, bh, nw in itertools.product([2, 4, 8, 16], [256, 512, 1024, 2048], [2, 4, 8]):
+    for bi, bh, nw in itertools.product([1, 2, 4, 8], [1024, 2048], [2, 4, 8]):
         fn = lambda: kernels._moe_gate_up_kernel[(K, -(-I // bi))](  # noqa: E731
-            x, w1, slots, i_act, w1, slots, w1.stride(0), H=H, I=I, HOST=False, BLOCK_I=bi, BLOCK_H=bh, num_warps=nw)
+            x, w1, slots, i_act, w1, slots, w1.stride(0), H=H, I=I, HOST=False, BLOCK_I=bi, BLOCK_H=bh, num_warps=nw,
+            PDL=False)
         sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_H": bh, "num_warps": nw, "us": bench_graph(fn) * 1e6})
-    out = torch.empty_like(x)
-    part = torch.empty(K, H, dtype=dt, device=dev)
-    for bh, bi, nw in itertools.product([2, 4, 8, 16, 32], [256, 512, 1024], [2, 4, 8]):
-        count = kernels._row_counters(dev, -(-H // bh))
-        fn = lambda: kernels._moe_down_kernel[(-(-H // bh), K)](  # noqa: E731
-            i_act, w2, slots, weights, x, out, w2, slots, part, count, w2.stride(0), K=K, H=H, I=I, HAS_RESID=True,
-            HOST=False, BLOCK_H=bh, BLOCK_I=bi, num_warps=nw)
-        sweep["down"].append({"BLOCK_H": bh, "BLOCK_I": bi, "num_warps": nw, "us": bench_graph(fn) * 1e6})
-    for bn, bk, nw in itertools.product([2, 4, 8, 16], [512, 1024, 2048], [2, 4, 8]):
-        kernels.GEMV_BLOCKS = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    for bh, nw in itertools.product([1, 2, 4, 8, 16], [1, 2, 4, 8]):
+        kernels.DOWN_BLOCKS = dict(BLOCK_H=bh, num_warps=nw)
+        sweep["moe_by_down_tiles"].append({"BLOCK_H": bh, "num_warps": nw,
+                              "us": bench_graph(lambda: kernels.moe(x, w1, w2, slots, weights, x)) * 1e6})
+    for bn, nw in itertools.product([1, 2, 4, 8], [2, 4, 8]):
+        kernels.GEMV_BLOCKS = dict(BLOCK_N=bn, num_warps=nw)
         us = (bench_graph(lambda: kernels.linear(x, wqkv)) + bench_graph(lambda: kernels.linear(x_heads, wo))) * 1e6
-        sweep["gemv_qkv_plus_o"].append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "us": us})
+        sweep["gemv_qkv_plus_o"].append({"BLOCK_N": bn, "num_warps": nw, "us": us})
     sweep["attention"] = []
     for bs, nw in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
         kernels.ATTENTION_BLOCKS = dict(BLOCK_S=bs, num_warps=nw)
         sweep["attention"].append({"BLOCK_S": bs, "num_warps": nw, "us": bench_graph(attention) * 1e6})
-    sweep["norm_linear_qkv"] = []
-    for bn, nw in itertools.product([1, 2, 4, 8], [2, 4, 8]):
-        kernels.NORM_GEMV_BLOCKS = dict(BLOCK_N=bn, num_warps=nw)
-        us = bench_graph(lambda: kernels.norm_linear(x, norm_w, 1e-6, wqkv)) * 1e6
-        sweep["norm_linear_qkv"].append({"BLOCK_N": bn, "num_warps": nw, "us": us})
     sweep["route_and_rms_norm"] = []
     for nw in [1, 2, 4, 8]:
         kernels.SMALL_BLOCKS = dict(num_warps=nw)
         us = (bench_graph(lambda: kernels.route(x[:E], table, K, True))
               + bench_graph(lambda: kernels.rms_norm(x, norm_w, 1e-6, delta=x))) * 1e6
         sweep["route_and_rms_norm"].append({"num_warps": nw, "us": us})
-    read = {"gate_up": K * 2 * I * H * 2, "down": K * H * I * 2, "gemv_qkv_plus_o": wqkv.nbytes + wo.nbytes,
-            "attention": kc.nbytes + vc.nbytes, "norm_linear_qkv": wqkv.nbytes, "route_and_rms_norm": E * 2 + 3 * H * 2}
+    read = {"gate_up": K * 2 * I * H * 2, "moe_by_down_tiles": K * expert_bytes,
+            "gemv_qkv_plus_o": wqkv.nbytes + wo.nbytes, "attention": kc.nbytes + vc.nbytes,
+            "route_and_rms_norm": E * 2 + 3 * H * 2}
     for k in sweep:
         for r in sweep[k]:
             r["fraction_of_bound"] = read[k] / hbm / (r["us"] / 1e6)
@@ -188,10 +181,9 @@ def main():
     result["tile_sweep_top5"] = {k: v[:5] for k, v in sweep.items()}
     pick = lambda row, keys: {k: row[k] for k in keys}  # noqa: E731
     kernels.GATE_UP_BLOCKS = pick(sweep["gate_up"][0], ("BLOCK_I", "BLOCK_H", "num_warps"))
-    kernels.DOWN_BLOCKS = pick(sweep["down"][0], ("BLOCK_H", "BLOCK_I", "num_warps"))
-    kernels.GEMV_BLOCKS = pick(sweep["gemv_qkv_plus_o"][0], ("BLOCK_N", "BLOCK_K", "num_warps"))
+    kernels.DOWN_BLOCKS = pick(sweep["moe_by_down_tiles"][0], ("BLOCK_H", "num_warps"))
+    kernels.GEMV_BLOCKS = pick(sweep["gemv_qkv_plus_o"][0], ("BLOCK_N", "num_warps"))
     kernels.ATTENTION_BLOCKS = pick(sweep["attention"][0], ("BLOCK_S", "num_warps"))
-    kernels.NORM_GEMV_BLOCKS = pick(sweep["norm_linear_qkv"][0], ("BLOCK_N", "num_warps"))
     kernels.SMALL_BLOCKS = pick(sweep["route_and_rms_norm"][0], ("num_warps",))
     s = bench_graph(lambda: kernels.moe(x, w1, w2, slots, weights, x))
     result["moe_fused_best_tiles"] = {"gate_up": kernels.GATE_UP_BLOCKS, "down": kernels.DOWN_BLOCKS, "us": s * 1e6,
@@ -211,14 +203,17 @@ def main():
         ti, tw, sl, _ = kernels.route(logits, table, K, True)
         return kernels.moe(h2, w1, w2, sl, tw, r)
 
-    layer()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(8):  # eight layers per replay, so the launch of the graph itself is amortised
-            layer()
-    s = bench(g.replay) / 8
-    result["layer_graph"] = {"us": s * 1e6, "bytes": layer_bytes, "bound_us": layer_bytes / hbm * 1e6,
-                             "fraction_of_bound": layer_bytes / hbm / s}
+    for pdl in (False, True):  # programmatic dependent launch off, then on (the runtime's default)
+        kernels.PDL = pdl
+        layer()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(8):  # eight layers per replay, so the launch of the graph itself is amortised
+                layer()
+        s = bench(g.replay) / 8
+        result["layer_graph" + ("" if pdl else "_without_pdl")] = {"us": s * 1e6, "bytes": layer_bytes,
+                                                                    "bound_us": layer_bytes / hbm * 1e6,
+                                                                    "fraction_of_bound": layer_bytes / hbm / s}
     # Profiled last: once the profiler has run in a process, later launches are slower (docs/benchmarks.md).
     # Back-to-back replays: the weights of 8 layers (0.9 GB) do not stay in the 50 MB L2.
     result["profile_layer_graph_us_per_layer"] = kernel_times(g.replay, 20, 8)

@@ -43,8 +43,18 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _wait_for_inputs(PDL: tl.constexpr):
+        # With programmatic dependent launch (PDL) a kernel starts while the one before it finishes, so
+        # what it reads before this point must not come from that kernel: weights, or what the kernel
+        # before that one wrote. Letting the next kernel start only past this point keeps that true.
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, n, eps, HAS_DELTA: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -76,12 +86,13 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, mask_ptr,
                           out_ptr, n_heads, n_kv, head_stride, eps, scale, GROUP: tl.constexpr, D: tl.constexpr,
-                          BLOCK_S: tl.constexpr):
+                          BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         # One query head per program: its q, and its KV head's k and v for this token, normed and rotated
         # from the QKV product (the first program of each group writes k and v into the cache); then an
         # online softmax in float32 over the cache up to the token (later entries are masked out anyway,
         # so a long cache costs only what is filled), the KV heads read in place rather than repeated for
         # GQA, and the token's own entry last.
+        _wait_for_inputs(PDL)
         head = tl.program_id(0)
         kv = head // GROUP
         half = tl.arange(0, D // 2)
@@ -128,7 +139,8 @@ if triton is not None:
     def _route_kernel(logits_ptr, table_ptr, top_i_ptr, top_w_ptr, slots_ptr, record_ptr, owner_ptr, stamp_ptr,
                       clock_ptr, host_off_ptr, src_ptr, n_experts, n_slots, K: tl.constexpr, NORM: tl.constexpr,
                       RECORD: tl.constexpr, POLICY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_S: tl.constexpr):
+                      BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
         offs = tl.arange(0, BLOCK_E)
         mask = offs < n_experts
         logits = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -206,7 +218,9 @@ if triton is not None:
 
     @triton.jit
     def _moe_gate_up_kernel(x_ptr, w1_ptr, slots_ptr, act_ptr, host_ptr, src_ptr, slot_stride, H: tl.constexpr,
-                            I: tl.constexpr, HOST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+                            I: tl.constexpr, HOST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+                            PDL: tl.constexpr):
+        _wait_for_inputs(PDL)  # the slots come from the route kernel, just before
         e = tl.program_id(0)  # which of the token's k experts
         rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         row_mask = rows < I
@@ -239,7 +253,8 @@ if triton is not None:
     @triton.jit
     def _moe_down_kernel(act_ptr, w2_ptr, slots_ptr, weights_ptr, resid_ptr, out_ptr, host_ptr, src_ptr, part_ptr,
                          count_ptr, slot_stride, K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
-                         HAS_RESID: tl.constexpr, HOST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
+                         HAS_RESID: tl.constexpr, HOST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
+                         PDL: tl.constexpr):
         # One program per (row block, expert), so all k experts' reads are in flight at once; the last
         # program of a row block to finish adds the k products up, in expert order as transformers does
         # (an atomic counter per row block; no atomics on the values, so the rounding is the same).
@@ -247,22 +262,21 @@ if triton is not None:
         e = tl.program_id(1)
         rows = block * BLOCK_H + tl.arange(0, BLOCK_H)
         row_mask = rows < H
+        cols = tl.arange(0, BLOCK_I)  # whole rows
+        col_mask = cols < I
+        m = row_mask[:, None] & col_mask[None, :]
         dt = out_ptr.dtype.element_ty
+        # The weights before the wait: the slots (and src) come from the route kernel, two launches back
         base = w2_ptr + tl.load(slots_ptr + e) * slot_stride
         if HOST:  # as in the gate/up kernel; down follows gate and up in the host tier (2I x H elements)
             src = tl.load(src_ptr + e)
             host_base = host_ptr + tl.multiple_of(tl.maximum(src, 0) + 2 * I * H, 16)
-        y = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            cols = i0 + tl.arange(0, BLOCK_I)
-            col_mask = cols < I
-            a = tl.load(act_ptr + e * I + cols, mask=col_mask, other=0.0).to(tl.float32)
-            m = row_mask[:, None] & col_mask[None, :]
-            if HOST:
-                w = _read_through(base, host_base, rows[:, None] * I + cols[None, :], m, src >= 0)
-            else:
-                w = tl.load(base + rows[:, None] * I + cols[None, :], mask=m, other=0.0)
-            y += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            w = _read_through(base, host_base, rows[:, None] * I + cols[None, :], m, src >= 0)
+        else:
+            w = tl.load(base + rows[:, None] * I + cols[None, :], mask=m, other=0.0)
+        _wait_for_inputs(PDL)
+        a = tl.load(act_ptr + e * I + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
         tl.store(part_ptr + e * H + rows, y.to(dt), mask=row_mask)
         tl.debug_barrier()  # every thread's part stored before the release below publishes it
         if tl.atomic_add(count_ptr + block, 1, sem="acq_rel") == K - 1:
@@ -278,52 +292,43 @@ if triton is not None:
             tl.atomic_xchg(count_ptr + block, 0)  # ready for the next launch (graph replays reuse the counters)
 
     @triton.jit
-    def _norm_gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, eps,
-                          K: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # [x + delta ->] RMSNorm -> W @ normed, one launch instead of two: every program normalises the
-        # whole (small) vector itself, rounding as _rms_norm_kernel does, and reads whole rows of W.
+    def _gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, eps, K: tl.constexpr,
+                     NORM: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr):
+        # W @ x for one token, whole rows of W per program; with NORM, [x + delta ->] RMSNorm first, in the
+        # same launch: every program normalises the whole (small) vector itself, rounding as
+        # _rms_norm_kernel does.
         cols = tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        first = tl.program_id(0).to(tl.int64) * BLOCK_N  # 64-bit: W may hold more than 2**31 elements
+        rows = first + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
-        # W's rows first: their read, the bulk of the time, is in flight while the norm is computed
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        # W's rows first, before the wait: their read, the bulk of the time, overlaps the kernel before
+        w = tl.load(w_ptr + first * K + tl.arange(0, BLOCK_N)[:, None] * K + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        _wait_for_inputs(PDL)
         dt = out_ptr.dtype.element_ty
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-        if HAS_DELTA:
-            x = (x.to(tl.float32) + tl.load(delta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dt)
-        h = x.to(tl.float32)
-        h = (h * tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)).to(dt).to(tl.float32)
-        h = (tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * h).to(dt)
-        if tl.program_id(0) == 0:  # the normed vector (and the new residual stream) for what comes next
-            tl.store(normed_ptr + cols, h, mask=col_mask)
-            if HAS_DELTA:
-                tl.store(sum_ptr + cols, x, mask=col_mask)
-        acc = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+        if NORM:
+            if HAS_DELTA:  # the new residual stream, rounded as transformers adds
+                x = (x.to(tl.float32) + tl.load(delta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dt)
+                if tl.program_id(0) == 0:
+                    tl.store(sum_ptr + cols, x, mask=col_mask)
+            h = x.to(tl.float32)
+            h = (h * tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)).to(dt).to(tl.float32)
+            x = (tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * h).to(dt)
+            if tl.program_id(0) == 0:  # the normed vector, for what comes next
+                tl.store(normed_ptr + cols, x, mask=col_mask)
+        acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         tl.store(out_ptr + rows, acc.to(dt), mask=row_mask)
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_mask = cols < K
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                        other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 # Tile shapes: the GEMV kernels read [rows, cols] tiles with cols contiguous. The fastest of a sweep on an
 # H100 at the real model's dims, each kernel timed inside a CUDA graph with its weights out of L2
 # (benchmarks/kernel_speed.py); valid for any size.
 GATE_UP_BLOCKS = dict(BLOCK_I=2, BLOCK_H=2048, num_warps=8)
-DOWN_BLOCKS = dict(BLOCK_H=4, BLOCK_I=256, num_warps=2)
-GEMV_BLOCKS = dict(BLOCK_N=2, BLOCK_K=2048, num_warps=8)
-NORM_GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8)  # whole rows: BLOCK_K is the vector's length
+DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the intermediate size
+GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8)  # whole rows: BLOCK_K is the vector's length
 ATTENTION_BLOCKS = dict(BLOCK_S=128, num_warps=8)
 # The one-program kernels (norm, route) and the per-head one: a vector of a few thousand elements,
 # whose reductions within one warp are shuffles, with no shared memory and no barrier.
@@ -340,6 +345,21 @@ def _row_counters(device: torch.device, n: int) -> torch.Tensor:
     if c is None or c.numel() < n:
         c = _counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return c
+
+
+# Programmatic dependent launch (Hopper and later): each kernel is launched while the one before it
+# finishes, reads its weights, and waits (_wait_for_inputs) only for the inputs that kernel writes.
+PDL = True
+_pdl_devices: dict[torch.device, bool] = {}
+
+
+def _launch(device: torch.device) -> dict:
+    """The PDL constexpr and launch option for kernels on `device` (off under the interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda" or not PDL:
+        return {"PDL": False}
+    if device not in _pdl_devices:
+        _pdl_devices[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if _pdl_devices[device] else {"PDL": False}
 
 
 def _small() -> dict:
@@ -361,7 +381,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
     out = torch.empty_like(x)
     summed = torch.empty_like(x) if delta is not None else out
     _rms_norm_kernel[(1,)](x, delta if delta is not None else x, weight, out, summed, n, eps,
-                           HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), **_small())
+                           HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), **_small(),
+                           **_launch(x.device))
     return (out, summed) if delta is not None else out
 
 
@@ -375,7 +396,8 @@ def attention(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache
     out = torch.empty(n_heads * d, dtype=qkv.dtype, device=qkv.device)
     b = _blocks(ATTENTION_BLOCKS, BLOCK_S=k_cache.shape[2])
     _attention_kernel[(n_heads,)](qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask.view(torch.uint8), out,
-                                  n_heads, n_kv, k_cache.stride(1), eps, scale, GROUP=n_heads // n_kv, D=d, **b)
+                                  n_heads, n_kv, k_cache.stride(1), eps, scale, GROUP=n_heads // n_kv, D=d, **b,
+                                  **_launch(qkv.device))
     return out
 
 
@@ -396,7 +418,8 @@ def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: boo
     _route_kernel[(1,)](logits, table, top_i, top_w, slots, top_w if record is None else record, owner, stamp, clock,
                         host_off, slots if src is None else src, e, owner.numel(), K=k, NORM=norm_topk_prob,
                         RECORD=record is not None, POLICY=policy is not None, BLOCK_E=triton.next_power_of_2(e),
-                        BLOCK_K=triton.next_power_of_2(k), BLOCK_S=triton.next_power_of_2(owner.numel()), **_small())
+                        BLOCK_K=triton.next_power_of_2(k), BLOCK_S=triton.next_power_of_2(owner.numel()), **_small(),
+                        **_launch(dev))
     return top_i, top_w, slots, src
 
 
@@ -412,36 +435,39 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
     act = torch.empty(k, i, dtype=x.dtype, device=x.device)
     gu = _blocks(GATE_UP_BLOCKS, BLOCK_I=i, BLOCK_H=h)
     _moe_gate_up_kernel[(k, triton.cdiv(i, gu["BLOCK_I"]))](x, w1, slots, act, host_buf, src, w1.stride(0), H=h, I=i,
-                                                            HOST=host is not None, **gu)
+                                                            HOST=host is not None, **gu, **_launch(x.device))
     out = torch.empty_like(x)
-    dn = _blocks(DOWN_BLOCKS, BLOCK_H=h, BLOCK_I=i)
+    dn = _blocks(DOWN_BLOCKS, BLOCK_H=h)
     n_blocks = triton.cdiv(h, dn["BLOCK_H"])
     part = torch.empty(k, h, dtype=x.dtype, device=x.device)
     _moe_down_kernel[(n_blocks, k)](act, w2, slots, weights, x if resid is None else resid, out, host_buf, src, part,
                                     _row_counters(x.device, n_blocks), w2.stride(0), K=k, H=h, I=i,
-                                    HAS_RESID=resid is not None, HOST=host is not None, **dn)
+                                    HAS_RESID=resid is not None, HOST=host is not None,
+                                    BLOCK_I=triton.next_power_of_2(i), **dn, **_launch(x.device))
     return out
+
+
+def _gemv(x, w, norm=None, eps=0.0, delta=None):
+    n, k = w.shape
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    normed = torch.empty_like(x) if norm is not None else out
+    summed = torch.empty_like(x) if delta is not None else normed
+    b = _blocks(GEMV_BLOCKS, BLOCK_N=n)
+    _gemv_kernel[(triton.cdiv(n, b["BLOCK_N"]),)](x, x if delta is None else delta, w if norm is None else norm, w,
+                                                  summed, normed, out, n, eps, K=k, NORM=norm is not None,
+                                                  HAS_DELTA=delta is not None, BLOCK_K=triton.next_power_of_2(k), **b,
+                                                  **_launch(x.device))
+    return out, normed, summed
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) for one token (x [K], w [N, K] contiguous): a GEMV tiled for decode, accumulated in
-    float32 and rounded once, as cuBLAS rounds."""
-    n, k = w.shape
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    b = _blocks(GEMV_BLOCKS, BLOCK_N=n, BLOCK_K=k)
-    _gemv_kernel[(triton.cdiv(n, b["BLOCK_N"]),)](x, w, out, n, K=k, **b)
-    return out
+    """F.linear(x, w) for one token (x [K], w [N, K] contiguous, K up to a few thousand: whole rows per
+    program), accumulated in float32 and rounded once, as cuBLAS rounds."""
+    return _gemv(x, w)[0]
 
 
 def norm_linear(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor, delta: torch.Tensor | None = None):
     """F.linear(rms_norm(x [+ delta]) * norm, w) for one token (x [K], w [N, K] contiguous) in one launch.
     Returns the product [N]; with delta, (product, normed, x + delta) (the new residual stream)."""
-    n, k = w.shape
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    normed = torch.empty_like(x)
-    summed = torch.empty_like(x) if delta is not None else normed
-    b = _blocks(NORM_GEMV_BLOCKS, BLOCK_N=n)
-    _norm_gemv_kernel[(triton.cdiv(n, b["BLOCK_N"]),)](x, x if delta is None else delta, norm, w, summed, normed, out,
-                                                       n, eps, K=k, HAS_DELTA=delta is not None,
-                                                       BLOCK_K=triton.next_power_of_2(k), **b)
+    out, normed, summed = _gemv(x, w, norm, eps, delta)
     return (out, normed, summed) if delta is not None else out

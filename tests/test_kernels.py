@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_offload.runtime import kernels
+from moe_offload.runtime import kernels, moe_kernels
 from moe_offload.runtime.model import rms_norm, rotate_half, swiglu
 
 pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cpu")),
@@ -38,14 +38,14 @@ def test_route_matches_softmax_topk_and_looks_up_slots(dtype):
     table = torch.randperm(e)
     table[logits.float().argmax()] = -1  # the top expert is absent: its slot reads as 0, never -1
     record = torch.full((2, k), -5.0)
-    top_i, top_w, slots, src = kernels.route(logits, table, k, norm_topk_prob=True, record=record)
+    top_i, top_w, slots, src = moe_kernels.route(logits, table, k, norm_topk_prob=True, record=record)
     assert src is None  # no device policy: nothing is read from the host
     assert record[0].tolist() == top_i.float().tolist() and record[1].tolist() == top_w.float().tolist()
     want_w, want_i = torch.topk(torch.softmax(logits, -1, dtype=torch.float32), k)
     assert top_i.tolist() == want_i.tolist()
     assert (top_w.float() - (want_w / want_w.sum()).to(dtype).float()).abs().max() <= TOL[dtype] / 10
     assert slots.tolist() == table[want_i].clamp(min=0).tolist()
-    _, unnormed, _, _ = kernels.route(logits, table, k, norm_topk_prob=False)
+    _, unnormed, _, _ = moe_kernels.route(logits, table, k, norm_topk_prob=False)
     assert (unnormed.float() - want_w.to(dtype).float()).abs().max() <= TOL[dtype] / 10
 
 
@@ -56,16 +56,16 @@ def test_moe_reads_experts_in_place(dtype):
     w2 = torch.randn(slots_n, h, i, dtype=dtype) / i ** 0.5
     slots, weights = torch.tensor([7, 2, 5]), torch.rand(k, dtype=dtype)
     want = sum(swiglu(x, w1[s, :i], w1[s, i:], w2[s]) * weights[j] for j, s in enumerate(slots.tolist()))
-    got = kernels.moe(x, w1, w2, slots, weights, resid)
+    got = moe_kernels.moe(x, w1, w2, slots, weights, resid)
     assert (got.float() - (resid + want).float()).abs().max() <= TOL[dtype]
-    assert (kernels.moe(x, w1, w2, slots, weights).float() - want.float()).abs().max() <= TOL[dtype]
+    assert (moe_kernels.moe(x, w1, w2, slots, weights).float() - want.float()).abs().max() <= TOL[dtype]
 
 
 def test_moe_down_adds_the_experts_in_order_across_row_blocks(dtype, monkeypatch):
     """Small tiles: several row blocks, each finished by whichever of its k programs comes last, which
     leaves the shared counters zeroed for the next call (a graph replay reuses them)."""
     import triton
-    monkeypatch.setattr(kernels, "_blocks",
+    monkeypatch.setattr(moe_kernels, "_blocks",
                         lambda tuned, **dims: {k: min(8, triton.next_power_of_2(n)) for k, n in dims.items()})
     h, i, slots_n, k = 44, 20, 6, 4
     x, resid = torch.randn(h, dtype=dtype), torch.randn(h, dtype=dtype)
@@ -76,9 +76,9 @@ def test_moe_down_adds_the_experts_in_order_across_row_blocks(dtype, monkeypatch
     for j, s in enumerate(slots.tolist()):  # transformers' order: each expert's weighted product added in turn
         want += swiglu(x, w1[s, :i], w1[s, i:], w2[s]) * weights[j]
     for _ in range(2):
-        got = kernels.moe(x, w1, w2, slots, weights, resid)
+        got = moe_kernels.moe(x, w1, w2, slots, weights, resid)
         assert (got.float() - want.float()).abs().max() <= TOL[dtype]
-        assert int(kernels._counters[x.device].abs().sum()) == 0
+        assert int(moe_kernels._counters[x.device].abs().sum()) == 0
 
 
 def test_linear_is_f_linear(dtype):

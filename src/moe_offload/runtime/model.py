@@ -17,7 +17,7 @@ from torch import nn
 
 from ..checkpoint.layouts import Layout, TextConfig
 from ..errors import InputError
-from . import kernels
+from . import kernels, moe_kernels
 from .cache_policy import step_accesses
 from .expert_cache import ExpertCache
 from .layer_graphs import LayerGraphs
@@ -148,7 +148,7 @@ class MoE(nn.Module):
         w1, w2, table = self.cache.slabs(self.layer)
         slots = table[top_i[0]]
         if self.kernels:  # the experts read in place from their slots
-            return kernels.moe(flat[0], w1, w2, slots, top_w[0])[None]
+            return moe_kernels.moe(flat[0], w1, w2, slots, top_w[0])[None]
         gate, up = torch.matmul(w1[slots], flat[0]).chunk(2, dim=-1)  # [k, I] each
         y = torch.matmul(w2[slots], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [k, H]
         return (y * top_w[0, :, None]).sum(0, keepdim=True)
@@ -160,11 +160,11 @@ class MoE(nn.Module):
 
     def route_fused(self, logits, record=None, in_place=False):
         """One token's router logits [E] -> (top_i [k], top_w [k], slots [k], src) through the route
-        kernel. An absent expert's slot reads as 0 (see kernels.route); with in_place, the cache's policy
+        kernel. An absent expert's slot reads as 0 (see moe_kernels.route); with in_place, the cache's policy
         on the device gives it a slot at once and src says where it is in the host tier."""
         _, _, table = self.cache.slabs(self.layer)
         policy = self.cache.device_policy.args(self.layer) if in_place else None
-        return kernels.route(logits, table, self.cfg.experts_per_token, self.cfg.norm_topk_prob, record, policy)
+        return moe_kernels.route(logits, table, self.cfg.experts_per_token, self.cfg.norm_topk_prob, record, policy)
 
     def experts_fused(self, h, resid, top_i, top_w, slots=None, src=None):
         """resid + the routed experts applied to h, each read in place from its slot (looked up now in the
@@ -172,7 +172,7 @@ class MoE(nn.Module):
         says so (written into its slot on the way)."""
         w1, w2, table = self.cache.slabs(self.layer)
         host = (self.cache.device_policy.host[self.layer], src) if src is not None else None
-        return kernels.moe(h, w1, w2, table[top_i] if slots is None else slots, top_w, resid, host)
+        return moe_kernels.moe(h, w1, w2, table[top_i] if slots is None else slots, top_w, resid, host)
 
 
 class Block(nn.Module):

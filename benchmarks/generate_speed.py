@@ -114,6 +114,21 @@ def free(device):
 
 # ---- the runs ---------------------------------------------------------------------------------------------
 
+def cuda_median_seconds(fn, n: int, warmup: int) -> float:
+    """Median seconds of n calls of fn on the GPU (CUDA events around each), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
 def hbm_probe(device, rows=1 << 19, cols=4096, dtype=torch.bfloat16) -> dict:
     """What a memory-bound decode can read per second here: a [rows, cols] matrix times a vector (4.3 GB
     of bf16 read once, far past L2), median of 20 timed products after warm-ups, by cuBLAS (torch.mv)
@@ -122,22 +137,9 @@ def hbm_probe(device, rows=1 << 19, cols=4096, dtype=torch.bfloat16) -> dict:
     from moe_offload.runtime import kernels
     w = torch.randn(rows, cols, dtype=dtype, device=device)
     x = torch.randn(cols, dtype=dtype, device=device)
-
-    def median_seconds(fn):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        return statistics.median(times)
-    rates = {"torch.mv": w.nbytes / median_seconds(lambda: torch.mv(w, x))}
+    rates = {"torch.mv": w.nbytes / cuda_median_seconds(lambda: torch.mv(w, x), 20, 3)}
     if kernels.available(w.device):
-        rates["triton_gemv"] = w.nbytes / median_seconds(lambda: kernels.linear(x, w))
+        rates["triton_gemv"] = w.nbytes / cuda_median_seconds(lambda: kernels.linear(x, w), 20, 3)
     del w
     free(device)
     best = max(rates, key=rates.get)
@@ -165,17 +167,8 @@ def zero_copy_probe(device, nbytes=2**30, n=10) -> dict:
     src = torch.ones(nbytes // 2, dtype=torch.bfloat16, pin_memory=True)
     block = 4096
     out = torch.empty(triton.cdiv(src.numel(), block), dtype=torch.float32, device=device)
-    times = []
-    for i in range(n + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        _sum_blocks[(out.numel(),)](src, out, src.numel(), BLOCK=block)
-        end.record()
-        end.synchronize()
-        if i >= 2:
-            times.append(start.elapsed_time(end) / 1000)
+    s = cuda_median_seconds(lambda: _sum_blocks[(out.numel(),)](src, out, src.numel(), BLOCK=block), n, 2)
     assert out.sum().item() == src.numel()  # every element was read
-    s = statistics.median(times)
     return {"what": f"a Triton kernel reading {nbytes} bytes of pinned host memory in place, median of {n}",
             "seconds": s, "bytes_per_second": nbytes / s}
 

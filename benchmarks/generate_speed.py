@@ -41,7 +41,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa: E402
-from moe_offload.runtime.decode import Decoder, default_path  # noqa: E402
+from moe_offload.runtime.decode import default_path  # noqa: E402
+from moe_offload.runtime.fused_step import TRITON_OPS  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
 from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
@@ -203,7 +204,7 @@ def bytes_per_token(rt) -> int:
     for block in m.layers:
         a = block.attn
         total += a.wqkv.nbytes + a.wo.nbytes + a.q_norm.nbytes + a.k_norm.nbytes + block.ln1.nbytes + block.ln2.nbytes
-        if hasattr(block.mlp, "router"):
+        if block.moe is not None:
             w1, w2, _ = rt.cache.slabs(block.mlp.layer)
             total += block.mlp.router.nbytes + cfg.experts_per_token * (w1[0].nbytes + w2[0].nbytes)
         else:
@@ -219,7 +220,7 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=capacity, device=a.device, dtype=a.dtype,
                       pin_memory=pin, use_kernels=kernels, host_tier=host_tier, unified=unified,
                       prefetch=prefetch, in_place_misses=in_place)
-    rt.model.record_trace = trace
+    rt.model.trace.enabled = trace
     if capacity is None:  # the resident reference: every expert loaded before timing, none first touched later
         for layer, spans in rt.cache.spans.items():
             rt.cache.get_many(layer, list(range(len(spans))))
@@ -241,10 +242,10 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     bound_resident = rt.dense_bytes + resident * expert_bytes + kv
     out = {
         "label": label, "capacity_per_layer": cap_per_layer, "pin_memory": pin, "record_trace": trace,
-        "decode_path": path or default_path(rt.model, 1, greedy=True),
+        "decode_path": path or default_path(rt.step, 1, greedy=True),
         "host_tier_bytes": rt.cache.host_tier_bytes, "unified_memory": unified, "prefetch": prefetch,
-        "in_place_misses": rt.model.in_place,
-        "fused_kernels": rt.model.kernels, "bytes_per_token": bytes_per_token(rt),
+        "in_place_misses": rt.step.in_place,
+        "fused_kernels": rt.step.ops is TRITON_OPS, "bytes_per_token": bytes_per_token(rt),
         "load_seconds": load_s, "warmup_tok_s": warm.decode_tokens_per_second,
         "tok_s": statistics.median(toks), "tok_s_runs": toks,
         "prefill_seconds": statistics.median(g.prefill_seconds for g in runs),
@@ -292,9 +293,11 @@ def profile_decode(rt, ids, cfg, steps=8):
         if prof:
             prof.__enter__()
         start = time.perf_counter()
-        decoder = Decoder(model, default_path(model, 1, greedy=True), lambda logits: logits.argmax(-1))
+        decoder = rt.decoder(default_path(rt.step, 1, greedy=True))
         for s in range(steps):
-            _, tok, _ = decoder.step(tok, t + s, last=s + 1 == steps)
+            logits, picked = decoder.step(tok, t + s, last=s + 1 == steps)
+            tok = logits.argmax(-1) if picked is None else picked[0]
+        decoder.flush()
         sync(dev)
         seconds = time.perf_counter() - start
         if prof:

@@ -30,7 +30,7 @@ from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa:
 from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
 from moe_offload.checkpoint.synthetic import build_synthetic  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
-from moe_offload.runtime.model import TRACE_COLUMNS  # noqa: E402
+from moe_offload.runtime.trace import TRACE_COLUMNS  # noqa: E402
 
 
 def decode_hit_rate(trace: list[dict], capacity: int) -> float:

@@ -14,13 +14,13 @@ import torch
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM, Qwen3OmniMoeThinkerForConditionalGeneration
 
 from moe_offload.checkpoint.extract import extract_dense, extract_layer
-from moe_offload.runtime.decode import Decoder
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.synthetic import build_synthetic
 from moe_offload.analysis.cache_sim import access_sequence, simulate
 from moe_offload.runtime.cache_policy import Scoped
-from moe_offload.runtime.model import TRACE_COLUMNS
+from moe_offload.runtime.fused_step import TRITON_OPS
+from moe_offload.runtime.trace import TRACE_COLUMNS
 
 BASE = dict(num_layers=4, num_experts=16, experts_per_token=4, hidden_size=64, moe_intermediate_size=32, num_heads=4,
             num_kv_heads=2, head_dim=16, seed=0, max_shard_size="1MB")
@@ -66,12 +66,13 @@ def model(request, tmp_path_factory):
     return dict(name=request.param, ckpt=ckpt, cfg=cfg, ref=ref, cases=cases, runtime=runtime)
 
 
-@pytest.mark.parametrize("path", ["careful", "optimistic", "pipelined"])
+@pytest.mark.parametrize("path", ["careful", "graph", "pipelined"])
 @pytest.mark.parametrize("capacity", ["all", "top_k", "between"])
 def test_logits_and_greedy_tokens_match_transformers(model, capacity, path):
-    """Each decode path on the CPU: `optimistic` is the one-sync-per-token step CUDA replays as a graph,
-    redo from the first layer that needed a load included; `pipelined` also runs step N+1 before step N
-    is settled and throws it away when N missed (CUDA's greedy default, here as plain calls)."""
+    """Each decode strategy on the CPU (the fused step through its PyTorch ops): `graph` is the
+    one-sync-per-token step CUDA replays as a graph, here as plain calls, redo from the first layer that
+    needed a load included; `pipelined` also runs step N+1 before step N is settled and throws it away
+    when N missed (CUDA's greedy default)."""
     cfg = model["cfg"]
     cap = {"all": cfg.num_experts, "top_k": cfg.experts_per_token, "between": 6}[capacity]
     rt = model["runtime"](capacity=cap, use_kernels=False)
@@ -105,16 +106,17 @@ def test_pipelined_step_launched_ahead_of_a_miss_is_thrown_away(model):
         rt.model.setup_caches(1, t + n)
         with torch.inference_mode():
             tok = rt.model.forward(ids, torch.arange(t))[:, -1].argmax(-1)
-            decoder, tokens = Decoder(rt.model, "pipelined", lambda logits: logits.argmax(-1)), tok.tolist()
+            decoder, tokens = rt.decoder("pipelined"), tok.tolist()
             for step in range(1, n):
-                _, tok, host = decoder.step(tok, t + step - 1, last=step + 1 == n)
+                logits, picked = decoder.step(tok, t + step - 1, last=step + 1 == n)
+                tok, host = picked if picked is not None else (logits.argmax(-1), logits.argmax(-1).tolist())
                 tokens += host
         assert tokens == case["tokens"]
         discarded += decoder.discarded
     assert discarded > 0
 
 
-@pytest.mark.parametrize("path", ["careful", "optimistic"])
+@pytest.mark.parametrize("path", ["careful", "graph"])
 def test_host_tier_matches_transformers(model, path):
     """Misses served from the host tier (every expert in RAM, read once) give transformers' tokens."""
     cfg, case = model["cfg"], model["cases"][1]
@@ -164,11 +166,11 @@ def test_fused_kernels_match_transformers(model, capacity):
     interpreter, which is slow: one prompt, a few tokens), redo from a layer that missed included
     (capacity 6 misses)."""
     cfg, case, steps = model["cfg"], model["cases"][0], 6
-    assert not model["runtime"](capacity=cfg.num_experts).model.kernels  # on the CPU only when asked for
+    assert model["runtime"](capacity=cfg.num_experts).step.ops is not TRITON_OPS  # on the CPU only when asked for
     prefetch = capacity == "between_prefetch"
     rt = model["runtime"](capacity=cfg.num_experts if capacity == "all" else 6, use_kernels=True,
                           host_tier=prefetch, prefetch=prefetch)
-    assert rt.model.kernels
+    assert rt.step.ops is TRITON_OPS
     gen = generate(rt, case["ids"], steps, return_logits=True, path="pipelined")
     assert gen.tokens[0] == case["tokens"][:steps]
     for ours, theirs in zip(gen.logits, case["step_logits"]):
@@ -189,8 +191,8 @@ def test_in_place_misses_match_transformers_and_the_host_lru(model, capacity):
     cfg, steps = model["cfg"], 6
     cap = {"top_k": cfg.experts_per_token, "between": 6}[capacity]
     rt = model["runtime"](capacity=cap, host_tier=True, use_kernels=True)
-    assert rt.model.in_place and not model["runtime"](capacity=cap, host_tier=True, use_kernels=True,
-                                                     in_place_misses=False).model.in_place
+    assert rt.step.in_place and not model["runtime"](capacity=cap, host_tier=True, use_kernels=True,
+                                                    in_place_misses=False).step.in_place
     hits = misses = 0
     for prompt, case in enumerate(model["cases"][:2]):
         gen = generate(rt, case["ids"], steps, return_logits=True, path="pipelined", prompt=prompt)
@@ -200,7 +202,7 @@ def test_in_place_misses_match_transformers_and_the_host_lru(model, capacity):
         assert gen.decode_stats["misses"] > 0 and gen.decode_stats["load_seconds"] == 0  # read inside the step
         for stats in (gen.prefill_stats, gen.decode_stats):
             hits, misses = hits + stats["hits"], misses + stats["misses"]
-    accesses = access_sequence(pd.DataFrame(rt.model.trace, columns=TRACE_COLUMNS))
+    accesses = access_sequence(pd.DataFrame(rt.model.trace.rows, columns=TRACE_COLUMNS))
     assert simulate(accesses, "lru", "per_layer", cap) == {"hits": hits, "misses": misses}
     replay = Scoped("lru", "per_layer", cap)
     for key in accesses:

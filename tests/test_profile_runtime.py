@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from moe_offload.analysis.cache_sim import access_sequence, simulate
 from moe_offload.checkpoint.extract import extract_dense, extract_layer
 from moe_offload.runtime.generate import generate, load_runtime
-from moe_offload.runtime.model import TRACE_COLUMNS
+from moe_offload.runtime.trace import TRACE_COLUMNS
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.analysis.profile import default_capacities, profile_cache
 
@@ -32,14 +32,14 @@ def _run(extracted, capacity, scope, policy="lru", path=None):
     tok = AutoTokenizer.from_pretrained(ckpt)
     for i, text in enumerate(PROMPTS):  # one cache across prompts, as the workflow's depth runs do
         generate(rt, tok(text)["input_ids"], 12, prompt=i, path=path)
-    return rt.cache.stats(), pd.DataFrame(rt.model.trace, columns=list(TRACE_COLUMNS))
+    return rt.cache.stats(), pd.DataFrame(rt.model.trace.rows, columns=list(TRACE_COLUMNS))
 
 
 @pytest.mark.parametrize("scope, capacity", [("per_layer", 4), ("per_layer", 7), ("global", 40), ("global", 100)])
-@pytest.mark.parametrize("policy, path", [("lru", "careful"), ("lru", "optimistic"), ("lru", "pipelined"),
+@pytest.mark.parametrize("policy, path", [("lru", "careful"), ("lru", "graph"), ("lru", "pipelined"),
                                           ("lfu", None)])
 def test_simulation_equals_runtime_counters(extracted, scope, capacity, policy, path):
-    """Also with the optimistic and pipelined decode steps (CUDA's), whose counters come from replaying
+    """Also with the graph and pipelined decode steps (CUDA's), whose counters come from replaying
     each step's accesses after the fact (a step launched ahead of a miss is discarded unseen)."""
     counted, trace = _run(extracted, capacity, scope, policy, path)
     simulated = simulate(access_sequence(trace), policy, scope, capacity)

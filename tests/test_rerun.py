@@ -108,7 +108,7 @@ def test_stage_modules_stay_apart():
     assert "moe_offload.checkpoint.validate" not in download | extract
     assert "moe_offload.checkpoint.extract" not in download
     runtime = {"moe_offload.runtime.model", "moe_offload.runtime.generate", "moe_offload.runtime.expert_cache",
-               "moe_offload.runtime.kernels", "moe_offload.runtime.layer_graphs", "moe_offload.analysis.runs"}
+               "moe_offload.runtime.kernels", "moe_offload.runtime.graphs", "moe_offload.runtime.fused_step", "moe_offload.runtime.decode", "moe_offload.analysis.runs"}
     assert runtime <= depth and not runtime & (extract | validate | native)
     assert {"moe_offload.runtime.native", "moe_offload.analysis.native_runs"} <= native
     assert not {"moe_offload.runtime.native", "moe_offload.analysis.native_runs"} & depth

@@ -41,7 +41,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
               dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace,
               progress=None, start_rss: int | None = None) -> dict:
     from ..runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
-    from ..runtime.model import TRACE_COLUMNS
+    from ..runtime.trace import TRACE_COLUMNS
 
     device, torch_dtype = device_of(device), getattr(torch, dtype)
     tok = AutoTokenizer.from_pretrained(checkpoint_dir)
@@ -71,11 +71,11 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
             progress.update(1)
     meter.end_phase("generate")
     counters = rt.cache.stats()  # generation only: taken before the fidelity pass below
-    trace = pd.DataFrame(rt.model.trace, columns=list(TRACE_COLUMNS))
+    trace = pd.DataFrame(rt.model.trace.rows, columns=list(TRACE_COLUMNS))
     with atomic_path(out_trace) as tmp:
         trace.to_parquet(tmp, index=False)
 
-    rt.model.record_trace = False
+    rt.model.trace.enabled = False
     native_logits = load_file(native_logits_path)
     scores, max_diff = [], 0.0
     for i, (run, ref) in enumerate(zip(runs, native_json["prompts"])):

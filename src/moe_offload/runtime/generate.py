@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from .expert_cache import ExpertCache
 from ..checkpoint.layouts import Layout, TextConfig, detect_checkpoint
-from .decode import Decoder, check_path, default_path
-from .model import TRACE_COLUMNS, Transformer, load_dense
+from ..errors import InputError
+from . import kernels
+from .decode import check_path, default_path, make_decoder
+from .expert_cache import ExpertCache
+from .fused_step import TORCH_OPS, TRITON_OPS, FusedStep
+from .model import Transformer, load_dense
+from .trace import TRACE_COLUMNS
 
 
 @dataclass
@@ -29,6 +32,13 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     dense_bytes: int  # the dense weights held, in the compute dtype (experts are the cache's)
+    step: FusedStep  # one decoded token, through the kernels or their PyTorch equivalents
+    decoders: dict = field(default_factory=dict)  # decode path -> its strategy, kept across calls (graphs)
+
+    def decoder(self, path: str):
+        if path not in self.decoders:
+            self.decoders[path] = make_decoder(self.step, path)
+        return self.decoders[path]
 
 
 @dataclass
@@ -76,11 +86,23 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
                         device, dtype, pin_memory, experts_per_token=cfg.experts_per_token, side_stream=side_stream,
                         host_tier=host_tier, unified=unified, prefetch=prefetch, in_place_misses=in_place_misses)
     dense = load_dense(dense_path, layout, depth, device, dtype)
-    model = Transformer(cfg, layout, dense, cache, depth, use_kernels)
-    if unified and device.type == "cuda" and not model.kernels:
+    model = Transformer(cfg, layout, dense, cache, depth)
+    use_kernels = _use_kernels(use_kernels, device)
+    if unified and device.type == "cuda" and not use_kernels:
         raise InputError("unified memory needs the fused kernels (Triton) to read experts in place: "
                          "set cache.fused_kernels to null or true")
-    return Runtime(model, cache, layout, cfg, device, dtype, sum(t.numel() * t.element_size() for t in dense.values()))
+    # one-token steps read misses from the host tier in place, the cache's policy on the device
+    step = FusedStep(model, TRITON_OPS if use_kernels else TORCH_OPS, in_place=use_kernels and cache.device_policy is not None)
+    return Runtime(model, cache, layout, cfg, device, dtype, sum(t.numel() * t.element_size() for t in dense.values()),
+                   step)
+
+
+def _use_kernels(asked: bool | None, device: torch.device) -> bool:
+    """The fused Triton kernels: when asked, or (None) on CUDA when Triton is there. Under Triton's
+    interpreter on the CPU only when asked for (tests): it is slow."""
+    if asked and not kernels.available(device):
+        raise InputError(f"the fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1), not {device}")
+    return kernels.available(device) and device.type == "cuda" if asked is None else asked
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -133,20 +155,21 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = _as_batch(input_ids, device)
     b, t = ids.shape
-    path = default_path(model, b, temperature <= 0) if path is None else path
-    check_path(model, path, b, temperature <= 0)
+    path = default_path(runtime.step, b, temperature <= 0) if path is None else path
+    check_path(runtime.step, path, b, temperature <= 0)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
     model.setup_caches(b, t + max_new_tokens)
-    trace_start, logits_out = len(model.trace), []
+    trace, logits_out = model.trace, []
+    trace_start = len(trace.rows)
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
 
     # Prefill: the whole prompt in one forward; its last position gives the first new token.
-    model.trace_context = {"prompt": prompt, "step": 0}
+    trace.prompt, trace.step = prompt, 0
     s0 = runtime.cache.stats()
     _sync(device)
     start = time.perf_counter()
@@ -154,11 +177,10 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
     tok = sample(logits, temperature, top_k, top_p, generator)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
-    model.flush()
     s1 = runtime.cache.stats()
 
     # Decode: one token per step, until max_new_tokens or every row has produced an eos.
-    decoder = Decoder(model, path, lambda step_logits: sample(step_logits, temperature, top_k, top_p, generator))
+    decoder = runtime.decoder(path)
     start, step, tokens = time.perf_counter(), 0, tok.tolist()
     while True:
         if return_logits:
@@ -170,9 +192,13 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
         step += 1
         if step >= max_new_tokens or all(done):
             break
-        model.trace_context = {"prompt": prompt, "step": step}
-        logits, tok, tokens = decoder.step(tok, t + step - 1, last=step + 1 >= max_new_tokens)
-    model.flush()  # the last step's hits: counted inside the timed span, as every other step's
+        trace.step = step
+        logits, picked = decoder.step(tok, t + step - 1, last=step + 1 >= max_new_tokens)
+        if picked is None:
+            tok = sample(logits, temperature, top_k, top_p, generator)
+            picked = tok, tok.tolist()
+        tok, tokens = picked
+    decoder.flush()  # the last step's hits: counted inside the timed span, as every other step's
     _sync(device)
     decode_seconds = time.perf_counter() - start
     decode_tokens = step - 1
@@ -180,7 +206,7 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
         tokens=out, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         decode_tokens_per_second=decode_tokens / decode_seconds if decode_tokens and decode_seconds > 0 else 0.0,
         prefill_stats=_delta(s1, s0), decode_stats=_delta(runtime.cache.stats(), s1),
-        trace=[dict(zip(TRACE_COLUMNS, row)) for row in model.trace[trace_start:]], logits=logits_out)
+        trace=[dict(zip(TRACE_COLUMNS, row)) for row in trace.rows[trace_start:]], logits=logits_out)
 
 
 @torch.inference_mode()
@@ -192,9 +218,8 @@ def teacher_forced_logits(runtime: Runtime, prompt_ids, continuation_ids, prompt
         raise InputError("teacher forcing needs a non-empty prompt and continuation")
     ids = _as_batch(prompt_ids + cont, runtime.device)
     runtime.model.setup_caches(1, ids.shape[1])
-    runtime.model.trace_context = {"prompt": prompt, "step": 0}
+    runtime.model.trace.prompt, runtime.model.trace.step = prompt, 0
     logits = runtime.model.forward(ids, torch.arange(ids.shape[1], device=runtime.device))[0]
-    runtime.model.flush()
     return logits[len(prompt_ids) - 1: -1].float().cpu()
 
 

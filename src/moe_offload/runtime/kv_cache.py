@@ -1,0 +1,55 @@
+"""The KV cache and what positions index: every layer's keys and values, the RoPE tables, the causal mask.
+
+Allocated once for the longest sequence asked for (gpt-fast's KVCache, with the tables beside it).
+`version` changes with each allocation: a CUDA graph holds the addresses of the buffers it was captured
+with, so graphs compare versions and are captured again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint.layouts import TextConfig
+from ..errors import InputError
+
+
+class KVCache:
+    def __init__(self, cfg: TextConfig, layers: int, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.layers, self.device, self.dtype = cfg, layers, device, dtype
+        half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** half)
+        self.k: list[torch.Tensor] = []  # per layer [B, kv_heads, S, D]
+        self.v: list[torch.Tensor] = []
+        self.batch = self.max_seq_len = 0
+        self.version = 0
+
+    def setup(self, batch: int, seq_len: int) -> None:
+        """Room for `batch` rows of `seq_len` positions (kept if there is room already: positions past the
+        current one are masked, so stale entries are harmless)."""
+        if self.max_seq_len >= seq_len and self.batch >= batch:
+            return
+        batch, seq_len = max(batch, self.batch), max(seq_len, self.max_seq_len)
+        shape = (batch, self.cfg.num_kv_heads, seq_len, self.cfg.head_dim)
+        where = dict(dtype=self.dtype, device=self.device)
+        self.k = [torch.zeros(shape, **where) for _ in range(self.layers)]
+        self.v = [torch.zeros(shape, **where) for _ in range(self.layers)]
+        freqs = torch.arange(seq_len, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1).to(self.device)
+        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # cast as transformers casts
+        self.causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=self.device).tril()
+        self.batch, self.max_seq_len = batch, seq_len
+        self.version += 1
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
+        """Write k, v [B, kv_heads, T, D] at input_pos; return the layer's keys and values up to `end`."""
+        b = k.shape[0]
+        self.k[layer][:b, :, input_pos] = k
+        self.v[layer][:b, :, input_pos] = v
+        return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
+
+    def end_of(self, positions: list[int]) -> int:
+        """The KV length a step at these positions sees; one line if they run past the cache."""
+        end = positions[-1] + 1
+        if end > self.max_seq_len:
+            raise InputError(f"position {end - 1} is past the KV cache ({self.max_seq_len}): call setup_caches")
+        return end

@@ -98,8 +98,12 @@ def test_norm_linear_is_the_norm_then_f_linear(dtype):
     assert (out.float() - want.float()).abs().max() <= TOL[dtype]
 
 
-def test_attention_writes_the_kv_cache_and_attends_up_to_the_position(dtype):
-    heads, kv, d, seq, pos = 8, 2, 16, 21, 13
+@pytest.mark.parametrize("d, splits", [(16, 1), (16, None), (16, 3), (12, 4)],
+                         ids=["whole", "two_ranges", "three_ranges", "head_dim_12"])
+def test_attention_writes_the_kv_cache_and_attends_up_to_the_position(dtype, d, splits):
+    """Split along the cache (ranges merged by log-sum-exp, empty ranges past the position included), and a
+    head_dim that is not a power of two (masked tiles)."""
+    heads, kv, seq, pos = 8, 2, 21, 13
     qkv = torch.randn((heads + 2 * kv) * d, dtype=dtype)
     q_norm, k_norm = torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype)
     freqs = torch.arange(seq, dtype=torch.float32)[:, None] / (1e6 ** (torch.arange(0, d, 2) / d))[None]
@@ -110,7 +114,7 @@ def test_attention_writes_the_kv_cache_and_attends_up_to_the_position(dtype):
     mask = torch.arange(seq) <= pos
     mask[3] = False  # a masked entry inside the filled part is honoured too
     got = kernels.attention(qkv, q_norm, k_norm, cos, sin, torch.tensor([pos]), k_cache, v_cache, mask, heads, kv,
-                            1e-6, d ** -0.5)
+                            1e-6, d ** -0.5, splits=splits)
     # the PyTorch path's steps: per-head norms, RoPE, the cache write, SDPA over the cache
     want_q = rms_norm(qkv[: heads * d].view(heads, d), q_norm, 1e-6)
     want_k = rms_norm(qkv[heads * d: (heads + kv) * d].view(kv, d), k_norm, 1e-6)

@@ -62,7 +62,7 @@ class Careful:
                 self.graphs.use_record(self.record)
             x = self.graphs.run(x, self.pos, start)
         else:
-            mask = kv.causal[self.pos].view(-1)
+            mask = kv.mask(self.pos).view(-1)
             for i in range(start, len(self.model.layers)):
                 h, resid, logits = self.fused.attention(i, x, self.pos, mask)
                 if logits is None:

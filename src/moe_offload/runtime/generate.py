@@ -23,6 +23,9 @@ from .model import Transformer, load_dense
 from .trace import TRACE_COLUMNS
 
 
+PREFILL_CHUNK = 4096  # prompt tokens per forward: bounds a long prompt's activations (MoE pairs, masks)
+
+
 @dataclass
 class Runtime:
     model: Transformer
@@ -168,12 +171,17 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
 
-    # Prefill: the whole prompt in one forward; its last position gives the first new token.
+    # Prefill: the prompt in chunks (activations bounded however long it is); its last position gives the
+    # first new token.
     trace.prompt, trace.step = prompt, 0
     s0 = runtime.cache.stats()
     _sync(device)
     start = time.perf_counter()
-    logits = model.forward(ids, torch.arange(t, device=device))[:, -1]
+    for first in range(0, t, PREFILL_CHUNK):
+        chunk = range(first, min(t, first + PREFILL_CHUNK))
+        logits = model.forward(ids[:, chunk.start: chunk.stop], torch.arange(chunk.start, chunk.stop, device=device),
+                               list(chunk), last_only=True)
+    logits = logits[:, -1]
     tok = sample(logits, temperature, top_k, top_p, generator)
     _sync(device)
     prefill_seconds = time.perf_counter() - start

@@ -107,7 +107,7 @@ class LayerGraphs:
         ref = step.model.embed
         self.x = torch.empty(ref.shape[1], dtype=ref.dtype, device=ref.device)  # the residual stream
         self.pos = torch.zeros(1, dtype=torch.long, device=ref.device)
-        self.mask = step.kv.causal[0].clone()  # the whole cache: shapes never change
+        self.mask = step.kv.mask(step.kv.positions[:1]).view(-1).clone()  # the whole cache: shapes never change
         self.record = None
         self.host_record = None
         self.routed = torch.cuda.Event()  # the layer's routing has reached host_record
@@ -141,7 +141,7 @@ class LayerGraphs:
         """Layers start.. for one token whose layer-`start` input is x [H]; returns the final hidden [H]."""
         self.x.copy_(x)
         self.pos.copy_(input_pos)
-        self.mask.copy_(self.step.kv.causal[input_pos].view(-1))
+        self.mask.copy_(self.step.kv.mask(input_pos).view(-1))
         for i in range(start, len(self.step.model.layers)):
             if i not in self.graphs:
                 self._capture_layer(i)

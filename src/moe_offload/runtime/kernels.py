@@ -66,71 +66,103 @@ if triton is not None:
         tl.store(out_ptr + offs, (w * h).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_rope(src, norm_ptr, cos_ptr, sin_ptr, pos, half, eps, dt, D: tl.constexpr):
-        """One head of q or k [D] from the QKV product: per-head RMSNorm, then RoPE (rotate-half form),
-        each step rounded to dt as transformers' elementwise ops round. Returns the two halves (float32)."""
-        a = tl.load(src + half).to(tl.float32)
-        b = tl.load(src + D // 2 + half).to(tl.float32)
-        inv = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + eps)
-        a = (tl.load(norm_ptr + half).to(tl.float32) * (a * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        b = (tl.load(norm_ptr + D // 2 + half).to(tl.float32) * (b * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        c = tl.load(cos_ptr + pos * D + half).to(tl.float32)  # cos = cat(freqs, freqs).cos(): halves equal
-        s = tl.load(sin_ptr + pos * D + half).to(tl.float32)
+    def _norm_rope(src, norm_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF: tl.constexpr):
+        """One head of q or k (2 HALF elements) from the QKV product: per-head RMSNorm, then RoPE
+        (rotate-half form), each step rounded to dt as transformers' elementwise ops round. Returns the two
+        halves (float32; zero past HALF, the tile's masked tail)."""
+        a = tl.load(src + half, mask=hmask, other=0.0).to(tl.float32)
+        b = tl.load(src + HALF + half, mask=hmask, other=0.0).to(tl.float32)
+        inv = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / (2 * HALF) + eps)
+        na = tl.load(norm_ptr + half, mask=hmask, other=0.0).to(tl.float32)
+        nb = tl.load(norm_ptr + HALF + half, mask=hmask, other=0.0).to(tl.float32)
+        a = (na * (a * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        b = (nb * (b * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        c = tl.load(cos_ptr + pos * 2 * HALF + half, mask=hmask, other=0.0).to(tl.float32)  # halves equal
+        s = tl.load(sin_ptr + pos * 2 * HALF + half, mask=hmask, other=0.0).to(tl.float32)
         ra = ((a * c).to(dt).to(tl.float32) + (-b * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         rb = ((b * c).to(dt).to(tl.float32) + (a * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         return ra, rb
 
     @triton.jit
     def _attention_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, mask_ptr,
-                          out_ptr, n_heads, n_kv, head_stride, eps, scale, GROUP: tl.constexpr, D: tl.constexpr,
-                          BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-        # One query head per program: its q, and its KV head's k and v for this token, normed and rotated
-        # from the QKV product (the first program of each group writes k and v into the cache); then an
-        # online softmax in float32 over the cache up to the token (later entries are masked out anyway,
-        # so a long cache costs only what is filled), the KV heads read in place rather than repeated for
-        # GQA, and the token's own entry last.
+                          out_ptr, part_ptr, stat_ptr, count_ptr, n_heads, n_kv, head_stride, chunk, n_splits, eps,
+                          scale, GROUP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
+        # Split along the KV cache (flash-decoding), so that one token keeps every SM busy: program
+        # (head, split) takes one query head over cache positions [split * chunk, (split + 1) * chunk)
+        # below the token's, the KV heads read in place rather than repeated for GQA. Each program norms and
+        # rotates its head's q (and its KV head's k) from the QKV product; split 0 writes the token's k and v
+        # into the cache (the first head of each group) and counts the token's own entry. Each split keeps
+        # an online softmax in float32 and stores it; the last split of a head to finish merges them in
+        # split order by log-sum-exp (an atomic counter per head, as the down kernel adds its experts).
         _wait_for_inputs(PDL)
         head = tl.program_id(0)
+        split = tl.program_id(1)
         kv = head // GROUP
-        half = tl.arange(0, D // 2)
+        half = tl.arange(0, BLOCK_HALF)
+        hmask = half < HALF
         dt = out_ptr.dtype.element_ty
         pos = tl.load(pos_ptr)
-        qa, qb = _norm_rope(qkv_ptr + head * D, qn_ptr, cos_ptr, sin_ptr, pos, half, eps, dt, D)
-        ka, kb = _norm_rope(qkv_ptr + (n_heads + kv) * D, kn_ptr, cos_ptr, sin_ptr, pos, half, eps, dt, D)
-        va = tl.load(qkv_ptr + (n_heads + n_kv + kv) * D + half).to(tl.float32)
-        vb = tl.load(qkv_ptr + (n_heads + n_kv + kv) * D + D // 2 + half).to(tl.float32)
+        qa, qb = _norm_rope(qkv_ptr + head * D, qn_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF)
+        ka, kb = _norm_rope(qkv_ptr + (n_heads + kv) * D, kn_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF)
+        va = tl.load(qkv_ptr + (n_heads + n_kv + kv) * D + half, mask=hmask, other=0.0).to(tl.float32)
+        vb = tl.load(qkv_ptr + (n_heads + n_kv + kv) * D + HALF + half, mask=hmask, other=0.0).to(tl.float32)
         k_base = k_cache_ptr + kv * head_stride
         v_base = v_cache_ptr + kv * head_stride
-        if head % GROUP == 0:
-            tl.store(k_base + pos * D + half, ka.to(dt))
-            tl.store(k_base + pos * D + D // 2 + half, kb.to(dt))
-            tl.store(v_base + pos * D + half, va.to(dt))
-            tl.store(v_base + pos * D + D // 2 + half, vb.to(dt))
-        m_i = (tl.sum(qa * ka, axis=0) + tl.sum(qb * kb, axis=0)) * scale  # the token's own score comes first
-        l_i = m_i * 0.0 + 1.0
-        acc_a, acc_b = va, vb
-        s0 = pos * 0
-        while s0 < pos:  # (a while: Triton's interpreter cannot take a loaded bound in range())
+        first = split == 0
+        if first & (head % GROUP == 0):
+            tl.store(k_base + pos * D + half, ka.to(dt), mask=hmask)
+            tl.store(k_base + pos * D + HALF + half, kb.to(dt), mask=hmask)
+            tl.store(v_base + pos * D + half, va.to(dt), mask=hmask)
+            tl.store(v_base + pos * D + HALF + half, vb.to(dt), mask=hmask)
+        own = (tl.sum(qa * ka, axis=0) + tl.sum(qb * kb, axis=0)) * scale  # the token's own score
+        m_i = tl.where(first, own, float("-inf"))
+        l_i = tl.where(first, 1.0, 0.0)
+        acc_a = tl.where(first, va, 0.0)
+        acc_b = tl.where(first, vb, 0.0)
+        s0 = split * chunk
+        end = tl.minimum(s0 + chunk, pos)
+        m2 = hmask[None, :]
+        while s0 < end:  # (a while: Triton's interpreter cannot take a loaded bound in range())
             s = s0 + tl.arange(0, BLOCK_S)
-            inside = s < pos
+            inside = s < end
             keep = inside & (tl.load(mask_ptr + s, mask=inside, other=0) != 0)
             rows = s[:, None] * D + half[None, :]
-            k_a = tl.load(k_base + rows, mask=inside[:, None], other=0.0).to(tl.float32)
-            k_b = tl.load(k_base + rows + D // 2, mask=inside[:, None], other=0.0).to(tl.float32)
-            v_a = tl.load(v_base + rows, mask=inside[:, None], other=0.0).to(tl.float32)
-            v_b = tl.load(v_base + rows + D // 2, mask=inside[:, None], other=0.0).to(tl.float32)
+            k_a = tl.load(k_base + rows, mask=inside[:, None] & m2, other=0.0).to(tl.float32)
+            k_b = tl.load(k_base + rows + HALF, mask=inside[:, None] & m2, other=0.0).to(tl.float32)
+            v_a = tl.load(v_base + rows, mask=inside[:, None] & m2, other=0.0).to(tl.float32)
+            v_b = tl.load(v_base + rows + HALF, mask=inside[:, None] & m2, other=0.0).to(tl.float32)
             scores = tl.sum(k_a * qa[None, :], axis=1) + tl.sum(k_b * qb[None, :], axis=1)
             scores = tl.where(keep, scores * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: no inf - inf
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(scores - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc_a = acc_a * alpha + tl.sum(p[:, None] * v_a, axis=0)
             acc_b = acc_b * alpha + tl.sum(p[:, None] * v_b, axis=0)
             m_i = m_new
             s0 += BLOCK_S
-        tl.store(out_ptr + head * D + half, (acc_a / l_i).to(dt))
-        tl.store(out_ptr + head * D + D // 2 + half, (acc_b / l_i).to(dt))
+        mine = head * n_splits + split
+        tl.store(stat_ptr + mine * 2, m_i)
+        tl.store(stat_ptr + mine * 2 + 1, l_i)
+        tl.store(part_ptr + mine * D + half, acc_a, mask=hmask)
+        tl.store(part_ptr + mine * D + HALF + half, acc_b, mask=hmask)
+        tl.debug_barrier()  # every thread's part stored before the release below publishes it
+        if tl.atomic_add(count_ptr + head, 1, sem="acq_rel") == n_splits - 1:
+            sp = tl.arange(0, BLOCK_SPLITS)
+            smask = sp < n_splits
+            base = head * n_splits + sp
+            m = tl.load(stat_ptr + base * 2, mask=smask, other=float("-inf"), cache_modifier=".cg")
+            big = tl.max(m, axis=0)  # finite: split 0 holds the token's own score
+            w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
+            l_sum = tl.sum(w * tl.load(stat_ptr + base * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg"), axis=0)
+            pm = smask[:, None] & m2
+            pa = tl.load(part_ptr + base[:, None] * D + half[None, :], mask=pm, other=0.0, cache_modifier=".cg")
+            pb = tl.load(part_ptr + base[:, None] * D + HALF + half[None, :], mask=pm, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + head * D + half, (tl.sum(w[:, None] * pa, axis=0) / l_sum).to(dt), mask=hmask)
+            tl.store(out_ptr + head * D + HALF + half, (tl.sum(w[:, None] * pb, axis=0) / l_sum).to(dt), mask=hmask)
+            tl.atomic_xchg(count_ptr + head, 0)  # ready for the next launch (graph replays reuse the counters)
 
     @triton.jit
     def _gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, eps, K: tl.constexpr,
@@ -213,18 +245,56 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 
 
 def attention(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask, n_heads: int, n_kv: int,
-              eps: float, scale: float) -> torch.Tensor:
+              eps: float, scale: float, splits: int | None = None) -> torch.Tensor:
     """One token of batch row 0 from its QKV product qkv [(n_heads + 2 n_kv) * D]: per-head RMSNorm of q
     and k, RoPE, k and v written into row 0 of the caches [B, n_kv, S, D] at position pos[0], and
     softmax(q k^T * scale) v over positions 0..pos[0] where mask [S] is True (the token always sees
-    itself). Returns [n_heads * D]."""
-    d = q_norm.numel()
-    out = torch.empty(n_heads * d, dtype=qkv.dtype, device=qkv.device)
-    b = _blocks(ATTENTION_BLOCKS, BLOCK_S=k_cache.shape[2])
-    _attention_kernel[(n_heads,)](qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask.view(torch.uint8), out,
-                                  n_heads, n_kv, k_cache.stride(1), eps, scale, GROUP=n_heads // n_kv, D=d, **b,
-                                  **_launch(qkv.device))
+    itself), the cache split in `splits` ranges (None: enough to fill the GPU). Returns [n_heads * D]."""
+    d, seq, dev = q_norm.numel(), k_cache.shape[2], qkv.device
+    block_s, splits = _kv_splits(seq, n_heads, dev, splits)
+    chunk = triton.cdiv(triton.cdiv(seq, splits), block_s) * block_s
+    splits = triton.cdiv(seq, chunk)
+    out = torch.empty(n_heads * d, dtype=qkv.dtype, device=dev)
+    part = torch.empty(n_heads * splits * d, dtype=torch.float32, device=dev)
+    stats = torch.empty(n_heads * splits * 2, dtype=torch.float32, device=dev)
+    warps = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": ATTENTION_BLOCKS["num_warps"]}
+    _attention_kernel[(n_heads, splits)](qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask.view(torch.uint8),
+                                         out, part, stats, _counters(dev, "attention", n_heads), n_heads, n_kv,
+                                         k_cache.stride(1), chunk, splits, eps, scale, GROUP=n_heads // n_kv, D=d,
+                                         HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_S=block_s,
+                                         BLOCK_SPLITS=triton.next_power_of_2(splits), **warps, **_launch(dev))
     return out
+
+
+_sm_count: dict[torch.device, int] = {}
+
+
+def _kv_splits(seq: int, n_heads: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(positions per tile, ranges of the cache): about two programs per SM, each range at least a tile.
+    Under the interpreter, two ranges (what tests exercise) of one tile each."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        block = triton.next_power_of_2(triton.cdiv(seq, splits or 2))
+        return block, splits or triton.cdiv(seq, block)
+    block = min(ATTENTION_BLOCKS["BLOCK_S"], triton.next_power_of_2(seq))
+    if splits is None:
+        if device not in _sm_count:
+            _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(2 * _sm_count[device], n_heads)
+    return block, max(1, min(splits, triton.cdiv(seq, block)))
+
+
+_counter_buffers: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, kernel: str, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for `kernel`'s last-program-merges pattern, which leaves them zeroed: shared by
+    every call on the device (calls on one stream run one after another, and each kernel touches its
+    counters only after waiting for the kernel before it). Grown on first use, which is a warm-up before
+    any CUDA graph is captured."""
+    c = _counter_buffers.get((device, kernel))
+    if c is None or c.numel() < n:
+        c = _counter_buffers[(device, kernel)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return c
 
 
 def _gemv(x, w, norm=None, eps=0.0, delta=None):

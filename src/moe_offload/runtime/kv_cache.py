@@ -1,4 +1,4 @@
-"""The KV cache and what positions index: every layer's keys and values, the RoPE tables, the causal mask.
+"""The KV cache and what positions index: every layer's keys and values, the RoPE tables, the causal masks.
 
 Allocated once for the longest sequence asked for (gpt-fast's KVCache, with the tables beside it).
 `version` changes with each allocation: a CUDA graph holds the addresses of the buffers it was captured
@@ -36,7 +36,7 @@ class KVCache:
         freqs = torch.arange(seq_len, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1).to(self.device)
         self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # cast as transformers casts
-        self.causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=self.device).tril()
+        self.positions = torch.arange(seq_len, device=self.device)
         self.batch, self.max_seq_len = batch, seq_len
         self.version += 1
 
@@ -46,6 +46,11 @@ class KVCache:
         self.k[layer][:b, :, input_pos] = k
         self.v[layer][:b, :, input_pos] = v
         return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
+
+    def mask(self, input_pos: torch.Tensor, end: int | None = None) -> torch.Tensor:
+        """[T, end] (end None: the whole cache): which positions each of input_pos [T] sees. Made per call
+        (a stored [S, S] mask would be a GB at 32k)."""
+        return self.positions[:end] <= input_pos[:, None]
 
     def end_of(self, positions: list[int]) -> int:
         """The KV length a step at these positions sees; one line if they run past the cache."""

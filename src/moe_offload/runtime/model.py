@@ -64,8 +64,13 @@ class Attention(nn.Module):
         cos, sin = kv.cos[input_pos], kv.sin[input_pos]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         keys, values = kv.update(self.layer, input_pos, k, v, end)  # only the prefix any query can see
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.causal[input_pos, :end],
-                                           scale=c.head_dim ** -0.5, enable_gqa=c.num_heads != c.num_kv_heads)
+        if c.num_heads != c.num_kv_heads:
+            # KV heads repeated for GQA (transformers' repeat_kv): SDPA with a mask and enable_gqa would
+            # take its math path, which holds heads x T x end scores (8 GB for a 2k chunk at 32k)
+            keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
+            values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.mask(input_pos, end),
+                                           scale=c.head_dim ** -0.5)
         return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.wo)
 
 
@@ -78,10 +83,20 @@ class DenseMLP(nn.Module):
         return swiglu(x, self.gate, self.up, self.down)
 
 
+def grouped_mm_serves(w: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these slabs: on CUDA in 16-bit (Hopper's kernel), on the CPU in
+    any float dtype; rows a multiple of 16 bytes."""
+    if w.device != x.device or not all(n * w.element_size() % 16 == 0 for n in w.shape[1:]):
+        return False
+    return w.dtype in (torch.bfloat16, torch.float16) if w.is_cuda else True
+
+
 class MoE(nn.Module):
-    """Router exactly as transformers' TopKRouter; the tokens grouped by expert, each expert fetched from the
-    cache once and applied to its tokens as soon as it is fetched, in `step_accesses` order (a prompt may
-    route to more experts than the cache holds)."""
+    """Router exactly as transformers' TopKRouter. The (token, choice) pairs are grouped by expert on the
+    device; the routed experts are made resident a wave at a time (as many as the cache holds at once, in
+    `step_accesses` order: a prompt may route to more experts than that), and each wave runs as two
+    grouped GEMMs over the cache's slabs (each expert's weights read once), or one expert at a time where
+    the grouped GEMM does not serve."""
 
     def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
         super().__init__()
@@ -103,22 +118,47 @@ class MoE(nn.Module):
         host = torch.stack((top_i.to(torch.float32), top_w.to(torch.float32))).cpu()
         chosen = host[0].to(torch.long).tolist()
         self.record(self.layer, chosen, host[1].tolist())
-        k = self.cfg.experts_per_token
-        # (token, choice) pairs grouped by expert on the device; group sizes from the host's copy
-        order = top_i.view(-1).argsort(stable=True)
+        experts, k = step_accesses(chosen), self.cfg.experts_per_token
         counts = torch.bincount(host[0].view(-1).to(torch.long), minlength=self.cfg.num_experts).tolist()
-        starts = [0]
-        for n in counts:
-            starts.append(starts[-1] + n)
-        out = torch.zeros_like(flat)
-        for e in step_accesses(chosen):
-            gate, up, down = self.cache.get(self.layer, e)
-            if gate.device != flat.device:  # unified memory: the prompt copies what it uses
-                gate, up, down = (w.to(flat.device, non_blocking=True) for w in (gate, up, down))
-            pairs = order[starts[e]: starts[e + 1]]
-            tok = pairs // k
-            out.index_add_(0, tok, swiglu(flat[tok], gate, up, down) * top_w.view(-1)[pairs, None])
-        return out.view(b, t, h)
+        # each (token, choice) pair's weighted product, written once (no atomics: the same sums every run),
+        # then each token's k added up
+        products = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device)
+        w1, _, _ = self.cache.slabs(self.layer)
+        if self.cache.keeps_step_resident and grouped_mm_serves(w1, flat):
+            wave = w1.shape[0]
+            for i in range(0, len(experts), wave):
+                self._grouped(flat, top_i, top_w, experts[i: i + wave], sum(counts[e] for e in experts[i: i + wave]),
+                              products)
+        else:
+            order, start = top_i.view(-1).argsort(stable=True), 0  # pairs grouped by expert
+            for e in range(self.cfg.num_experts):
+                if counts[e]:
+                    self._one(flat, top_w, e, order[start: start + counts[e]], products)
+                start += counts[e]
+        return products.view(b, t, k, h).sum(2)
+
+    def _grouped(self, flat, top_i, top_w, wave: list[int], pairs: int, products) -> None:
+        """The experts of `wave` (resident together: LRU evicts none of them for another) on their pairs:
+        pairs sorted by slot, a grouped GEMM for gate and up and one for down over the slabs, each slot's
+        rows one group."""
+        self.cache.get_many(self.layer, wave)
+        w1, w2, table = self.cache.slabs(self.layer)
+        k, slots = self.cfg.experts_per_token, w1.shape[0]
+        ids = top_i.view(-1)
+        in_wave = (ids >= wave[0]) & (ids <= wave[-1])  # a wave is a run of ascending experts
+        key = torch.where(in_wave, table[ids], slots)  # pairs of other waves sort last, past every group
+        order = key.argsort(stable=True)[:pairs]
+        offs = torch.bincount(key, minlength=slots + 1)[:slots].cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(flat[order // k], w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+        products[order] = y * top_w.view(-1)[order, None]
+
+    def _one(self, flat, top_w, e: int, pairs, products) -> None:
+        """Expert e on its pairs (token * k + choice), fetched from the cache now."""
+        gate, up, down = self.cache.get(self.layer, e)
+        if gate.device != flat.device:  # unified memory: the prompt copies what it uses
+            gate, up, down = (w.to(flat.device, non_blocking=True) for w in (gate, up, down))
+        products[pairs] = swiglu(flat[pairs // self.cfg.experts_per_token], gate, up, down) * top_w.view(-1)[pairs, None]
 
 
 class Block(nn.Module):
@@ -169,15 +209,17 @@ class Transformer(nn.Module):
     def record(self, layer: int, chosen: list[list[int]], weights: list[list[float]]) -> None:
         self.trace.record(layer, chosen, weights, self._positions)
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None):
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None,
+                last_only: bool = False):
         """Every layer, each MoE layer showing its routing to the host and loading its experts before they
-        run. positions: input_pos as host ints, when the caller has them (saves a device round trip)."""
+        run. positions: input_pos as host ints, when the caller has them (saves a device round trip).
+        last_only: logits of the last position only (a prompt's: [B, 1, V])."""
         self._positions = input_pos.tolist() if positions is None else positions
         end = self.kv.end_of(self._positions)
         x = F.embedding(input_ids, self.embed)
         for block in self.layers:
             x = block(x, self.kv, input_pos, end)
-        return self.head(x)
+        return self.head(x[:, -1:] if last_only else x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)

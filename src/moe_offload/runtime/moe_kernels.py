@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import _blocks, _launch, _small, triton
+from .kernels import _blocks, _counters, _launch, _small, triton
 
 if triton is not None:
     import triton.language as tl
@@ -184,19 +184,6 @@ if triton is not None:
 GATE_UP_BLOCKS = dict(BLOCK_I=2, BLOCK_H=2048, num_warps=8)
 DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the intermediate size
 
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _row_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per row block of the down kernel, which leaves them zeroed: shared by
-    every call on the device (calls on one stream run one after another). Grown on first use, which is a
-    warm-up before any CUDA graph is captured."""
-    c = _counters.get(device)
-    if c is None or c.numel() < n:
-        c = _counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return c
-
-
 def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None,
           policy=None):
     """Router logits [E] of one token -> (top_i [k], top_w [k] in the logits' dtype, slots [k], src);
@@ -237,7 +224,7 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
     n_blocks = triton.cdiv(h, dn["BLOCK_H"])
     part = torch.empty(k, h, dtype=x.dtype, device=x.device)
     _moe_down_kernel[(n_blocks, k)](act, w2, slots, weights, x if resid is None else resid, out, host_buf, src, part,
-                                    _row_counters(x.device, n_blocks), w2.stride(0), K=k, H=h, I=i,
+                                    _counters(x.device, "moe_down", n_blocks), w2.stride(0), K=k, H=h, I=i,
                                     HAS_RESID=resid is not None, HOST=host is not None,
                                     BLOCK_I=triton.next_power_of_2(i), **dn, **_launch(x.device))
     return out

@@ -78,7 +78,7 @@ def test_moe_down_adds_the_experts_in_order_across_row_blocks(dtype, monkeypatch
     for _ in range(2):
         got = moe_kernels.moe(x, w1, w2, slots, weights, resid)
         assert (got.float() - want.float()).abs().max() <= TOL[dtype]
-        assert int(moe_kernels._counters[x.device].abs().sum()) == 0
+        assert int(kernels._counter_buffers[(x.device, "moe_down")].abs().sum()) == 0
 
 
 def test_linear_is_f_linear(dtype):
@@ -128,3 +128,4 @@ def test_attention_writes_the_kv_cache_and_attends_up_to_the_position(dtype, d, 
     want = torch.nn.functional.scaled_dot_product_attention(
         want_q.view(1, heads, 1, d), k_cache[:1], v_cache[:1], attn_mask=mask[None], scale=d ** -0.5, enable_gqa=True)
     assert (got.float() - want.reshape(-1).float()).abs().max() <= TOL[dtype]
+    assert int(kernels._counter_buffers[(got.device, "attention")].abs().sum()) == 0  # left zeroed for the next call

@@ -68,7 +68,7 @@ class _Tee:
         return False
 
 
-def progress_bar(smk, total: int, unit: str, desc: str) -> tqdm:
+def progress_bar(smk, total: int | None, unit: str, desc: str) -> tqdm:
     """A tqdm bar written into the rule's log, so long steps show progress in logs/."""
     stream = open(smk.log[0], "a") if smk.log else sys.stderr
     return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, file=stream, mininterval=2.0)
@@ -98,8 +98,7 @@ def download(smk) -> None:
     model_cfg = smk.params.model
     path = obtain(model_cfg, smk.params.synthetic_dir, smk.params.metadata_dir)
     log.info("checkpoint at %s", path)
-    files = [p for p in Path(path).iterdir() if p.is_file()]
-    with progress_bar(smk, len(files), "file", "hashing checkpoint") as bar:
+    with progress_bar(smk, None, "file", "hashing checkpoint") as bar:  # its total: set by build_manifest
         manifest = build_manifest(path, model_cfg, bar)
     write_json(smk.output[0], manifest)
 

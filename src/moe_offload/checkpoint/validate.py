@@ -37,7 +37,8 @@ def declared_tensors(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if 8 + n > size:
-                raise ValueError(f"header of {n} bytes does not fit the file")
+                raise InputError(f"{path}: not a safetensors file (its first 8 bytes are no header length "
+                                 f"that fits its {size} bytes)")
             header = json.loads(f.read(n))
         base = 8 + n
         tensors = {name: TensorInfo(name, path, e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
@@ -69,7 +70,7 @@ def _natural(value) -> bool:
 
 
 def _source(ckpt: Checkpoint, name: str, shards: dict) -> TensorInfo:
-    shard = ckpt.path / ckpt.weight_map[name]
+    shard = ckpt.shard_path(ckpt.weight_map[name])
     if shard not in shards:
         shards[shard] = declared_tensors(shard)[1]
     try:

@@ -159,3 +159,22 @@ def test_a_shard_that_is_not_safetensors_is_named_as_such(copy_ckpt, content):
     assert not any(len(word) > 12 and word.isdigit() for word in message.split())  # no absurd header length
     with pytest.raises(InputError, match=rf"^{shard}: not a safetensors file"):
         read_header(shard)
+
+
+# --- no absolute path in extracted files ------------------------------------------------------------
+
+def test_two_clones_extract_identical_bytes_with_no_path_in_them(omni_ckpt, tmp_path):
+    outputs = []
+    for clone in ("clone_a", "clone_b/deeper"):
+        ckpt = tmp_path / clone / "results/model/checkpoint"
+        shutil.copytree(omni_ckpt, ckpt)
+        out = tmp_path / clone / "results/experts"
+        extract_layer(ckpt, LAYER, out / f"layer_{LAYER}.safetensors")
+        extract_dense(ckpt, out / "dense.safetensors")
+        outputs.append(out)
+        assert validate_layer(ckpt, LAYER, out / f"layer_{LAYER}.safetensors")["layer"] == LAYER
+    for name in (f"layer_{LAYER}.safetensors", "dense.safetensors"):
+        a, b = (out / name for out in outputs)
+        assert a.read_bytes() == b.read_bytes(), name
+        header = json.dumps(read_header(a)[0])
+        assert str(tmp_path) not in header and "clone_a" not in header

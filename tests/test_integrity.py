@@ -16,8 +16,10 @@ from moe_offload.checkpoint.extract import extract_dense, extract_layer
 from moe_offload.checkpoint.manifest import manifest_checkpoint
 from moe_offload.checkpoint.shards import INDEX_NAME, Checkpoint, read_header
 from moe_offload.checkpoint.source import build_manifest
-from moe_offload.checkpoint.validate import validate_dense, validate_layer
+from moe_offload.checkpoint.validate import ExtractedFileError, validate_dense, validate_layer
 from moe_offload.errors import InputError
+
+from conftest import error_lines, snakemake, use_small_synthetic
 
 LAYER = 1
 
@@ -161,6 +163,13 @@ def test_a_shard_that_is_not_safetensors_is_named_as_such(copy_ckpt, content):
         read_header(shard)
 
 
+def test_an_extracted_file_that_is_not_safetensors_is_the_extracted_files_fault(omni_ckpt, tmp_path):
+    bad = tmp_path / "layer.safetensors"
+    bad.write_bytes((omni_ckpt / "config.json").read_bytes())
+    with pytest.raises(ExtractedFileError, match=rf"^{bad}: not a safetensors file"):
+        validate_layer(omni_ckpt, LAYER, bad)
+
+
 # --- no absolute path in extracted files ------------------------------------------------------------
 
 def test_two_clones_extract_identical_bytes_with_no_path_in_them(omni_ckpt, tmp_path):
@@ -178,3 +187,49 @@ def test_two_clones_extract_identical_bytes_with_no_path_in_them(omni_ckpt, tmp_
         assert a.read_bytes() == b.read_bytes(), name
         header = json.dumps(read_header(a)[0])
         assert str(tmp_path) not in header and "clone_a" not in header
+
+
+# --- a layer that fails validation is re-extracted by the next run ----------------------------------
+
+def test_which_side_a_validation_fault_is_on(omni_ckpt, copy_ckpt, tmp_path):
+    good = tmp_path / "layer.safetensors"
+    extract_layer(omni_ckpt, LAYER, good)
+    bad = tmp_path / "bad.safetensors"
+    data = bytearray(good.read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ExtractedFileError, match=f"layer {LAYER} expert .*extracted bytes differ"):
+        validate_layer(omni_ckpt, LAYER, bad)
+    # a fault of the source is not the extracted file's: re-extracting would not repair it
+    cfg = json.loads((copy_ckpt / "config.json").read_text())
+    cfg["thinker_config"]["text_config"]["moe_intermediate_size"] += 1
+    (copy_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="source .* has shape") as err:
+        validate_layer(copy_ckpt, LAYER, good)
+    assert not isinstance(err.value, ExtractedFileError)
+
+
+@pytest.mark.slow
+def test_a_corrupted_layer_is_removed_and_the_next_run_extracts_it_again(workdir):
+    use_small_synthetic(workdir, num_layers=2)
+    target = f"results/checksums/layer_{LAYER}.json"
+    first = snakemake(workdir, "--cores", "1", target)
+    assert first.returncode == 0, first.stderr[-3000:]
+    layer_file = workdir / f"results/experts/layer_{LAYER}.safetensors"
+    good = layer_file.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF  # a flipped bit inside an expert; the new mtime makes validation rerun
+    layer_file.write_bytes(bytes(data))
+    failed = snakemake(workdir, "--cores", "1", target)
+    assert failed.returncode != 0
+    lines = set(error_lines(failed))  # the job's line, also shown again from its log
+    assert len(lines) == 1, failed.stderr[-3000:]
+    line = lines.pop()
+    assert "extracted bytes differ from source" in line
+    assert line.endswith(f"removed results/experts/layer_{LAYER}.safetensors, the next run extracts it again")
+    assert not layer_file.exists() and not (workdir / target).exists()
+    again = snakemake(workdir, "--cores", "1", target)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rule extract_layer:" in again.stderr and "rule download:" not in again.stderr
+    assert layer_file.read_bytes() == good
+    assert json.loads((workdir / target).read_text())["layer"] == LAYER

@@ -121,11 +121,24 @@ def extract_dense(smk) -> None:
     log.info("dense: wrote %d bytes to %s", nbytes, smk.output[0])
 
 
+def _validated(validate, extracted: str, *args) -> dict:
+    """validate(*args, extracted); an extracted file found faulty is removed, so that the next run extracts it
+    again (Snakemake reruns a job whose output is missing): without it, every rerun would fail on the same
+    bad file, its mtime newer than the manifest, until someone deleted it by hand."""
+    from .checkpoint.validate import ExtractedFileError
+
+    try:
+        return validate(*args, extracted)
+    except ExtractedFileError as err:
+        Path(extracted).unlink(missing_ok=True)
+        raise InputError(f"{err}; removed {extracted}, the next run extracts it again") from None
+
+
 def validate_layer(smk) -> None:
     from .checkpoint.validate import validate_layer as validate
 
     layer = int(smk.wildcards.layer)
-    report = validate(_checkpoint(smk), layer, smk.input.experts)
+    report = _validated(validate, smk.input.experts, _checkpoint(smk), layer)
     log.info("layer %d: %d tensors match the source", layer, len(report["tensors"]))
     write_json(smk.output[0], report)
 
@@ -133,7 +146,7 @@ def validate_layer(smk) -> None:
 def validate_dense(smk) -> None:
     from .checkpoint.validate import validate_dense as validate
 
-    report = validate(_checkpoint(smk), smk.input.dense)
+    report = _validated(validate, smk.input.dense, _checkpoint(smk))
     log.info("dense: %d tensors match the source", len(report["tensors"]))
     write_json(smk.output[0], report)
 

@@ -1,0 +1,72 @@
+"""Issue 18, item 5: what a killed run leaves is cleaned up by the next one. The native reference's disk
+offload folders are named by host and pid, and the next native run removes those whose process is
+gone."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_offload.analysis.native_runs import offload_folder, remove_stale_offload, run_native_reference
+
+HOST = socket.gethostname()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _folder(root: Path, name: str, age_s: float = 0) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "weights.dat").write_bytes(b"\0" * 1024)  # as accelerate leaves them
+    if age_s:
+        past = time.time() - age_s
+        os.utime(folder, (past, past))
+    return folder
+
+
+@pytest.fixture
+def live_process():
+    """A process that started before any folder of the test: it may own one."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(1.5)  # create_time has a resolution of about 10 ms, the slack a second
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_only_stale_offload_folders_are_removed(tmp_path, live_process):
+    root = tmp_path / "results/generate"
+    dead = _folder(root, f".offload.{HOST}.{_dead_pid()}")
+    mine_before = _folder(root, f".offload.{HOST}.{os.getpid()}")  # a killed run of the same pid: not this one
+    live = _folder(root, f".offload.{HOST}.{live_process}")
+    # the pid of a live process that started after the folder last changed: the pid was reused
+    reused = _folder(root, f".offload.{HOST}.{os.getppid()}", age_s=10 * 365 * 86400)
+    other_host = _folder(root, f".offload.another-node.cluster.{_dead_pid()}")
+    legacy = _folder(root, ".offload.k2j9x_q1")  # tempfile's name, before folders were named by pid
+    removed = remove_stale_offload(root)
+    assert sorted(removed) == sorted([dead, mine_before, reused])
+    assert not dead.exists() and not mine_before.exists() and not reused.exists()
+    assert live.is_dir() and (live / "weights.dat").is_file()
+    assert other_host.is_dir() and legacy.is_dir()
+    assert offload_folder(root) == root / f".offload.{HOST}.{os.getpid()}"
+
+
+def test_the_native_reference_removes_a_killed_runs_folder_and_its_own(omni_ckpt, tmp_path, live_process):
+    root = tmp_path / "results/generate"
+    stale = _folder(root, f".offload.{HOST}.{_dead_pid()}")
+    live = _folder(root, f".offload.{HOST}.{live_process}")
+    result = run_native_reference(omni_ckpt, ["The capital of France is"], 2, "cpu", "float32", 1, None, root,
+                                  root / "native_reference.json", root / "native_logits.safetensors")
+    assert result["offload"]["offloaded_to_disk_bytes"] > 0  # a 1 MiB budget: the folder was really used
+    assert not stale.exists() and not offload_folder(root).exists()
+    assert sorted(root.glob(".offload.*")) == [live]

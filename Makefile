@@ -7,8 +7,17 @@ TARGET ?= results/compare.json
 
 .PHONY: run test lint dry-run clean docs
 
+# A .venv whose stamp is there but which no longer works (a moved project: the editable install and the
+# scripts' #! lines name the old path) is rebuilt from scratch, not trusted for its stamp.
+ifneq ($(wildcard $(STAMP)),)
+ifneq ($(shell $(BIN)/python -c 'import moe_offload' >/dev/null 2>&1 && $(BIN)/snakemake --version >/dev/null 2>&1 && echo ok),ok)
+.PHONY: $(STAMP)
+VENV_CLEAR := --clear
+endif
+endif
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_CLEAR) $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --editable ".[workflow,dev]"
 	touch $(STAMP)

@@ -1,10 +1,11 @@
 """Issue 18, item 5: what a killed run leaves is cleaned up by the next one. The native reference's disk
 offload folders are named by host and pid, and the next native run removes those whose process is
-gone."""
+gone; the Makefile rebuilds a .venv that no longer works (a moved project)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from moe_offload.analysis.native_runs import offload_folder, remove_stale_offload, run_native_reference
+
+from conftest import REPO
 
 HOST = socket.gethostname()
 
@@ -70,3 +73,48 @@ def test_the_native_reference_removes_a_killed_runs_folder_and_its_own(omni_ckpt
     assert result["offload"]["offloaded_to_disk_bytes"] > 0  # a 1 MiB budget: the folder was really used
     assert not stale.exists() and not offload_folder(root).exists()
     assert sorted(root.glob(".offload.*")) == [live]
+
+
+# --- the Makefile's .venv ---------------------------------------------------------------------------
+
+def _make(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-n", "-C", str(project), *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """The Makefile beside a fake .venv whose stamp is newer than pyproject.toml."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "Makefile", root)
+    shutil.copy(REPO / "pyproject.toml", root)
+    bin_dir = root / ".venv/bin"
+    bin_dir.mkdir(parents=True)
+    (root / ".venv/.installed").touch()
+    return root
+
+
+def _script(path: Path, body: str) -> None:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+def test_make_keeps_a_working_venv(project):
+    _script(project / ".venv/bin/python", "exit 0")
+    _script(project / ".venv/bin/snakemake", "exit 0")
+    plan = _make(project, "dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "-m venv" not in plan.stdout and "pip install" not in plan.stdout
+    assert ".venv/bin/snakemake -n results/compare.json" in plan.stdout
+
+
+@pytest.mark.parametrize("broken", ["python", "snakemake", "moved"])
+def test_make_rebuilds_a_venv_that_no_longer_works(project, broken):
+    _script(project / ".venv/bin/python", "exit 1" if broken == "python" else "exit 0")
+    _script(project / ".venv/bin/snakemake", "exit 1" if broken == "snakemake" else "exit 0")
+    if broken == "moved":  # a moved project: entry points name an interpreter that is not there any more
+        _script(project / ".venv/bin/snakemake", "exec /no/such/old/place/.venv/bin/python \"$@\"")
+    for target in ("dry-run", "test", "run"):
+        plan = _make(project, target)
+        assert plan.returncode == 0, plan.stderr
+        assert "-m venv --clear .venv" in plan.stdout and "pip install" in plan.stdout, (target, plan.stdout)

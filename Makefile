@@ -8,9 +8,11 @@ TARGET ?= results/compare.json
 .PHONY: run test lint dry-run clean docs
 
 # A .venv whose stamp is there but which no longer works (a moved project: the editable install and the
-# scripts' #! lines name the old path) is rebuilt from scratch, not trusted for its stamp.
+# scripts' #! lines name the old path; a copied one: it imports the original's code) is rebuilt from
+# scratch, not trusted for its stamp.
+VENV_WORKS = $(BIN)/python -c 'import os, sys, moe_offload as m; sys.exit(os.path.realpath(m.__file__) != os.path.realpath("src/moe_offload/__init__.py"))' >/dev/null 2>&1 && $(BIN)/snakemake --version >/dev/null 2>&1 && echo ok
 ifneq ($(wildcard $(STAMP)),)
-ifneq ($(shell $(BIN)/python -c 'import moe_offload' >/dev/null 2>&1 && $(BIN)/snakemake --version >/dev/null 2>&1 && echo ok),ok)
+ifneq ($(shell $(VENV_WORKS)),ok)
 .PHONY: $(STAMP)
 VENV_CLEAR := --clear
 endif

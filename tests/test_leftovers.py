@@ -83,11 +83,13 @@ def _make(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    """The Makefile beside a fake .venv whose stamp is newer than pyproject.toml."""
+    """The Makefile beside the package and a fake .venv whose stamp is newer than pyproject.toml."""
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO / "Makefile", root)
     shutil.copy(REPO / "pyproject.toml", root)
+    shutil.copytree(REPO / "src/moe_offload", root / "src/moe_offload",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     bin_dir = root / ".venv/bin"
     bin_dir.mkdir(parents=True)
     (root / ".venv/.installed").touch()
@@ -99,8 +101,13 @@ def _script(path: Path, body: str) -> None:
     path.chmod(0o755)
 
 
+def _python_importing(src: Path) -> str:
+    """A stand-in interpreter: the real one, importing moe_offload from src (as an editable install does)."""
+    return f'PYTHONPATH={src} exec {sys.executable} "$@"'
+
+
 def test_make_keeps_a_working_venv(project):
-    _script(project / ".venv/bin/python", "exit 0")
+    _script(project / ".venv/bin/python", _python_importing(project / "src"))
     _script(project / ".venv/bin/snakemake", "exit 0")
     plan = _make(project, "dry-run")
     assert plan.returncode == 0, plan.stderr
@@ -108,12 +115,14 @@ def test_make_keeps_a_working_venv(project):
     assert ".venv/bin/snakemake -n results/compare.json" in plan.stdout
 
 
-@pytest.mark.parametrize("broken", ["python", "snakemake", "moved"])
+@pytest.mark.parametrize("broken", ["python", "snakemake", "moved", "copied"])
 def test_make_rebuilds_a_venv_that_no_longer_works(project, broken):
-    _script(project / ".venv/bin/python", "exit 1" if broken == "python" else "exit 0")
+    _script(project / ".venv/bin/python", "exit 1" if broken == "python" else _python_importing(project / "src"))
     _script(project / ".venv/bin/snakemake", "exit 1" if broken == "snakemake" else "exit 0")
     if broken == "moved":  # a moved project: entry points name an interpreter that is not there any more
         _script(project / ".venv/bin/snakemake", "exec /no/such/old/place/.venv/bin/python \"$@\"")
+    if broken == "copied":  # a copied project's .venv still imports the original's code
+        _script(project / ".venv/bin/python", _python_importing(REPO / "src"))
     for target in ("dry-run", "test", "run"):
         plan = _make(project, target)
         assert plan.returncode == 0, plan.stderr

@@ -68,7 +68,7 @@ class _Tee:
         return False
 
 
-def progress_bar(smk, total: int, unit: str, desc: str) -> tqdm:
+def progress_bar(smk, total: int | None, unit: str, desc: str) -> tqdm:
     """A tqdm bar written into the rule's log, so long steps show progress in logs/."""
     stream = open(smk.log[0], "a") if smk.log else sys.stderr
     return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, file=stream, mininterval=2.0)
@@ -98,8 +98,7 @@ def download(smk) -> None:
     model_cfg = smk.params.model
     path = obtain(model_cfg, smk.params.synthetic_dir, smk.params.metadata_dir)
     log.info("checkpoint at %s", path)
-    files = [p for p in Path(path).iterdir() if p.is_file()]
-    with progress_bar(smk, len(files), "file", "hashing checkpoint") as bar:
+    with progress_bar(smk, None, "file", "hashing checkpoint") as bar:  # its total: set by build_manifest
         manifest = build_manifest(path, model_cfg, bar)
     write_json(smk.output[0], manifest)
 
@@ -122,11 +121,24 @@ def extract_dense(smk) -> None:
     log.info("dense: wrote %d bytes to %s", nbytes, smk.output[0])
 
 
+def _validated(validate, extracted: str, *args) -> dict:
+    """validate(*args, extracted); an extracted file found faulty is removed, so that the next run extracts it
+    again (Snakemake reruns a job whose output is missing): without it, every rerun would fail on the same
+    bad file, its mtime newer than the manifest, until someone deleted it by hand."""
+    from .checkpoint.validate import ExtractedFileError
+
+    try:
+        return validate(*args, extracted)
+    except ExtractedFileError as err:
+        Path(extracted).unlink(missing_ok=True)
+        raise InputError(f"{err}; removed {extracted}, the next run extracts it again") from None
+
+
 def validate_layer(smk) -> None:
     from .checkpoint.validate import validate_layer as validate
 
     layer = int(smk.wildcards.layer)
-    report = validate(_checkpoint(smk), layer, smk.input.experts)
+    report = _validated(validate, smk.input.experts, _checkpoint(smk), layer)
     log.info("layer %d: %d tensors match the source", layer, len(report["tensors"]))
     write_json(smk.output[0], report)
 
@@ -134,7 +146,7 @@ def validate_layer(smk) -> None:
 def validate_dense(smk) -> None:
     from .checkpoint.validate import validate_dense as validate
 
-    report = validate(_checkpoint(smk), smk.input.dense)
+    report = _validated(validate, smk.input.dense, _checkpoint(smk))
     log.info("dense: %d tensors match the source", len(report["tensors"]))
     write_json(smk.output[0], report)
 

@@ -12,9 +12,14 @@ bound, device, threads and the machine's load.
 
 from __future__ import annotations
 
-import tempfile
+import logging
+import os
+import shutil
+import socket
 import time
 from pathlib import Path
+
+import psutil
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +31,54 @@ from ..runtime.memory import MemoryMeter
 from ..runtime.native import (load_native, load_native_offloaded, native_generate, native_teacher_forced_logits,
                               offload_memory_map)
 from .run_info import check_finite, decode_rate, device_of, encode_prompt, environment, kv_bytes, speed_bound
+
+
+log = logging.getLogger(__name__)
+OFFLOAD_PREFIX = ".offload."
+
+
+def offload_folder(offload_dir) -> Path:
+    """This process's disk offload folder, named by host and pid so that a later run can tell whether the
+    process that made it still lives: .offload.<host>.<pid>."""
+    return Path(offload_dir) / f"{OFFLOAD_PREFIX}{socket.gethostname()}.{os.getpid()}"
+
+
+def remove_stale_offload(offload_dir) -> list[Path]:
+    """Remove the offload folders that a killed run left (gigabytes on a memory-limited run): those of this
+    host whose process is gone, or whose pid now belongs to a process younger than the folder. A folder
+    of another host is kept (its process cannot be checked from here), as is one without host and pid in
+    its name; both are logged. Returns the folders removed."""
+    removed = []
+    for folder in sorted(Path(offload_dir).glob(f"{OFFLOAD_PREFIX}*")):
+        host, _, pid = folder.name[len(OFFLOAD_PREFIX):].rpartition(".")
+        if not host or not pid.isdigit():
+            log.warning("left %s: its name does not say which process made it (remove it by hand if no "
+                        "native reference runs)", folder)
+            continue
+        if host != socket.gethostname():
+            log.warning("left %s: made on host %s, whose processes cannot be checked from here", folder, host)
+            continue
+        if _owner_alive(int(pid), folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s, left by a native reference run that no longer runs", folder)
+        removed.append(folder)
+    return removed
+
+
+def _owner_alive(pid: int, folder: Path) -> bool:
+    """Whether process pid may still be the one that made folder: it exists, is not this process (which
+    has not made its folder yet), and started before the folder last changed (else the pid was reused)."""
+    if pid == os.getpid():
+        return False
+    try:
+        started = psutil.Process(pid).create_time()
+        changed = folder.stat().st_mtime
+    except (psutil.NoSuchProcess, FileNotFoundError):
+        return False
+    except psutil.Error:  # exists, but cannot be inspected (another user's): assume it is the owner
+        return True
+    return started <= changed + 1  # create_time is rounded; a second of slack keeps a live owner
 
 
 def _generate_all(model, tok, prompts: list[str], max_new_tokens: int, progress, chat_template) -> list[dict]:
@@ -56,15 +109,18 @@ def run_native_reference(checkpoint_dir, prompts: list[str], max_new_tokens: int
                          max_memory_mb: int | None, cpu_memory_mb: int | None, offload_dir, out_json, out_logits,
                          progress=None, chat_template: bool | None = None, start_rss: int | None = None) -> dict:
     """Greedy tokens and teacher-forced logits within a memory budget (max_memory_mb on the device; on
-    CUDA cpu_memory_mb of host memory after it), the rest offloaded to a temporary folder under
-    offload_dir, removed afterwards."""
+    CUDA cpu_memory_mb of host memory after it), the rest offloaded to a folder under offload_dir
+    (offload_folder), removed afterwards, or by the next run where this one is killed."""
     device, torch_dtype = device_of(device), getattr(torch, dtype)
     _, cfg = detect_checkpoint(checkpoint_dir)
     tok = AutoTokenizer.from_pretrained(checkpoint_dir)
     max_memory = offload_memory_map(device, max_memory_mb, cpu_memory_mb)
     asked = {str(k): v for k, v in (max_memory or {}).items()}  # accelerate rewrites the dict it is given
     Path(offload_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".offload.", dir=offload_dir) as folder:
+    remove_stale_offload(offload_dir)
+    folder = offload_folder(offload_dir)
+    folder.mkdir()
+    try:
         meter = MemoryMeter(device, start_rss)
         start = time.perf_counter()
         model, placement = load_native_offloaded(checkpoint_dir, device, torch_dtype, max_memory, folder)
@@ -81,6 +137,8 @@ def run_native_reference(checkpoint_dir, prompts: list[str], max_new_tokens: int
         offloaded = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "meta")
         result = _result("native_reference", model, device, torch_dtype, cfg, runs, load_s, meter, max_new_tokens,
                          held, None)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     with atomic_path(out_logits) as tmp:
         save_file(logits, tmp)
     result["offload"] = {"max_memory": asked, "placement": placement,

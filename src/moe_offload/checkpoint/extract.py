@@ -15,9 +15,12 @@ import logging
 import os
 from pathlib import Path
 
+import xxhash
+
 from ..atomic import atomic_path
+from ..hashing import hash_file
 from ..disk import check_disk
-from .shards import Checkpoint, TensorInfo
+from .shards import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
 from ..errors import InputError
 from .layouts import PROJECTIONS, Layout, detect_checkpoint
 
@@ -75,7 +78,20 @@ def write_tensors(ckpt: Checkpoint, names: list[str], out_path: str | Path, meta
 
 
 def _metadata(ckpt: Checkpoint, layout: Layout, **extra) -> dict[str, str]:
-    return {"format": "pt", "source": str(ckpt.path.resolve()), "layout": layout.name, **{k: str(v) for k, v in extra.items()}}
+    return {"format": "pt", "source_index_xxh3_128": _source_id(ckpt), "layout": layout.name,
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def _source_id(ckpt: Checkpoint) -> str:
+    """The source named by content, not by place (no absolute path in a file's header), so that two clones,
+    or a moved checkpoint, extract byte-identical files: the xxh3-128 of its index, or, for a single-file
+    checkpoint, of that file's header (its own index)."""
+    index = ckpt.path / INDEX_NAME
+    if index.is_file():
+        return hash_file(index)
+    with open(ckpt.shard_path(SINGLE_NAME), "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return xxhash.xxh3_128(f.read(n)).hexdigest()
 
 
 def extract_layer(checkpoint_dir: str | Path, layer: int, out_path: str | Path, progress=None) -> int:

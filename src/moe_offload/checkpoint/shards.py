@@ -40,13 +40,18 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
-                raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+                raise InputError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
             (n,) = struct.unpack("<Q", raw_len)
-            if n > MAX_HEADER or 8 + n > size:
-                raise InputError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+            if n > MAX_HEADER:  # any other file's first 8 bytes read as an absurd length: do not echo it
+                raise InputError(f"{path}: not a safetensors file (its first 8 bytes are no header length)")
+            if 8 + n > size:
+                raise InputError(f"{path}: not a safetensors file, or truncated inside its header "
+                                 f"({n}-byte header, the file has {size} bytes)")
             raw = f.read(n)
     except FileNotFoundError:
         raise InputError(f"{path} does not exist") from None
+    except OSError as err:  # a directory, a dangling link, no permission
+        raise InputError(f"{path}: cannot be read as a safetensors file ({err.strerror})") from None
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
@@ -104,6 +109,27 @@ def inside_name(name) -> bool:
     return not pure.is_absolute() and ".." not in pure.parts and pure.parts[0:1] != ("~",)
 
 
+def link_roots(checkpoint_dir: str | Path) -> list[Path]:
+    """Where a shard of checkpoint_dir may resolve to: the checkpoint directory itself, and for a
+    Hugging Face hub snapshot (<cache>/models--org--name/snapshots/<revision>/, whose files are symlinks
+    into ../../blobs/) that repo's blobs/ folder."""
+    root = Path(checkpoint_dir).resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def check_link(checkpoint_dir: str | Path, path: Path) -> Path:
+    """path (a shard of checkpoint_dir), refused if it or a folder on its way is a symlink that leads out
+    of link_roots: its bytes would escape the checkpoint that the index and manifest describe."""
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in link_roots(checkpoint_dir)):
+        raise InputError(f"{path}: a symlink that leads out of the checkpoint directory; a shard may link only "
+                         "inside it, or into the hub cache's blobs/ folder of its repo")
+    return path
+
+
 def header_tensors(path: str | Path, parsed: tuple[dict, int] | None = None) -> dict[str, TensorInfo]:
     """Each tensor of a safetensors file at its absolute offset; `parsed`: read_header's result, if at hand."""
     header, start = parsed or read_header(path)
@@ -139,7 +165,8 @@ class Checkpoint:
                 if not inside_name(shard):  # never opened, never echoed
                     raise InputError(f"{index}: tensor {tensor[:200]} names a shard outside the checkpoint directory")
         elif (self.path / SINGLE_NAME).is_file():
-            self.weight_map = {name: SINGLE_NAME for name in read_header(self.path / SINGLE_NAME)[0] if name != "__metadata__"}
+            single = check_link(self.path, self.path / SINGLE_NAME)
+            self.weight_map = {name: SINGLE_NAME for name in read_header(single)[0] if name != "__metadata__"}
         else:
             raise InputError(f"{self.path} has no {INDEX_NAME} (nor a single {SINGLE_NAME})")
         self._headers: dict[str, dict[str, TensorInfo]] = {}
@@ -148,9 +175,13 @@ class Checkpoint:
     def shard_names(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
+    def shard_path(self, name: str) -> Path:
+        """A shard the index names, checked against the symlink rule (check_link)."""
+        return check_link(self.path, self.path / name)
+
     def shard(self, name: str) -> dict[str, TensorInfo]:
         if name not in self._headers:
-            path = self.path / name
+            path = self.shard_path(name)
             if not path.is_file():
                 raise InputError(f"shard {path} named by the index does not exist")
             self._headers[name] = header_tensors(path)

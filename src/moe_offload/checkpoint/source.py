@@ -112,21 +112,37 @@ def obtain(model_cfg: dict, synthetic_dir: str | Path, metadata_dir: str | Path 
     raise InputError(f"model.source {source!r} is not one of embedded, synthetic, local, hf")
 
 
+def manifest_files(checkpoint_dir: str | Path, ckpt: Checkpoint | None = None) -> list[str]:
+    """The files a manifest records, by their names in the checkpoint: every top-level file (config,
+    tokenizer, index) and every shard the index names that is present, in subfolders too. A hub download
+    fetches only the text model's shards, so absent ones are not an error here; one that is read later
+    and absent says so then."""
+    checkpoint_dir = Path(checkpoint_dir)
+    ckpt = ckpt or Checkpoint(checkpoint_dir)
+    top = {p.name for p in checkpoint_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
+    shards = {name for name in ckpt.shard_names if ckpt.shard_path(name).is_file()}
+    return sorted(top | shards)
+
+
 def build_manifest(checkpoint_dir: str | Path, source: dict, progress=None) -> dict:
-    """Check the checkpoint is whole (every shard's header fits its file) and record every file's hash."""
+    """Check the checkpoint is whole (every shard's header fits its file, no shard links out of it) and
+    record the hash of every file manifest_files names."""
     checkpoint_dir = Path(checkpoint_dir)
     layout, cfg = detect_checkpoint(checkpoint_dir)
     ckpt = Checkpoint(checkpoint_dir)
     if not cfg.expert_layers or not any(".mlp.experts." in n for n in ckpt.weight_map if layout.in_component(n)):
         raise InputError(f"{checkpoint_dir}: the checkpoint has no experts (layout {layout.name})")
     for shard in ckpt.shard_names:
-        if (checkpoint_dir / shard).exists():
-            read_header(checkpoint_dir / shard)  # raises on a truncated shard or a corrupt header
-    files = []
-    for path in sorted(p for p in checkpoint_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+        path = ckpt.shard_path(shard)  # raises on a symlink out of the checkpoint
+        if path.exists():
+            read_header(path)  # raises on a truncated shard, a corrupt header, or not a safetensors file
+    files, names = [], manifest_files(checkpoint_dir, ckpt)
+    if progress is not None:
+        progress.reset(total=len(names))
+    for name in names:
+        path = checkpoint_dir / name
         stat = path.stat()
-        files.append({"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                      "xxh3_128": hash_file(path)})
+        files.append({"name": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "xxh3_128": hash_file(path)})
         if progress is not None:
             progress.update(1)
     return {

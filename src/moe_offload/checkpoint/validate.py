@@ -28,6 +28,11 @@ DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2":
 WEIGHT_DTYPES = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
+class ExtractedFileError(InputError):
+    """A check failed on the extracted file's side (its header, tensors, shapes, dtypes or bytes), the
+    source having passed its manifest check: extracting it again repairs it."""
+
+
 def declared_tensors(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     """(metadata, tensors at absolute offsets) as a safetensors file's header declares them; refuses a
     header whose entries the loader would reject (non-integer or negative dims or offsets, a span that
@@ -37,7 +42,8 @@ def declared_tensors(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if 8 + n > size:
-                raise ValueError(f"header of {n} bytes does not fit the file")
+                raise InputError(f"{path}: not a safetensors file (its first 8 bytes are no header length "
+                                 f"that fits its {size} bytes)")
             header = json.loads(f.read(n))
         base = 8 + n
         tensors = {name: TensorInfo(name, path, e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
@@ -64,12 +70,22 @@ def declared_tensors(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     return header.get("__metadata__", {}), tensors
 
 
+def _extracted_tensors(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """declared_tensors of an extracted file, whose faults are its own."""
+    try:
+        return declared_tensors(path)
+    except ExtractedFileError:
+        raise
+    except InputError as err:
+        raise ExtractedFileError(str(err)) from None
+
+
 def _natural(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _source(ckpt: Checkpoint, name: str, shards: dict) -> TensorInfo:
-    shard = ckpt.path / ckpt.weight_map[name]
+    shard = ckpt.shard_path(ckpt.weight_map[name])
     if shard not in shards:
         shards[shard] = declared_tensors(shard)[1]
     try:
@@ -78,7 +94,7 @@ def _source(ckpt: Checkpoint, name: str, shards: dict) -> TensorInfo:
         raise InputError(f"tensor {name}: the index names {shard.name}, whose header lacks it") from None
 
 
-def hash_tensor(info: TensorInfo) -> str:
+def hash_tensor(info: TensorInfo, error=InputError) -> str:
     h = xxhash.xxh3_128()
     with open(info.file, "rb") as f:
         f.seek(info.offset)
@@ -86,7 +102,7 @@ def hash_tensor(info: TensorInfo) -> str:
         while left:
             chunk = f.read(min(CHUNK, left))
             if not chunk:
-                raise InputError(f"{info.file}: truncated inside {info.name}")
+                raise error(f"{info.file}: truncated inside {info.name}")
             h.update(chunk)
             left -= len(chunk)
     return h.hexdigest()
@@ -98,14 +114,15 @@ def _config_dtype(config: dict) -> str | None:
 
 
 def _check_tensors(ckpt: Checkpoint, extracted_path: Path, expected: list[str], label, shapes=None, dtype=None) -> dict:
-    """Compare every expected tensor of one extracted file with its source; label(name) names it in errors."""
-    extracted, shards = declared_tensors(extracted_path)[1], {}
+    """Compare every expected tensor of one extracted file with its source; label(name) names it in errors.
+    Faults of the extracted file raise ExtractedFileError, the source's InputError."""
+    extracted, shards = _extracted_tensors(extracted_path)[1], {}
     for name in expected:
         if name not in extracted:
-            raise InputError(f"{label(name)}: missing from {extracted_path}")
+            raise ExtractedFileError(f"{label(name)}: missing from {extracted_path}")
     extra = sorted(set(extracted) - set(expected))
     if extra:
-        raise InputError(f"{extracted_path}: holds {len(extra)} unexpected tensors, e.g. {extra[0]}")
+        raise ExtractedFileError(f"{extracted_path}: holds {len(extra)} unexpected tensors, e.g. {extra[0]}")
     report = {}
     for name in expected:
         if name not in ckpt.weight_map:
@@ -115,15 +132,21 @@ def _check_tensors(ckpt: Checkpoint, extracted_path: Path, expected: list[str], 
         if src.shape != want_shape:
             raise InputError(f"{label(name)}: source {src.file.name} has shape {list(src.shape)}, config.json says {list(want_shape)}")
         if ours.shape != want_shape:
-            raise InputError(f"{label(name)}: extracted shape {list(ours.shape)}, config.json says {list(want_shape)}")
-        if src.dtype not in WEIGHT_DTYPES or ours.dtype not in WEIGHT_DTYPES:
-            raise InputError(f"{label(name)}: dtype {ours.dtype} (source {src.dtype}), a weight must be floating point")
+            raise ExtractedFileError(f"{label(name)}: extracted shape {list(ours.shape)}, config.json says {list(want_shape)}")
+        if src.dtype not in WEIGHT_DTYPES:
+            raise InputError(f"{label(name)}: dtype {src.dtype} in source {src.file.name}, a weight must be floating point")
+        if ours.dtype not in WEIGHT_DTYPES:
+            raise ExtractedFileError(f"{label(name)}: dtype {ours.dtype} in {extracted_path}, a weight must be floating point")
         want_dtype = dtype or src.dtype
-        if src.dtype != want_dtype or ours.dtype != want_dtype:
-            raise InputError(f"{label(name)}: dtype {ours.dtype} (source {src.dtype}), config.json says {want_dtype}")
-        ours_hash, src_hash = hash_tensor(ours), hash_tensor(src)
+        if src.dtype != want_dtype:
+            raise InputError(f"{label(name)}: source dtype {src.dtype}, config.json says {want_dtype}")
+        if ours.dtype != want_dtype:
+            raise ExtractedFileError(f"{label(name)}: extracted dtype {ours.dtype}, config.json says {want_dtype}")
+        # the source passed its manifest check, so a difference is the extracted file's
+        ours_hash, src_hash = hash_tensor(ours, ExtractedFileError), hash_tensor(src)
         if ours_hash != src_hash:
-            raise InputError(f"{label(name)}: extracted bytes differ from source {src.file.name} (xxh3 {ours_hash} != {src_hash})")
+            raise ExtractedFileError(f"{label(name)}: extracted bytes differ from source {src.file.name} "
+                                     f"(xxh3 {ours_hash} != {src_hash})")
         report[name] = {"xxh3_128": ours_hash, "shape": list(ours.shape), "dtype": ours.dtype, "source": src.file.name}
     return report
 
@@ -133,9 +156,9 @@ def validate_layer(checkpoint_dir: str | Path, layer: int, extracted_path: str |
     layout, cfg = detect(config)
     cfg.check_layer(layer)
     ckpt, extracted_path = Checkpoint(checkpoint_dir), Path(extracted_path)
-    meta = declared_tensors(extracted_path)[0]
+    meta = _extracted_tensors(extracted_path)[0]
     if meta.get("layer") != str(layer):
-        raise InputError(f"{extracted_path}: header says layer {meta.get('layer')}, expected layer {layer}")
+        raise ExtractedFileError(f"{extracted_path}: header says layer {meta.get('layer')}, expected layer {layer}")
     expected = layout.expert_names(layer, cfg.num_experts)
     shapes = cfg.expert_shapes()
     prefix = layout.expert_prefix(layer)
@@ -147,11 +170,11 @@ def validate_layer(checkpoint_dir: str | Path, layer: int, extracted_path: str |
     tensors = _check_tensors(ckpt, extracted_path, expected, label,
                              shapes=lambda n: shapes[n.rsplit(".", 2)[-2]], dtype=_config_dtype(config))
     # The cache reads one expert as one byte range: its three tensors must be adjacent, in order.
-    infos = declared_tensors(extracted_path)[1]
+    infos = _extracted_tensors(extracted_path)[1]
     for e in range(cfg.num_experts):
         parts = [infos[layout.expert(layer, e, p)] for p in PROJECTIONS]
         if any(a.offset + a.nbytes != b.offset for a, b in zip(parts, parts[1:])):
-            raise InputError(f"layer {layer} expert {e}: its tensors are not one contiguous byte range in {extracted_path}")
+            raise ExtractedFileError(f"layer {layer} expert {e}: its tensors are not one contiguous byte range in {extracted_path}")
     return {"layer": layer, "file": str(extracted_path), "file_xxh3_128": hash_file(extracted_path),
             "num_experts": cfg.num_experts, "tensors": tensors}
 

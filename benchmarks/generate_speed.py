@@ -40,23 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa: E402
 from moe_offload.runtime.decode import default_path  # noqa: E402
 from moe_offload.runtime.fused_step import TRITON_OPS  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
-from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
-from moe_offload.checkpoint.synthetic import build_synthetic  # noqa: E402
-from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
+from common import DIMS, build_and_extract, emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
-DIMS = {
-    # config/config.yaml's synthetic model
-    "tiny": dict(num_experts=16, experts_per_token=4, hidden_size=64, moe_intermediate_size=32, num_heads=4,
-                 num_kv_heads=2, head_dim=16, vocab_size=512, max_shard_size="1MB", initializer_range=0.1),
-    # the Qwen3-Omni thinker's (hub vocab, 4-GB-ish shards so layers straddle them)
-    "real": dict(num_experts=128, experts_per_token=8, hidden_size=2048, moe_intermediate_size=768, num_heads=32,
-                 num_kv_heads=4, head_dim=128, vocab_size=152064, max_shard_size="4GB", initializer_range=0.02),
-}
 PROMPT = ("The capital of France is Paris. Once upon a time there was a small robot who wanted to learn how "
           "to paint the sea.")
 
@@ -542,24 +531,15 @@ def main():
         if a.embed_scale != 1:
             spec["embed_scale"] = a.embed_scale
         t0 = time.perf_counter()
-        ckpt = work / "ckpt"
-        if not (ckpt / "config.json").exists():
-            build_synthetic(ckpt, spec)
+        files, cfg = build_and_extract(spec, work)
+        ckpt = files["ckpt"]
         t1 = time.perf_counter()
-        layout, cfg = detect_checkpoint(ckpt)
-        files = {"ckpt": ckpt, "dense": work / "dense.safetensors", "dir": work}
-        if not files["dense"].exists():
-            extract_dense(ckpt, files["dense"])
-        for L in cfg.expert_layers:
-            if not (work / f"layer_{L}.safetensors").exists():
-                extract_layer(ckpt, L, work / f"layer_{L}.safetensors")
-        t2 = time.perf_counter()
         from transformers import AutoTokenizer
         ids = AutoTokenizer.from_pretrained(ckpt)(PROMPT).input_ids
-        result.update(spec={k: v for k, v in spec.items()}, build_seconds=t1 - t0, extract_seconds=t2 - t1,
+        result.update(spec={k: v for k, v in spec.items()}, build_and_extract_seconds=t1 - t0,
                       prompt_tokens=len(ids), expert_bytes_bf16=cfg.expert_bytes,
                       checkpoint_bytes=sum(f.stat().st_size for f in ckpt.glob("*.safetensors")))
-        print(f"# built in {t1 - t0:.1f}s, extracted in {t2 - t1:.1f}s, prompt {len(ids)} tokens", file=sys.stderr, flush=True)
+        print(f"# built and extracted in {t1 - t0:.1f}s, prompt {len(ids)} tokens", file=sys.stderr, flush=True)
 
         runs, extras = {}, {}
 

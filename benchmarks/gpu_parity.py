@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa: E402
+from moe_offload.runtime import generate as gen_module  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
 from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
 from moe_offload.runtime.native import load_native  # noqa: E402
@@ -31,8 +32,12 @@ from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script 
 BASE = dict(num_layers=6, num_experts=32, experts_per_token=4, hidden_size=128, moe_intermediate_size=64,
             num_heads=4, num_kv_heads=2, head_dim=32, seed=1, max_shard_size="1MB")
 LAYOUTS = {"qwen3_omni_thinker": dict(BASE, layout="qwen3_omni_thinker"),
-           "qwen3_moe": dict(BASE, layout="qwen3_moe", mlp_only_layers=[1])}
+           "qwen3_moe": dict(BASE, layout="qwen3_moe", mlp_only_layers=[1]),
+           # dimensions no kernel tile is a power of two of
+           "odd_dims": dict(BASE, layout="qwen3_moe", mlp_only_layers=[1], hidden_size=48, head_dim=12,
+                            num_experts=10, experts_per_token=3, moe_intermediate_size=24)}
 PROMPTS = ["The capital of France is", "Once upon a time there was a small robot", "def add(a, b):"]
+LONG_PROMPT = 2100  # random token ids: chunked prefill (chunks of 1024 here) and split-KV decode
 
 
 @torch.inference_mode()
@@ -52,8 +57,9 @@ def check_layout(name, spec, work, device, new_tokens):
             if not hasattr(m.config, "vision_start_token_id"):
                 m.config.vision_start_token_id = 151652
             cases = []
-            for text in PROMPTS:
-                ids = tok(text, return_tensors="pt").input_ids.to(device)
+            long = torch.randint(16, cfg.vocab_size - 16, (1, LONG_PROMPT), generator=torch.Generator().manual_seed(2))
+            for ids in [tok(text, return_tensors="pt").input_ids for text in PROMPTS] + [long]:
+                ids = ids.to(device)
                 full = m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
                 g = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -133,6 +139,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    gen_module.PREFILL_CHUNK = 1024  # several chunks in the long prompt
     torch.backends.cuda.matmul.allow_tf32 = False  # true float32 matmuls (also torch's default)
     torch.backends.cudnn.allow_tf32 = False
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": a.device,

@@ -380,3 +380,5 @@ def test_long_prompt_through_chunked_prefill_and_split_kv_decode(model, kernels,
     for ours, theirs in zip(gen.logits, want.logits):
         assert (ours[0] - theirs[0]).abs().max().item() <= TOL
     assert gen.prefill_stats["misses"] > cfg.num_experts  # waves: more experts routed than the cache holds
+    forced = teacher_forced_logits(rt, ids[0].tolist(), gen.tokens[0])  # chunked too, logits only at the end
+    assert (forced - torch.stack([l[0] for l in want.logits])).abs().max().item() <= TOL

@@ -171,17 +171,12 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
 
-    # Prefill: the prompt in chunks (activations bounded however long it is); its last position gives the
-    # first new token.
+    # Prefill: the prompt, whose last position gives the first new token.
     trace.prompt, trace.step = prompt, 0
     s0 = runtime.cache.stats()
     _sync(device)
     start = time.perf_counter()
-    for first in range(0, t, PREFILL_CHUNK):
-        chunk = range(first, min(t, first + PREFILL_CHUNK))
-        logits = model.forward(ids[:, chunk.start: chunk.stop], torch.arange(chunk.start, chunk.stop, device=device),
-                               list(chunk), last_only=True)
-    logits = logits[:, -1]
+    logits = prefill(model, ids, t - 1)[:, -1]
     tok = sample(logits, temperature, top_k, top_p, generator)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
@@ -227,8 +222,19 @@ def teacher_forced_logits(runtime: Runtime, prompt_ids, continuation_ids, prompt
     ids = _as_batch(prompt_ids + cont, runtime.device)
     runtime.model.setup_caches(1, ids.shape[1])
     runtime.model.trace.prompt, runtime.model.trace.step = prompt, 0
-    logits = runtime.model.forward(ids, torch.arange(ids.shape[1], device=runtime.device))[0]
-    return logits[len(prompt_ids) - 1: -1].float().cpu()
+    return prefill(runtime.model, ids, len(prompt_ids) - 1)[0, :-1].float().cpu()
+
+
+def prefill(model: Transformer, ids: torch.Tensor, want_from: int) -> torch.Tensor:
+    """ids [B, T] through the model in chunks (activations bounded however long the prompt is): logits
+    [B, T - want_from, V] of positions want_from.., the only ones computed."""
+    t, parts = ids.shape[1], []
+    for first in range(0, t, PREFILL_CHUNK):
+        end = min(t, first + PREFILL_CHUNK)
+        keep = max(0, end - max(first, want_from))
+        parts.append(model.forward(ids[:, first:end], torch.arange(first, end, device=ids.device),
+                                   list(range(first, end)), keep=keep))
+    return torch.cat(parts, dim=1)
 
 
 def fidelity(native_logits: torch.Tensor, our_logits: torch.Tensor, continuation_ids=None) -> dict:

@@ -210,16 +210,16 @@ class Transformer(nn.Module):
         self.trace.record(layer, chosen, weights, self._positions)
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None,
-                last_only: bool = False):
+                keep: int | None = None):
         """Every layer, each MoE layer showing its routing to the host and loading its experts before they
         run. positions: input_pos as host ints, when the caller has them (saves a device round trip).
-        last_only: logits of the last position only (a prompt's: [B, 1, V])."""
+        keep: logits of the last `keep` positions only ([B, keep, V]; a prompt needs its last one)."""
         self._positions = input_pos.tolist() if positions is None else positions
         end = self.kv.end_of(self._positions)
         x = F.embedding(input_ids, self.embed)
         for block in self.layers:
             x = block(x, self.kv, input_pos, end)
-        return self.head(x[:, -1:] if last_only else x)
+        return self.head(x if keep is None else x[:, x.shape[1] - keep:])
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)

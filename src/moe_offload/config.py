@@ -28,6 +28,23 @@ def canonical(value):
     return value
 
 
+def check_integers(value, schema: dict, path: tuple = ()) -> None:
+    """JSON Schema's `integer` accepts 32.0, and a float would then reach a job (a crash after hours of
+    work) or a file name (depth_8.0.json): every value the schema types as an integer must be one."""
+    kind = schema.get("type")
+    kinds = set(kind) if isinstance(kind, list) else {kind}
+    if "integer" in kinds and "number" not in kinds and isinstance(value, float):
+        key = ".".join(map(str, path)) or "(top level)"
+        raise InputError(f"invalid config value at {key}: {value!r} is not an integer")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in schema.get("properties", {}):
+                check_integers(item, schema["properties"][key], (*path, key))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            check_integers(item, schema["items"], (*path, index))
+
+
 def check_config(config: dict, text) -> None:
     """Cross-field checks, at parse time, against the checkpoint's dimensions (`text`: a TextConfig)."""
     spec = config["model"].get("synthetic", {})
@@ -49,6 +66,11 @@ def check_config(config: dict, text) -> None:
     if cache["capacity"] is not None and cache["capacity"] > pool:
         raise InputError(f"cache.capacity ({cache['capacity']}) is more than the {pool} experts a {cache['scope']} "
                          "cache can hold")
+    k = text.experts_per_token
+    # unified memory holds every expert, whatever the capacity says
+    if cache["capacity"] is not None and cache["capacity"] < k and not cache["unified_memory"]:
+        raise InputError(f"cache.capacity {cache['capacity']} is below the model's experts_per_token {k}: one token "
+                         f"needs {k} experts of a layer at once")
     for capacity in config["profile"]["capacities"] or []:
         if capacity > text.num_experts:
             raise InputError(f"profile.capacities holds {capacity}, more than the model's {text.num_experts} experts "

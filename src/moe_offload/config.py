@@ -82,18 +82,25 @@ def reference(schema: dict) -> str:
     lines = ["# Configuration reference", "",
              "Generated from `workflow/schemas/config.schema.yaml` by `python -m moe_offload.config`",
              "(`make docs`); do not edit by hand. Values go in `config/config.yaml`.", ""]
+    header = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+    top = {}
     for section, sub in schema["properties"].items():
-        lines += [f"## `{section}`", "", sub.get("description", ""), "",
-                  "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+        if sub.get("type") != "object":  # a key of its own, not a section: listed after the sections
+            top[section] = sub
+            continue
+        lines += [f"## `{section}`", "", sub.get("description", ""), ""] + header
         lines += _rows(section, sub)
         lines.append("")
+    if top:
+        lines += ["## Top-level keys", "", "Set by a cluster profile (profiles/slurm), not in config/config.yaml.", ""]
+        lines += header + _rows("", {"properties": top}) + [""]
     return "\n".join(lines)
 
 
 def _rows(prefix: str, node: dict) -> list[str]:
     rows = []
     for key, sub in node.get("properties", {}).items():
-        name = f"{prefix}.{key}"
+        name = f"{prefix}.{key}" if prefix else key
         if sub.get("type") == "object" and "properties" in sub:
             rows.append(f"| `{name}` | object | | | {sub.get('description', '')} |")
             rows += _rows(name, sub)

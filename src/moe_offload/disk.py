@@ -38,3 +38,10 @@ def check_disk(path: str | Path, need_bytes: int, what: str) -> None:
         raise InputError(f"not enough disk for {what} under {path}: needs {format_bytes(need_bytes)}, "
                          f"{format_bytes(free)} free")
 
+
+def disk_full_line(path: str | Path, written: int = 0) -> str:
+    """The disk filled while writing `path`: how much it had written and how much is free now (the bytes
+    it needs are more than those written; a writer that streams cannot say how many more)."""
+    free = free_bytes(Path(path).parent)
+    done = f"more than the {format_bytes(written)} written" if written else "more than is free"
+    return f"disk full writing {path}: it needs {done}, {format_bytes(free)} free under {existing_parent(Path(path).parent)}"

@@ -232,10 +232,11 @@ def test_set_resources_beyond_the_client_machine_reach_sbatch_unchanged(workdir)
     as given, and Slurm, which knows its nodes, is the one to refuse it."""
     assert subprocess.run([*CLIENT, "--unlock"], cwd=workdir, capture_output=True).returncode == 0
     mem_mb = 4 * HOST_MEM_MB
-    proc = subprocess.run([*CLIENT, "--verbose", "--forcerun", "generate_native_reference",
-                           "--set-resources", f"generate_native_reference:mem_mb={mem_mb}",
-                           "results/generate/native_reference.json"], cwd=workdir, capture_output=True, text=True,
-                          timeout=600)
+    # the target first: --forcerun and --set-resources take every argument up to the next option
+    proc = subprocess.run([*CLIENT, "--verbose", "results/generate/native_reference.json", "--forcerun",
+                           "generate_native_reference", "--set-resources",
+                           f"generate_native_reference:mem_mb={mem_mb}"], cwd=workdir, capture_output=True,
+                          text=True, timeout=600)
     out = proc.stdout + proc.stderr
     call = re.search(r"sbatch call: .*--comment rule_generate_native_reference .*", out)
     assert call, out[-3000:]

@@ -138,15 +138,15 @@ def test_depth_out_of_range_is_one_line(workdir):
     assert not (workdir / "results/generate/depth_99.json").exists()
 
 
-@pytest.mark.slow
-def test_capacity_below_top_k_is_one_line(workdir):
+def test_capacity_below_top_k_is_one_line_before_any_job(workdir):
+    """Checked when planning, from the model's config: not in the job, after extraction and native."""
     use_small_synthetic(workdir)
     set_config(workdir, cache={"capacity": 2})
     proc = snakemake(workdir, "--cores", "2", "results/generate/depth_1.json")
     assert proc.returncode != 0
-    lines = error_lines(proc)
-    assert len(lines) == 1 and "capacity 2" in lines[0] and "experts_per_token 4" in lines[0], lines
-    assert not (workdir / "results/generate/depth_1.json").exists()
+    assert error_lines(proc) == ["error: cache.capacity 2 is below the model's experts_per_token 4: one token "
+                                 "needs 4 experts of a layer at once"]
+    assert not (workdir / "results").exists()
 
 
 @pytest.mark.slow

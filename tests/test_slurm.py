@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from moe_offload import cluster
+from moe_offload import cluster, resources as res
 
-from conftest import REPO, SMALL, WORKFLOW_FILES, set_config
+from conftest import REPO, SMALL, WORKFLOW_FILES, error_lines, set_config
 
 NODE_CPUS = os.cpu_count()
 # the plugin's first status check after 2 s instead of 40 (the cluster's MinJobAge keeps squeue usable)
@@ -54,9 +55,14 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # exited but not reaped: gone
 
 
-def slurm_workdir(path: Path) -> Path:
+# .ci/slurm/setup.sh gives its node 80% of this machine's memory (RealMemory)
+NODE_MEM_MB = int(psutil.virtual_memory().total / 2**20 * 0.8)
+HOST_MEM_MB = psutil.virtual_memory().total // 2**20
+
+
+def slurm_workdir(path: Path, node_mem_mb: int = NODE_MEM_MB) -> Path:
     """A copy of the workflow on a 2-layer synthetic model, with the profile edited as the README says:
-    account and partition set, cores = the node's CPUs."""
+    account and partition set, cores = the node's CPUs, node_mem_mb = the node's memory."""
     path.mkdir()
     for name in WORKFLOW_FILES:
         src = REPO / name
@@ -67,7 +73,7 @@ def slurm_workdir(path: Path) -> Path:
     text = profile.read_text()
     for old, new in [("  # slurm_account: my_account", "  slurm_account: moe"),
                      ("  # slurm_partition: my_partition", "  slurm_partition: debug"),
-                     ("cores: 32", f"cores: {NODE_CPUS}")]:
+                     ("cores: 32", f"cores: {NODE_CPUS}"), ("  node_mem_mb: 256000", f"  node_mem_mb: {node_mem_mb}")]:
         assert old in text, f"profiles/slurm/config.yaml no longer has {old!r}: update the README and this test"
         text = text.replace(old, new)
     profile.write_text(text)
@@ -218,6 +224,78 @@ def test_workflow_runs_to_compare_through_sbatch(workdir):
             assert end <= start, f"two {comment} jobs ran at once: {spans}"
     # the tests before this one: a cancelled job and an orphaned-then-cancelled one, besides this run's
     assert sum(len(spans) for spans in by_comment.values()) >= len(this_run) + 2
+
+
+@pytest.mark.slow
+def test_set_resources_beyond_the_client_machine_reach_sbatch_unchanged(workdir):
+    """The client's machine caps nothing: a --mem larger than the host (and the node) reaches sbatch
+    as given, and Slurm, which knows its nodes, is the one to refuse it."""
+    assert subprocess.run([*CLIENT, "--unlock"], cwd=workdir, capture_output=True).returncode == 0
+    mem_mb = 4 * HOST_MEM_MB
+    # the target first: --forcerun and --set-resources take every argument up to the next option
+    proc = subprocess.run([*CLIENT, "--verbose", "results/generate/native_reference.json", "--forcerun",
+                           "generate_native_reference", "--set-resources",
+                           f"generate_native_reference:mem_mb={mem_mb}"], cwd=workdir, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    call = re.search(r"sbatch call: .*--comment rule_generate_native_reference .*", out)
+    assert call, out[-3000:]
+    assert re.search(rf"--mem {mem_mb}\b", call.group(0)), call.group(0)
+    assert proc.returncode != 0  # more than the node has: sbatch refuses it
+
+
+def real_size_plan(tmp_path: Path, node_mem_mb: int, *args: str, env: dict | None = None):
+    """A dry run through profiles/slurm of the real Qwen3-Omni thinker (48 layers x 128 experts at real
+    dims, a skeleton checkpoint: tensor headers, no data), native timing on, in float32 on the CPU."""
+    from test_real_scale import build_skeleton
+
+    skeleton = tmp_path / "Qwen3-Omni-30B-A3B-Instruct"
+    if not skeleton.exists():
+        build_skeleton(skeleton)
+    wd = tmp_path / f"wf-{node_mem_mb}"
+    if not wd.exists():
+        slurm_workdir(wd, node_mem_mb)
+    set_config(wd, model={"source": "local", "path": str(skeleton)},
+               generate={"depths": [8, 48], "device": "cpu", "dtype": "float32", "max_new_tokens": 32},
+               native={"timing": True})
+    return subprocess.run([*CLIENT, "-n", *args, "results/compare.json"], cwd=wd, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_a_real_size_model_plans_through_the_profile_on_a_small_machine(tmp_path):
+    """No cluster needed: a dry run. The jobs are sized by the nodes the profile states, never by this
+    machine (whose memory is below the float32 model's 114 GiB here), and nvidia-smi is never asked."""
+    from moe_offload.checkpoint.layouts import detect_checkpoint
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "nvidia-smi-was-asked"
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\ntouch {asked}\necho '0, 1024'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+    plan = real_size_plan(tmp_path, 256000, env=env)
+    assert plan.returncode == 0, (plan.stdout + plan.stderr)[-3000:]
+    _, cfg = detect_checkpoint(tmp_path / "Qwen3-Omni-30B-A3B-Instruct")
+    seq = len(b"The capital of France is") + 32  # slurm_workdir's one prompt
+    whole = res.to_mb(res.native_bytes(cfg, "float32", seq)["total_bytes"], 1024)
+    timing = plan.stdout.split("rule generate_native_timing:", 1)[1].split("\n\n", 1)[0]
+    assert f"mem_mb={whole}," in timing, timing  # the rule's figure, not capped at this machine
+    reference = plan.stdout.split("rule generate_native_reference:", 1)[1].split("\n\n", 1)[0]
+    budget = res.native_bytes(cfg, "float32", seq, int(0.9 * 256000) * 2**20)["total_bytes"]
+    assert f"mem_mb={res.to_mb(budget, 1024)}," in reference, reference  # 0.9 of a node, not of this machine
+    stats = plan.stdout.split("Job stats:")[1]
+    assert re.search(r"extract_layer\s+48\b", stats) and re.search(r"generate_native_timing\s+1\b", stats)
+    assert "Provided resources" not in plan.stdout + plan.stderr
+    assert not asked.exists()
+
+    # a node too small for the whole model: one line, nothing after it
+    small = real_size_plan(tmp_path, 64000, env=env)
+    assert small.returncode != 0
+    assert error_lines(small) == [res.fits_line("generate_native_timing", whole, 64000, "set native.timing: false "
+                                                "(the reference run offloads and still completes)", "memory",
+                                                "a node")]
+    assert (small.stdout + small.stderr).rstrip().endswith(error_lines(small)[0])
 
 
 @pytest.mark.slow

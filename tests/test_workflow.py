@@ -101,11 +101,36 @@ def test_invalid_config_value_is_one_line(workdir):
                                   "['embedded', 'synthetic', 'local', 'hf']"]
 
 
+@pytest.mark.parametrize("sections, line", [
+    ({"generate": {"max_new_tokens": 32.0}}, "error: invalid config value at generate.max_new_tokens: 32.0 is not an integer"),
+    ({"cache": {"capacity": 8.0}}, "error: invalid config value at cache.capacity: 8.0 is not an integer"),
+    ({"generate": {"depths": [8.0]}}, "error: invalid config value at generate.depths.0: 8.0 is not an integer"),
+    ({"cache": {"capacity": 1}}, "error: cache.capacity 1 is below the model's experts_per_token 4: one token needs "
+                                 "4 experts of a layer at once"),
+    ({"model": {"source": "hf", "revision": "../../../tmp/x"}},
+     "error: model.revision '../../../tmp/x' is not a branch, tag or commit name (no '..', no part that starts "
+     "with '.', no spaces or ~^:?*[\\)"),
+])
+def test_config_that_would_slip_through_is_one_line_at_plan_time(workdir, sections, line):
+    """Each stops the plan before any job (the native reference, extraction) runs or any path is made."""
+    set_config(workdir, **sections)
+    proc = snakemake(workdir, "-n", "results/compare.json")
+    assert proc.returncode != 0
+    assert error_lines(proc) == [line], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Exception" not in proc.stderr
+    assert not (workdir / "results").exists()
+
+
 def test_missing_local_path_is_one_line(workdir):
     set_config(workdir, model={"source": "local", "path": "/no/such/checkpoint"})
     proc = snakemake(workdir, "-n")
     assert proc.returncode != 0
     assert error_lines(proc) == ["error: checkpoint directory /no/such/checkpoint does not exist"]
+    (workdir / "model.safetensors").write_bytes(b"not a directory")
+    set_config(workdir, model={"source": "local", "path": "model.safetensors"})
+    proc = snakemake(workdir, "-n")
+    assert proc.returncode != 0
+    assert error_lines(proc) == ["error: checkpoint directory model.safetensors is a file, not a directory"]
 
 
 @pytest.mark.slow

@@ -6,10 +6,14 @@ a crash can leave only a hidden temporary file, which the job's next run removes
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+
+from .disk import disk_full_line
+from .errors import InputError
 
 
 @contextmanager
@@ -22,6 +26,12 @@ def atomic_path(final: str | Path):
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as err:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:  # one line naming the output, not a traceback from deep in a writer
+            raise InputError(disk_full_line(final, written)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

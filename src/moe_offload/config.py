@@ -28,6 +28,23 @@ def canonical(value):
     return value
 
 
+def check_integers(value, schema: dict, path: tuple = ()) -> None:
+    """JSON Schema's `integer` accepts 32.0, and a float would then reach a job (a crash after hours of
+    work) or a file name (depth_8.0.json): every value the schema types as an integer must be one."""
+    kind = schema.get("type")
+    kinds = set(kind) if isinstance(kind, list) else {kind}
+    if "integer" in kinds and "number" not in kinds and isinstance(value, float):
+        key = ".".join(map(str, path)) or "(top level)"
+        raise InputError(f"invalid config value at {key}: {value!r} is not an integer")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in schema.get("properties", {}):
+                check_integers(item, schema["properties"][key], (*path, key))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            check_integers(item, schema["items"], (*path, index))
+
+
 def check_config(config: dict, text) -> None:
     """Cross-field checks, at parse time, against the checkpoint's dimensions (`text`: a TextConfig)."""
     spec = config["model"].get("synthetic", {})
@@ -49,6 +66,11 @@ def check_config(config: dict, text) -> None:
     if cache["capacity"] is not None and cache["capacity"] > pool:
         raise InputError(f"cache.capacity ({cache['capacity']}) is more than the {pool} experts a {cache['scope']} "
                          "cache can hold")
+    k = text.experts_per_token
+    # unified memory holds every expert, whatever the capacity says
+    if cache["capacity"] is not None and cache["capacity"] < k and not cache["unified_memory"]:
+        raise InputError(f"cache.capacity {cache['capacity']} is below the model's experts_per_token {k}: one token "
+                         f"needs {k} experts of a layer at once")
     for capacity in config["profile"]["capacities"] or []:
         if capacity > text.num_experts:
             raise InputError(f"profile.capacities holds {capacity}, more than the model's {text.num_experts} experts "
@@ -60,18 +82,25 @@ def reference(schema: dict) -> str:
     lines = ["# Configuration reference", "",
              "Generated from `workflow/schemas/config.schema.yaml` by `python -m moe_offload.config`",
              "(`make docs`); do not edit by hand. Values go in `config/config.yaml`.", ""]
+    header = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+    top = {}
     for section, sub in schema["properties"].items():
-        lines += [f"## `{section}`", "", sub.get("description", ""), "",
-                  "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+        if sub.get("type") != "object":  # a key of its own, not a section: listed after the sections
+            top[section] = sub
+            continue
+        lines += [f"## `{section}`", "", sub.get("description", ""), ""] + header
         lines += _rows(section, sub)
         lines.append("")
+    if top:
+        lines += ["## Top-level keys", "", "Set by a cluster profile (profiles/slurm), not in config/config.yaml.", ""]
+        lines += header + _rows("", {"properties": top}) + [""]
     return "\n".join(lines)
 
 
 def _rows(prefix: str, node: dict) -> list[str]:
     rows = []
     for key, sub in node.get("properties", {}).items():
-        name = f"{prefix}.{key}"
+        name = f"{prefix}.{key}" if prefix else key
         if sub.get("type") == "object" and "properties" in sub:
             rows.append(f"| `{name}` | object | | | {sub.get('description', '')} |")
             rows += _rows(name, sub)

@@ -4,6 +4,7 @@ and a non-zero exit."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -14,6 +15,7 @@ import psutil
 from tqdm import tqdm
 
 from .atomic import atomic_path, write_json
+from .disk import disk_full_line
 from .errors import InputError
 from .checkpoint.layouts import TextConfig
 
@@ -32,6 +34,7 @@ def run_step(smk, step) -> None:
     handler = logging.FileHandler(log_path, mode="a") if log_path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.raiseExceptions = False  # a log line lost to a full disk prints no traceback of its own
     stderr = sys.stderr
     if log_path:  # the job's stderr (library warnings, our error line) goes into its log as well
         sys.stderr = _Tee(stderr, open(log_path, "a"))
@@ -40,29 +43,50 @@ def run_step(smk, step) -> None:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except Exception as err:
-        log.error("unexpected failure:\n%s", traceback.format_exc())
-        print(f"error: unexpected {type(err).__name__}: {err} (traceback in {log_path})", file=sys.stderr)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise_unexpected(err, log_path)
+        # outside an atomic output (a library's own file): one line all the same, the traceback in the log
+        log.error("disk full:\n%s", traceback.format_exc())
+        print(f"error: {disk_full_line(err.filename or '.')}", file=sys.stderr)
         sys.exit(1)
+    except Exception as err:
+        raise_unexpected(err, log_path)
     finally:
         if sys.stderr is not stderr:
             sys.stderr.streams[1].close()
             sys.stderr = stderr
 
 
+def raise_unexpected(err: Exception, log_path) -> None:
+    log.error("unexpected failure:\n%s", traceback.format_exc())
+    print(f"error: unexpected {type(err).__name__}: {err} (traceback in {log_path})", file=sys.stderr)
+    sys.exit(1)
+
+
 class _Tee:
     def __init__(self, *streams):
         self.streams = streams
 
+    # The log's copy is best effort: on a full disk it cannot be written, and the terminal's one line
+    # must still come out alone.
     def write(self, text):
         for stream in self.streams:
-            stream.write(text)
-            stream.flush()
+            try:
+                stream.write(text)
+                stream.flush()
+            except OSError:
+                if stream is self.streams[0]:
+                    raise
         return len(text)
 
     def flush(self):
         for stream in self.streams:
-            stream.flush()
+            try:
+                stream.flush()
+            except OSError:
+                if stream is self.streams[0]:
+                    raise
 
     def isatty(self):
         return False

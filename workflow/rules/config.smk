@@ -1,19 +1,30 @@
 import sys
 
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from moe_offload.code_version import code_version
-from moe_offload.config import canonical
-from moe_offload.errors import config_error_line
+from moe_offload.config import canonical, check_integers
+from moe_offload.errors import InputError, config_error_line
 from moe_offload.checkpoint.hub import hub_metadata_dir, missing_metadata
 
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as err:
     sys.exit(config_error_line(err))
-
-HUB_METADATA_DIR = hub_metadata_dir(config["model"])
+try:
+    check_integers(
+        config,
+        yaml.safe_load(
+            open(workflow.source_path("../schemas/config.schema.yaml")).read()
+        ),
+    )
+    HUB_METADATA_DIR = (
+        hub_metadata_dir(config["model"]) if config["model"]["source"] == "hf" else None
+    )
+except InputError as err:
+    sys.exit(f"error: {err}")
 # For a hub source whose config and index are not stored yet: the line saying to fetch them first (the
 # plan is made from them, and planning itself never reaches the hub).
 HUB_MISSING = missing_metadata(config["model"])

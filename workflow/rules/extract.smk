@@ -10,7 +10,7 @@ rule extract_layer:
     conda:
         "../envs/moe-offload.yaml"
     resources:
-        mem_mb=lambda wc: extract_needs(EXTRACT_MEM_MB),
+        mem_mb=needs("extract_layer", "mem_mb"),
     params:
         code=code_version("extract_layer"),
     script:
@@ -27,7 +27,7 @@ rule extract_dense:
     conda:
         "../envs/moe-offload.yaml"
     resources:
-        mem_mb=lambda wc: extract_needs(BASE_MB),
+        mem_mb=needs("extract_dense", "mem_mb"),
     params:
         code=code_version("extract_dense"),
     script:

@@ -10,8 +10,8 @@ rule generate_native_reference:
         "../envs/moe-offload.yaml"
     threads: TIMED_THREADS
     resources:
-        mem_mb=lambda wc: native_reference_needs()["mem_mb"],
-        gpu_mem_mb=lambda wc: native_reference_needs().get("gpu_mem_mb", 0),
+        mem_mb=needs("generate_native_reference", "mem_mb"),
+        gpu_mem_mb=needs("generate_native_reference", "gpu_mem_mb"),
         gpu=gpu_count(),
     params:
         prompts=config["generate"]["prompts"],
@@ -35,8 +35,8 @@ rule generate_native_timing:
         "../envs/moe-offload.yaml"
     threads: TIMED_THREADS
     resources:
-        mem_mb=lambda wc: native_timing_needs()["mem_mb"],
-        gpu_mem_mb=lambda wc: native_timing_needs().get("gpu_mem_mb", 0),
+        mem_mb=needs("generate_native_timing", "mem_mb"),
+        gpu_mem_mb=needs("generate_native_timing", "gpu_mem_mb"),
         gpu=gpu_count(),
     params:
         prompts=config["generate"]["prompts"],
@@ -67,8 +67,8 @@ rule generate_depth:
         "../envs/moe-offload.yaml"
     threads: TIMED_THREADS
     resources:
-        mem_mb=lambda wc: depth_needs(int(wc.depth))["mem_mb"],
-        gpu_mem_mb=lambda wc: depth_needs(int(wc.depth)).get("gpu_mem_mb", 0),
+        mem_mb=needs("generate_depth", "mem_mb"),
+        gpu_mem_mb=needs("generate_depth", "gpu_mem_mb"),
         gpu=gpu_count(),
     params:
         run=generate_params(),

@@ -4,6 +4,7 @@ planning works on a machine without internet (a cluster's compute node) once the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import InputError
@@ -12,8 +13,33 @@ from .shards import INDEX_NAME
 HUB_METADATA = ("config.json", INDEX_NAME)
 
 
+# The hub's own rule for a repo id's two parts (huggingface_hub's validate_repo_id): so none is "." or
+# "..", and the folder names built from them stay inside their parent.
+REPO_PART = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
+# Characters git never allows in a branch or tag name (git check-ref-format), "\" included.
+REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+
+
+def check_hub_names(model_cfg: dict) -> None:
+    """repo_id and revision name folders (here and in the hub cache): refuse any that could climb out of
+    them, such as a revision of ../../../tmp/x, in one line naming the key."""
+    repo = model_cfg["repo_id"]
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(REPO_PART.fullmatch(part) for part in parts):
+        raise InputError(f"model.repo_id {repo!r} is not a hub repository id (owner/name: letters, digits, '_', "
+                         "'-', '.'; no '--' or '..'; neither part starts or ends with '-' or '.')")
+    revision = model_cfg.get("revision") or "main"
+    parts = revision.split("/")
+    if (REF_FORBIDDEN.search(revision) or revision.startswith("/") or revision.endswith(("/", "."))
+            or any(not part or part.startswith(".") or part.endswith(".lock") for part in parts)):
+        raise InputError(f"model.revision {revision!r} is not a branch, tag or commit name (no '..', no part "
+                         "that starts with '.', no spaces or ~^:?*[\\)")
+
+
 def hub_metadata_dir(model_cfg: dict, root: str | Path = "results/model/hub") -> Path:
-    """Where a hub repo's config and index are kept, one folder per repo and revision."""
+    """Where a hub repo's config and index are kept, one folder per repo and revision (a revision with a
+    '/', such as refs/pr/1, in subfolders of it)."""
+    check_hub_names(model_cfg)
     return Path(root) / f"{model_cfg['repo_id'].replace('/', '--')}@{model_cfg.get('revision') or 'main'}"
 
 

@@ -216,6 +216,8 @@ def detect(config: dict) -> tuple[Layout, TextConfig]:
 
 def read_config(checkpoint_dir: str | Path) -> dict:
     path = Path(checkpoint_dir) / "config.json"
+    if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise InputError(f"checkpoint directory {checkpoint_dir} is a file, not a directory")
     if not Path(checkpoint_dir).is_dir():
         raise InputError(f"checkpoint directory {checkpoint_dir} does not exist")
     if not path.is_file():

@@ -151,6 +151,8 @@ class Checkpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"checkpoint directory {self.path} is a file, not a directory")
         if not self.path.is_dir():
             raise InputError(f"checkpoint directory {self.path} does not exist")
         index = self.path / INDEX_NAME

@@ -1,0 +1,77 @@
+"""Config checks that JSON Schema cannot make, as plain functions: integers that are integers, the cache
+against the model's top-k, hub names that stay in their folder, a checkpoint path that is a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_offload.checkpoint.hub import check_hub_names, hub_metadata_dir
+from moe_offload.checkpoint.layouts import read_config, text_config_from_dict
+from moe_offload.checkpoint.synthetic import text_config
+from moe_offload.config import SCHEMA, check_config, check_integers
+from moe_offload.errors import InputError
+
+from conftest import small_spec
+
+SCHEMA_DICT = yaml.safe_load(SCHEMA.read_text())
+
+
+@pytest.mark.parametrize("config, key, value", [
+    ({"generate": {"max_new_tokens": 32.0}}, "generate.max_new_tokens", "32.0"),
+    ({"cache": {"capacity": 8.0}}, "cache.capacity", "8.0"),
+    ({"generate": {"depths": [1, 8.0]}}, "generate.depths.1", "8.0"),
+    ({"model": {"synthetic": {"num_layers": 2.5}}}, "model.synthetic.num_layers", "2.5"),
+])
+def test_a_float_where_an_integer_goes_is_refused(config, key, value):
+    with pytest.raises(InputError) as err:
+        check_integers(config, SCHEMA_DICT)
+    assert str(err.value) == f"invalid config value at {key}: {value} is not an integer"
+
+
+def test_integers_and_numbers_pass():
+    check_integers({"generate": {"max_new_tokens": 32, "depths": [1, 8]}, "cache": {"capacity": None},
+                    "resources": {"extract_mem_factor": 2.5}, "profile": {"hit_rate_target": 0.9}}, SCHEMA_DICT)
+    check_integers(yaml.safe_load((SCHEMA.parents[2] / "config/config.yaml").read_text()), SCHEMA_DICT)
+
+
+def _config(capacity, scope="per_layer", unified=False):
+    return {"model": {"source": "local"}, "profile": {"capacities": None},
+            "cache": {"capacity": capacity, "scope": scope, "unified_memory": unified}}
+
+
+def test_capacity_below_top_k_is_refused_from_the_models_config():
+    text = text_config_from_dict(text_config(small_spec(experts_per_token=4)))
+    for scope in ("per_layer", "global"):
+        with pytest.raises(InputError, match=r"^cache.capacity 3 is below the model's experts_per_token 4: "):
+            check_config(_config(3, scope), text)
+    check_config(_config(4), text)
+    check_config(_config(None), text)
+    check_config(_config(1, unified=True), text)  # unified memory holds every expert: capacity is moot
+
+
+@pytest.mark.parametrize("repo_id, revision, key", [
+    ("Qwen/X", "../../../tmp/x", "revision"), ("Qwen/X", "a/../../b", "revision"), ("Qwen/X", "/abs", "revision"),
+    ("Qwen/X", ".git", "revision"), ("Qwen/X", "a\\b", "revision"), ("Qwen/X", "a b", "revision"),
+    ("../x", "main", "repo_id"), ("a/..", "main", "repo_id"), ("a/b/c", "main", "repo_id"), ("a/b--c", "main", "repo_id"),
+])
+def test_hub_names_cannot_climb_out_of_their_folder(repo_id, revision, key):
+    with pytest.raises(InputError, match=f"^model.{key} "):
+        hub_metadata_dir({"repo_id": repo_id, "revision": revision})
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "refs/pr/1", "0123456789abcdef0123456789abcdef01234567"])
+def test_real_revisions_stay_under_the_metadata_root(revision):
+    check_hub_names({"repo_id": "Qwen/Qwen3-Omni-30B-A3B-Instruct", "revision": revision})
+    root = Path("results/model/hub").resolve()
+    assert root in hub_metadata_dir({"repo_id": "Qwen/Qwen3-Omni-30B-A3B-Instruct", "revision": revision}).resolve().parents
+
+
+def test_a_checkpoint_path_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"is a file, not a directory$"):
+        read_config(tmp_path / "model.safetensors")
+    with pytest.raises(InputError, match=r"does not exist$"):
+        read_config(tmp_path / "absent")

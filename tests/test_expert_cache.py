@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from moe_offload.runtime.cache_policy import Scoped
 from moe_offload.checkpoint.shards import Checkpoint, read_bytes
 from moe_offload.errors import InputError
-from moe_offload.runtime.expert_cache import ExpertCache
+from moe_offload.runtime.expert_cache import CacheOptions, ExpertCache
 from moe_offload.checkpoint.extract import extract_layer
 from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
 from moe_offload.checkpoint.synthetic import build_synthetic
@@ -33,9 +33,10 @@ def setup(tmp_path_factory):
     return ckpt, layout, cfg, files
 
 
-def make(setup, capacity=4, **kw):
+def make(setup, capacity=4, dtype=torch.float32, experts_per_token=None, **options):
     _, layout, _, files = setup
-    return ExpertCache(files, layout, capacity, **kw)
+    return ExpertCache(files, layout, CacheOptions(capacity=capacity, **options), dtype=dtype,
+                       experts_per_token=experts_per_token)
 
 
 def test_get_returns_the_checkpoint_tensors(setup):
@@ -125,7 +126,7 @@ def test_capacity_below_top_k_is_rejected(setup):
 def test_missing_layer_file_is_rejected(setup, tmp_path):
     _, layout, _, files = setup
     with pytest.raises(InputError, match=r"layer 7 .*nope\.safetensors"):
-        ExpertCache({**files, 7: tmp_path / "nope.safetensors"}, layout, 4)
+        ExpertCache({**files, 7: tmp_path / "nope.safetensors"}, layout, CacheOptions(capacity=4))
     with pytest.raises(InputError, match="no expert file was given for layer 9"):
         make(setup).get(9, 0)
     with pytest.raises(InputError, match="asked for 8"):
@@ -147,7 +148,7 @@ def test_experts_must_be_contiguous(setup, tmp_path):
     path = tmp_path / "layer_0.safetensors"
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
     with pytest.raises(InputError, match="expert 0's tensors are not one contiguous byte range"):
-        ExpertCache({0: path}, layout, 4)
+        ExpertCache({0: path}, layout, CacheOptions(capacity=4))
 
 
 def test_get_many_equals_one_get_per_expert(setup):
@@ -175,7 +176,7 @@ def test_slabs_hold_capacity_times_one_expert(setup, scope, capacity, slots):
     _, _, cfg, files = setup
     cache = make(setup, capacity=capacity, scope=scope)
     assert len(files) * cfg.num_experts == 24
-    assert cache.slots == slots
+    assert cache.slot_count == slots
     assert cache.slab_bytes == slots * cfg.expert_params * 4  # float32
 
 
@@ -192,3 +193,17 @@ def test_host_tier_auto_is_on_when_the_experts_fit_in_ram(setup, monkeypatch):
     assert host_tier_on("auto", files)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: fake(2 * need - 2))
     assert not host_tier_on("auto", files)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(capacity=0), "cache capacity must be a whole number of experts, at least 1, got 0"),
+    (dict(capacity=8.0), "got 8.0"),
+    (dict(capacity=True), "got True"),
+    (dict(scope="layer"), "unknown cache scope 'layer'"),
+    (dict(policy="fifo"), "unknown cache policy 'fifo'"),
+    (dict(host_tier="yes"), "host_tier must be true or false"),
+    (dict(in_place_misses=1), "in_place_misses must be true, false or null")])
+def test_options_are_validated_once(settings, message):
+    """Every cache setting is checked where the options are made, with one line naming it."""
+    with pytest.raises(InputError, match=message):
+        CacheOptions(**settings)

@@ -153,7 +153,7 @@ def test_unified_memory_matches_transformers(model, path):
     not; transformers' tokens and logits."""
     cfg, case = model["cfg"], model["cases"][0]
     rt = model["runtime"](capacity=6, unified=True, use_kernels=False)
-    assert rt.cache.slots == len(cfg.expert_layers) * cfg.num_experts
+    assert rt.cache.slot_count == len(cfg.expert_layers) * cfg.num_experts
     gen = generate(rt, case["ids"], NEW_TOKENS, return_logits=True, path=path)
     assert gen.tokens[0] == case["tokens"]
     for ours, theirs in zip(gen.logits, case["step_logits"]):

@@ -94,7 +94,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
         experts = 0
     # on the CPU the host tier is in the memory measured (RSS); on a GPU it is host RAM, beside it
     host = rt.cache.host_tier_bytes if device.type == "cpu" else 0
-    bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slots,
+    bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slot_count,
              "kv_cache_bytes": kv, "host_tier_bytes": host, "total_bytes": rt.dense_bytes + experts + kv + host}
     result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **environment(device, torch_dtype),
               "load_s": load_s, "tok_s": decode_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device),

@@ -40,7 +40,7 @@ class LRU:
 
     def restore(self, keys) -> None:
         """Make `keys` (least recently used first) the residents: the state another copy of this policy
-        reached (the decode step's copy on the GPU, see runtime.device_policy)."""
+        reached (the decode step's copy on the GPU, see runtime.residency)."""
         self._order = OrderedDict((key, None) for key in keys)
 
 

@@ -21,6 +21,7 @@ from ..errors import InputError
 
 
 READ_THREADS = min(8, os.cpu_count() or 1)
+ALIGN = 16  # elements: the kernels promise the compiler that host-tier offsets are multiples of this
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,13 @@ class ExpertSpan:
     nbytes: int
     parts: tuple[tuple[int, int, tuple[int, ...]], ...]  # per projection: (start, end) in elements, shape
     dtype: torch.dtype  # the file's storage dtype (converted to the compute dtype on the device)
+
+    @property
+    def in_slot_order(self) -> bool:
+        """gate, up and down stored back to back in that order, as a slot holds them (gate then up rows,
+        then down): the bytes go into a slot as they are, and the kernels can read them in place."""
+        (g0, g1, _), (u0, u1, _), (d0, _, _) = self.parts
+        return g0 == 0 and u0 == g1 and d0 == u1
 
 
 # The float storage dtypes a layer file may hold (safetensors' names); checkpoints are usually bf16, fine-tunes
@@ -115,6 +123,20 @@ class ExpertFiles:
     def host_start(self, layer: int) -> int | None:
         """The file offset of byte 0 of `layer`'s host-tier buffer (None without a host tier)."""
         return self._host[layer][1] if layer in self._host else None
+
+    def host_offsets(self, layer: int) -> list[int] | None:
+        """Each expert's element offset in `layer`'s host-tier buffer, or None when the kernels cannot read
+        the experts there in place: no host tier, parts out of slot order, or an offset (of gate or of
+        down) that is not a multiple of ALIGN elements."""
+        if layer not in self._host:
+            return None
+        out, start = [], self._host[layer][1]
+        for span in self.spans[layer]:
+            offset, rest = divmod(span.offset - start, span.dtype.itemsize)
+            if not span.in_slot_order or rest or offset % ALIGN or span.parts[2][0] % ALIGN:
+                return None
+            out.append(offset)
+        return out
 
     def host_elements(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         """`layer`'s host-tier buffer as elements of its storage dtype (the kernels read experts there)."""

@@ -9,7 +9,7 @@ moe_kernels.py) or, where those cannot run, the same operations in PyTorch (torc
 The step never loads an expert: it reads the slots it is given, or the slot tables as they are. Which
 experts are resident is the decode strategy's business (decode.py); with in-place misses, the cache's
 LRU on the device gives an absent expert a slot inside `route` and the expert op reads it from the host
-tier (device_policy.py).
+tier (residency.py).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class FusedStep:
         the host tier."""
         layer = self.model.layers[i].moe.layer
         _, _, table = self.cache.slabs(layer)
-        policy = self.cache.device_policy.args(layer) if in_place else None
+        policy = self.cache.device_lru.args(layer) if in_place else None
         return self.ops.route(logits, table, self.cfg.experts_per_token, self.cfg.norm_topk_prob, record, policy)
 
     def experts(self, i: int, h, resid, top_i, top_w, slots=None, src=None):
@@ -68,7 +68,7 @@ class FusedStep:
         if block.moe is None:
             return resid + block.mlp(h)
         w1, w2, table = self.cache.slabs(block.moe.layer)
-        host = (self.cache.device_policy.host[block.moe.layer], src) if src is not None else None
+        host = (self.cache.device_lru.host[block.moe.layer], src) if src is not None else None
         return self.ops.moe(h, w1, w2, table[top_i] if slots is None else slots, top_w, resid, host)
 
     def layer(self, i: int, x, pos, mask, record=None):
@@ -102,5 +102,5 @@ class FusedStep:
                 record, j = routing[j], j + 1
             x = self.layer(i, x, pos, mask, record)
         if self.in_place:
-            self.cache.device_policy.tick()
+            self.cache.device_lru.tick()
         return self.head(x).view(1, 1, -1), inputs, routing

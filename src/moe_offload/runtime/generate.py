@@ -17,7 +17,7 @@ from ..checkpoint.layouts import Layout, TextConfig, detect_checkpoint
 from ..errors import InputError
 from . import kernels
 from .decode import check_path, default_path, make_decoder
-from .expert_cache import ExpertCache
+from .expert_cache import CacheOptions, ExpertCache
 from .fused_step import TORCH_OPS, TRITON_OPS, FusedStep
 from .model import Transformer, load_dense
 from .trace import TRACE_COLUMNS
@@ -85,9 +85,9 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
     missing = [L for L in needed if L not in layer_files]
     if missing:
         raise InputError(f"no expert file given for layer(s) {missing}")
-    cache = ExpertCache({L: layer_files[L] for L in needed}, layout, cfg.num_experts if capacity is None else capacity, scope, policy,
-                        device, dtype, pin_memory, experts_per_token=cfg.experts_per_token, side_stream=side_stream,
-                        host_tier=host_tier, unified=unified, prefetch=prefetch, in_place_misses=in_place_misses)
+    options = CacheOptions(capacity=capacity, scope=scope, policy=policy, pin_memory=pin_memory, side_stream=side_stream,
+                           host_tier=host_tier, unified=unified, prefetch=prefetch, in_place_misses=in_place_misses)
+    cache = ExpertCache({L: layer_files[L] for L in needed}, layout, options, device, dtype, cfg.experts_per_token)
     dense = load_dense(dense_path, layout, depth, device, dtype)
     model = Transformer(cfg, layout, dense, cache, depth)
     use_kernels = _use_kernels(use_kernels, device)
@@ -95,7 +95,7 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
         raise InputError("unified memory needs the fused kernels (Triton) to read experts in place: "
                          "set cache.fused_kernels to null or true")
     # one-token steps read misses from the host tier in place, the cache's policy on the device
-    step = FusedStep(model, TRITON_OPS if use_kernels else TORCH_OPS, in_place=use_kernels and cache.device_policy is not None)
+    step = FusedStep(model, TRITON_OPS if use_kernels else TORCH_OPS, in_place=use_kernels and cache.device_lru is not None)
     return Runtime(model, cache, layout, cfg, device, dtype, sum(t.numel() * t.element_size() for t in dense.values()),
                    step)
 

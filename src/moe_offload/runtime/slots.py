@@ -1,0 +1,98 @@
+"""Slabs of expert slots and the tables that say which slot holds which expert.
+
+A pool (one per layer, or one for all layers) is two preallocated slabs: w1 [S, 2I, H] (each slot's gate
+rows, then its up rows) and w2 [S, H, I] (its down), so the memory held is the capacity times one expert
+from the start, and the kernels read a slot in place. Each layer's table [E] gives each expert's slot
+(-1: absent); the host keeps its own copy and pushes a changed table to the device in one copy (a
+scalar write into a device tensor would be a pageable copy and a host sync per miss). Which expert
+goes where is residency.py's decision; this module only holds the bytes and the tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Slots:
+    """shapes: layer -> (experts, (I, H) of gate, (H, I) of down). unified: the slabs in pinned host RAM,
+    which the GPU reads in place (unified-memory machines)."""
+
+    def __init__(self, shapes: dict[int, tuple[int, tuple, tuple]], capacity: int, scope: str, device: torch.device,
+                 dtype: torch.dtype, unified: bool = False):
+        self.device, self.dtype, self.scope = device, dtype, scope
+        self.pools: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tables: dict[int, torch.Tensor] = {}  # layer -> [E] on the device
+        self.host_tables: dict[int, torch.Tensor] = {}  # ... as the host writes them (on the CPU: the same)
+        self._changed: set[int] = set()
+        where = dict(device="cpu", pin_memory=device.type == "cuda") if unified else dict(device=device)
+        total = sum(n for n, _, _ in shapes.values())
+        for layer, (n, (i, h), down) in shapes.items():
+            pool = self.pool_id(layer)
+            if pool not in self.pools:  # every slab now: the memory held is the bound, from the start
+                size = min(capacity, total if pool is None else n)
+                self.pools[pool] = (torch.empty(size, 2 * i, h, dtype=dtype, **where),
+                                    torch.empty(size, *down, dtype=dtype, **where))
+            self.host_tables[layer] = torch.full((n,), -1, dtype=torch.long)
+            self.tables[layer] = self.host_tables[layer].to(device)
+
+    def pool_id(self, layer: int) -> int | None:
+        return layer if self.scope == "per_layer" else None
+
+    def size(self, layer: int) -> int:
+        """Slots of `layer`'s pool."""
+        return self.pools[self.pool_id(layer)][0].shape[0]
+
+    @property
+    def count(self) -> int:
+        """Slots over all pools."""
+        return sum(w1.shape[0] for w1, _ in self.pools.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w1.nbytes + w2.nbytes for w1, w2 in self.pools.values())
+
+    def slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1 [S, 2I, H], w2 [S, H, I], table [E]): w1[table[e]] is expert e's gate and up."""
+        w1, w2 = self.pools[self.pool_id(layer)]
+        return w1, w2, self.tables[layer]
+
+    def views(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slot's (gate [I, H], up [I, H], down [H, I])."""
+        w1, w2 = self.pools[self.pool_id(layer)]
+        i = w1.shape[1] // 2
+        return w1[slot, :i], w1[slot, i:], w2[slot]
+
+    def set(self, layer: int, expert: int, slot: int) -> None:
+        """Expert's slot in the host's table (-1: absent); on the device at the next `push`."""
+        self.host_tables[layer][expert] = slot
+        self._changed.add(layer)
+
+    def push(self) -> None:
+        """The changed layers' tables to the device, each in one copy queued on the current stream (from a
+        pinned snapshot, which the caching host allocator keeps until the copy is done)."""
+        for layer in self._changed:
+            if self.tables[layer] is not self.host_tables[layer]:
+                self.tables[layer].copy_(self.host_tables[layer].pin_memory(), non_blocking=True)
+        self._changed.clear()
+
+    def pull(self, layer: int) -> None:
+        """The host's copy of `layer`'s table from the device's (after the device's LRU wrote it)."""
+        if self.tables[layer] is not self.host_tables[layer]:
+            self.host_tables[layer].copy_(self.tables[layer])
+
+    def write(self, layer: int, slot: int, raw: torch.Tensor, parts, storage: torch.dtype, in_slot_order: bool) -> None:
+        """An expert's stored bytes `raw` (parts: each projection's (start, end, shape) in elements of the
+        storage dtype) into `slot`, cast to the compute dtype, on the current stream."""
+        w1, w2 = self.pools[self.pool_id(layer)]
+        non_blocking = raw.is_pinned()
+        if w1.is_cuda and storage == self.dtype and in_slot_order:
+            # stored as computed and in slot order: two DMAs straight into the slot, no copies on the device
+            n1 = w1[slot].numel() * storage.itemsize
+            for dst, src in ((w1[slot], raw[:n1]), (w2[slot], raw[n1:])):
+                dst.view(-1).view(torch.uint8).copy_(src, non_blocking=non_blocking)
+            return
+        if w1.is_cuda:  # the stored bytes to the device (bf16: half those of f32), cast there
+            raw = raw.to(self.device, non_blocking=non_blocking)
+        flat = raw.view(storage)
+        for target, (a, b, shape) in zip(self.views(layer, slot), parts):
+            target.copy_(flat[a:b].view(shape))

@@ -231,7 +231,7 @@ def run_ours(a, files, cfg, ids, capacity, label, pin=False, trace=True, keep_lo
     bound_resident = rt.dense_bytes + resident * expert_bytes + kv
     out = {
         "label": label, "capacity_per_layer": cap_per_layer, "pin_memory": pin, "record_trace": trace,
-        "decode_path": path or default_path(rt.step, 1, greedy=True),
+        "decode_path": path or default_path(rt.step, 1),
         "host_tier_bytes": rt.cache.host_tier_bytes, "unified_memory": unified, "prefetch": prefetch,
         "in_place_misses": rt.step.in_place,
         "fused_kernels": rt.step.ops is TRITON_OPS, "bytes_per_token": bytes_per_token(rt),
@@ -282,10 +282,9 @@ def profile_decode(rt, ids, cfg, steps=8):
         if prof:
             prof.__enter__()
         start = time.perf_counter()
-        decoder = rt.decoder(default_path(rt.step, 1, greedy=True))
+        decoder = rt.decoder(default_path(rt.step, 1))
         for s in range(steps):
-            logits, picked = decoder.step(tok, t + s, last=s + 1 == steps)
-            tok = logits.argmax(-1) if picked is None else picked[0]
+            _, tok, _ = decoder.step(tok, t + s, last=s + 1 == steps)
         decoder.flush()
         sync(dev)
         seconds = time.perf_counter() - start

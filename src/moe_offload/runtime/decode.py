@@ -8,9 +8,10 @@
 - Graph: the whole token as if every routed expert were resident (one CUDA graph replay; plain calls
   off CUDA), then one host read of the step's routing (`settle`). A step that routed to an absent expert
   is redone from that layer the careful way. With in-place misses nothing is ever redone.
-- Pipelined: greedy only; the next step's graph is launched before this one is settled, since each graph
-  writes the other's input itself. A step that missed discards the one launched after it, so a step is
-  launched ahead only after one that settled with every expert resident.
+- Pipelined: the next step's graph is launched before this one is settled, since each graph picks its
+  token (greedy or sampled, sampler.py) and writes it as the other's input itself. A step that missed
+  discards the one launched after it, so a step is launched ahead only after one that settled with every
+  expert resident.
 
 A step that loaded experts predicts another, so after one the graph strategies go careful until a step
 loads none.
@@ -25,13 +26,14 @@ from ..errors import InputError
 from .cache_policy import step_accesses
 from .fused_step import FusedStep
 from .graphs import LayerGraphs, StepGraphs
+from .sampler import Sampler
 
 PATHS = ("careful", "graph", "pipelined")
 
 
 class Careful:
-    def __init__(self, step: FusedStep):
-        self.fused, self.model, self.cache = step, step.model, step.cache
+    def __init__(self, step: FusedStep, sampler: Sampler):
+        self.fused, self.model, self.cache, self.sampler = step, step.model, step.cache, sampler
         dev = self.model.embed.device
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.position = 0
@@ -43,13 +45,17 @@ class Careful:
         self.graphs = None
 
     def step(self, tok: torch.Tensor, position: int, last: bool = False):
-        """tok [B] at position -> (logits [B, V], None: the caller picks the next token)."""
+        """tok [B] at position -> (logits [B, V], the next token [B] on the device, the same as host ints)."""
         if tok.numel() != 1 or not self.cache.keeps_step_resident:
             self.pos.fill_(position)
-            return self.model.forward(tok.view(-1, 1), self.pos, [position])[:, -1], None
+            return self.picked(self.model.forward(tok.view(-1, 1), self.pos, [position])[:, -1])
         self.model.kv.end_of([position])
         x = self.layers_from(F.embedding(tok.view(-1), self.model.embed).view(-1), position, 0)
-        return self.fused.head(x).view(1, -1), None
+        return self.picked(self.fused.head(x).view(1, -1))
+
+    def picked(self, logits: torch.Tensor):
+        tok = self.sampler(logits, self.pos)
+        return logits, tok, tok.tolist()
 
     def layers_from(self, x: torch.Tensor, position: int, start: int) -> torch.Tensor:
         """Layers start.. for one token whose layer-`start` input is x [H]; returns the final hidden [H]."""
@@ -103,9 +109,9 @@ class Graph:
     pipelined = False
 
     def __init__(self, careful: Careful):
-        self.careful, self.fused = careful, careful.fused
+        self.careful, self.fused, self.sampler = careful, careful.fused, careful.sampler
         self.model, self.cache = careful.model, careful.cache
-        self.graphs = None
+        self.graphs: dict[tuple, StepGraphs] = {}  # per sampler key: what a capture samples with
         self.expect_resident = True
         self.deferred = None  # a settled step's bookkeeping, not yet done (see flush)
         self.ahead = None  # pipelined: the graph launched for the next step, not yet settled
@@ -115,8 +121,8 @@ class Graph:
         self.discarded = 0  # steps launched ahead and thrown away
 
     def step(self, tok: torch.Tensor, position: int, last: bool = False):
-        """tok [1] at position -> (logits [1, V], the next token as (device [1], host [int]) when the graph
-        picked it greedily, else None). last: no step follows this one (nothing is launched ahead)."""
+        """tok [1] at position -> (logits [1, V], the next token [1] on the device, as host ints). last: no
+        step follows this one (nothing is launched ahead)."""
         self.model.kv.end_of([position])
         if not self.expect_resident:
             self.flush()
@@ -126,29 +132,27 @@ class Graph:
             return out
         if self.fused.in_place:
             self.cache.to_device()  # the device's copy of the cache's policy decides from here
-        kv = self.model.kv
-        if self.graphs is None or self.graphs.kv_version != kv.version:
-            self.graphs = StepGraphs(self.fused, kv.version)  # captures read the old buffers
+        graphs = self.graphs.get(self.sampler.key)
+        if graphs is None or graphs.kv_version != self.model.kv.version:  # captures read the old buffers
+            graphs = self.graphs[self.sampler.key] = StepGraphs(self.fused, self.model.kv.version, self.sampler)
         k, self.ahead = self.ahead, None
         if k is None:  # nothing launched for this step yet
             k = 0
-            self.graphs.launch(0, tok, position)
+            graphs.launch(0, tok, position)
         if self.pipelined and not last and self.clean:
-            self.graphs.launch(1 - k)  # the next step, from this one's greedy token, before this one settles
+            graphs.launch(1 - k)  # the next step, from the token this one picked, before this one settles
             self.ahead = 1 - k
         self.flush()  # the previous step's bookkeeping, while the GPU runs
-        host, token = self.graphs.wait(k)
-        logits, inputs, _ = self.graphs.out[k]
+        host, token = graphs.wait(k)
+        logits, inputs, _ = graphs.out[k]
         start = self.settle(host, position)
         self.clean = start == len(self.model.layers)
         if not self.clean:  # an expert was absent: redo from that layer, loading as it goes
             self.discarded += self.ahead is not None
             self.ahead = None  # a step launched ahead read this one's wrong token
             self.expect_resident = False
-            return self.fused.head(self.careful.layers_from(inputs[start], position, start)).view(1, -1), None
-        if self.pipelined:  # the graph picked the token
-            return logits.view(1, -1), (self.graphs.ids[1 - k].view(-1).clone(), [token])
-        return logits.view(1, -1), None
+            return self.careful.picked(self.fused.head(self.careful.layers_from(inputs[start], position, start)).view(1, -1))
+        return logits.view(1, -1), graphs.ids[1 - k].view(-1).clone(), [token]  # the graph picked the token
 
     def settle(self, host: list, position: int) -> int:
         """The step's routing as the host read it ([MoE layers][rows][k]). Returns the number of layers when
@@ -189,23 +193,21 @@ class Pipelined(Graph):
 STRATEGIES = {"careful": Careful, "graph": Graph, "pipelined": Pipelined}
 
 
-def default_path(step: FusedStep, batch: int, greedy: bool) -> str:
+def default_path(step: FusedStep, batch: int) -> str:
     """On CUDA the host must not wait for the GPU layer by layer; one-token steps of an LRU cache (which
     keeps a step's experts resident) can run ahead."""
     if not step.model.embed.is_cuda or batch != 1 or not step.cache.keeps_step_resident:
         return "careful"
-    return "pipelined" if greedy else "graph"
+    return "pipelined"
 
 
-def check_path(step: FusedStep, path: str, batch: int, greedy: bool) -> None:
+def check_path(step: FusedStep, path: str, batch: int) -> None:
     if path not in PATHS:
         raise InputError(f"unknown decode path {path!r} (one of {', '.join(PATHS)})")
     if path != "careful" and (batch != 1 or not step.cache.keeps_step_resident):
         raise InputError(f"the {path} decode path needs batch 1 and an LRU expert cache")
-    if path == "pipelined" and not greedy:
-        raise InputError("the pipelined decode path is greedy only (temperature 0)")
 
 
-def make_decoder(step: FusedStep, path: str):
-    careful = Careful(step)
+def make_decoder(step: FusedStep, path: str, sampler: Sampler):
+    careful = Careful(step, sampler)
     return careful if path == "careful" else STRATEGIES[path](careful)

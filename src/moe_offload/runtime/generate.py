@@ -20,6 +20,7 @@ from .decode import check_path, default_path, make_decoder
 from .expert_cache import CacheOptions, ExpertCache
 from .fused_step import TORCH_OPS, TRITON_OPS, FusedStep
 from .model import Transformer, load_dense
+from .sampler import Sampler
 from .trace import TRACE_COLUMNS
 
 
@@ -36,11 +37,12 @@ class Runtime:
     dtype: torch.dtype
     dense_bytes: int  # the dense weights held, in the compute dtype (experts are the cache's)
     step: FusedStep  # one decoded token, through the kernels or their PyTorch equivalents
+    sampler: Sampler  # picks tokens on the device; each call of generate sets its values
     decoders: dict = field(default_factory=dict)  # decode path -> its strategy, kept across calls (graphs)
 
     def decoder(self, path: str):
         if path not in self.decoders:
-            self.decoders[path] = make_decoder(self.step, path)
+            self.decoders[path] = make_decoder(self.step, path, self.sampler)
         return self.decoders[path]
 
 
@@ -97,7 +99,7 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
     # one-token steps read misses from the host tier in place, the cache's policy on the device
     step = FusedStep(model, TRITON_OPS if use_kernels else TORCH_OPS, in_place=use_kernels and cache.device_lru is not None)
     return Runtime(model, cache, layout, cfg, device, dtype, sum(t.numel() * t.element_size() for t in dense.values()),
-                   step)
+                   step, Sampler(device))
 
 
 def _use_kernels(asked: bool | None, device: torch.device) -> bool:
@@ -106,24 +108,6 @@ def _use_kernels(asked: bool | None, device: torch.device) -> bool:
     if asked and not kernels.available(device):
         raise InputError(f"the fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1), not {device}")
     return kernels.available(device) and device.type == "cuda" if asked is None else asked
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """[B, V] logits -> [B] token ids. temperature 0 is greedy; else temperature, top-k, top-p, in
-    transformers' order."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        drop[:, -1] = False  # keep at least the most likely token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def _sync(device: torch.device) -> None:
@@ -151,20 +135,18 @@ def _as_batch(ids, device) -> torch.Tensor:
 def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, eos_token_id: int | list[int] | None = None,
              prompt=0, return_logits: bool = False, path: str | None = None) -> Generation:
-    """Greedy (temperature 0) or sampled generation. `prompt` labels the trace rows (an id, or one per row).
-    path: how each decode step runs (decode.PATHS; None: the device's default)."""
+    """Greedy (temperature 0) or sampled generation (temperature, top-k, top-p; the same tokens for the
+    same seed on every decode path). `prompt` labels the trace rows (an id, or one per row). path: how each
+    decode step runs (decode.PATHS; None: the device's default)."""
     model, device = runtime.model, runtime.device
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = _as_batch(input_ids, device)
     b, t = ids.shape
-    path = default_path(runtime.step, b, temperature <= 0) if path is None else path
-    check_path(runtime.step, path, b, temperature <= 0)
+    path = default_path(runtime.step, b) if path is None else path
+    check_path(runtime.step, path, b)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(0 if seed is None else seed)
+    runtime.sampler.update(temperature, top_k, top_p, 0 if seed is None else seed)
     model.setup_caches(b, t + max_new_tokens)
     trace, logits_out = model.trace, []
     trace_start = len(trace.rows)
@@ -177,7 +159,7 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
     _sync(device)
     start = time.perf_counter()
     logits = prefill(model, ids, t - 1)[:, -1]
-    tok = sample(logits, temperature, top_k, top_p, generator)
+    tok = runtime.sampler(logits, torch.full((1,), t - 1, device=device))
     _sync(device)
     prefill_seconds = time.perf_counter() - start
     s1 = runtime.cache.stats()
@@ -196,11 +178,7 @@ def generate(runtime: Runtime, input_ids, max_new_tokens: int, temperature: floa
         if step >= max_new_tokens or all(done):
             break
         trace.step = step
-        logits, picked = decoder.step(tok, t + step - 1, last=step + 1 >= max_new_tokens)
-        if picked is None:
-            tok = sample(logits, temperature, top_k, top_p, generator)
-            picked = tok, tok.tolist()
-        tok, tokens = picked
+        logits, tok, tokens = decoder.step(tok, t + step - 1, last=step + 1 >= max_new_tokens)
     decoder.flush()  # the last step's hits: counted inside the timed span, as every other step's
     _sync(device)
     decode_seconds = time.perf_counter() - start

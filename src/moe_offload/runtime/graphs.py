@@ -39,14 +39,15 @@ def _copy_into(dst, src) -> None:
 class StepGraphs:
     """The optimistic step (fused_step.FusedStep.optimistic) as two graphs that feed each other.
 
-    Graph k reads its token and position from ids[k] and pos[k] and writes its greedy token and the next
+    Graph k reads its token and position from ids[k] and pos[k] and writes the token it picks (greedy or
+    sampled: the sampler runs inside the graph) and the next
     position into ids[1 - k] and pos[1 - k]: graph 1 - k can be launched before the host has seen graph
     k's result (decode.Pipelined), and the host work of one step overlaps the GPU's next. Each launch also
     starts the copies of the step's routing and token to pinned host memory that `wait` returns. Off CUDA
     the same steps are plain calls, so the strategies' logic runs (and is tested) on the CPU too."""
 
-    def __init__(self, step, kv_version: int):
-        self.step, self.kv_version = step, kv_version
+    def __init__(self, step, kv_version: int, sampler):
+        self.step, self.kv_version, self.sampler = step, kv_version, sampler
         dev = step.model.embed.device
         self.cuda = dev.type == "cuda"
         self.ids = [torch.zeros(1, 1, dtype=torch.long, device=dev) for _ in range(2)]
@@ -60,7 +61,7 @@ class StepGraphs:
 
     def _step(self, k: int):
         logits, inputs, routing = self.step.optimistic(self.ids[k], self.pos[k])
-        self.ids[1 - k].view(-1).copy_(logits.view(-1).argmax())  # first maximum, as argmax(dim=-1)
+        self.ids[1 - k].view(-1).copy_(self.sampler(logits.view(1, -1), self.pos[k]))
         torch.add(self.pos[k], 1, out=self.pos[1 - k])
         return logits, inputs, routing
 
@@ -85,7 +86,7 @@ class StepGraphs:
             self.events[k].record()
 
     def wait(self, k: int) -> tuple[list, int]:
-        """Graph k's routing ([MoE layers][rows][k], on the host) and greedy token, once it has run."""
+        """Graph k's routing ([MoE layers][rows][k], on the host) and the token it picked, once it has run."""
         if self.cuda:
             self.events[k].synchronize()
         return self.host_routing[k].tolist(), int(self.host_token[k])

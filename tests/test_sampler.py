@@ -1,0 +1,48 @@
+"""The device sampler: Gumbel-max over a hash of (seed, position, row, token) draws from the softmax of the
+filtered logits, in transformers' order (temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_offload.errors import InputError
+from moe_offload.runtime.sampler import Sampler, hash_uniform
+
+PROBS = torch.tensor([0.5, 0.25, 0.15, 0.1])
+
+
+def draw(sampler, n=20000):
+    logits = PROBS.log()[None]
+    return torch.stack([sampler(logits, torch.tensor([pos])) for pos in range(n)]).view(-1)
+
+
+def test_hash_uniform_is_uniform_and_a_function_of_its_inputs():
+    u = hash_uniform(torch.tensor([7]), torch.tensor([3]), 2, 50000)
+    assert ((u > 0) & (u < 1)).all()
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    assert not torch.equal(u[0], u[1])  # rows differ
+    assert torch.equal(u, hash_uniform(torch.tensor([7]), torch.tensor([3]), 2, 50000))
+    assert not torch.equal(u, hash_uniform(torch.tensor([8]), torch.tensor([3]), 2, 50000))
+    assert not torch.equal(u, hash_uniform(torch.tensor([7]), torch.tensor([4]), 2, 50000))
+
+
+def test_samples_follow_the_softmax():
+    freq = torch.bincount(draw(Sampler(torch.device("cpu"), temperature=1.0)), minlength=4) / 20000
+    assert (freq - PROBS).abs().max() < 0.015
+
+
+def test_temperature_top_k_and_top_p_filter_as_transformers():
+    cpu = torch.device("cpu")
+    sharp = torch.bincount(draw(Sampler(cpu, temperature=0.5), 5000), minlength=4) / 5000
+    want = PROBS ** 2 / (PROBS ** 2).sum()  # logits / 0.5
+    assert (sharp - want).abs().max() < 0.025
+    assert set(draw(Sampler(cpu, temperature=1.0, top_k=2), 2000).tolist()) == {0, 1}
+    assert set(draw(Sampler(cpu, temperature=1.0, top_p=0.6), 2000).tolist()) == {0, 1}  # 0.5 < 0.6 <= 0.75
+    assert set(draw(Sampler(cpu, temperature=0.0), 100).tolist()) == {0}
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)])
+def test_bad_settings_are_refused(settings):
+    with pytest.raises(InputError, match="sampling needs"):
+        Sampler(torch.device("cpu"), **{"temperature": 1.0, **settings})

@@ -129,3 +129,9 @@ def test_attention_writes_the_kv_cache_and_attends_up_to_the_position(dtype, d, 
         want_q.view(1, heads, 1, d), k_cache[:1], v_cache[:1], attn_mask=mask[None], scale=d ** -0.5, enable_gqa=True)
     assert (got.float() - want.reshape(-1).float()).abs().max() <= TOL[dtype]
     assert int(kernels._counter_buffers[(got.device, "attention")].abs().sum()) == 0  # left zeroed for the next call
+
+
+def test_unserved_names_what_the_kernels_cannot_take():
+    assert kernels.unserved(2048, 128, 768) is None and kernels.unserved(48, 12, 24) is None
+    assert "head_dim 13 is odd" in kernels.unserved(64, 13, 32)
+    assert "hidden_size 32768" in kernels.unserved(32768, 128, 768)

@@ -7,6 +7,7 @@ compare our logits with transformers' live here too.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,8 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
     cache = ExpertCache({L: layer_files[L] for L in needed}, layout, options, device, dtype, cfg.experts_per_token)
     dense = load_dense(dense_path, layout, depth, device, dtype)
     model = Transformer(cfg, layout, dense, cache, depth)
-    use_kernels = _use_kernels(use_kernels, device)
+    use_kernels = _use_kernels(use_kernels, device, kernels.unserved(cfg.hidden_size, cfg.head_dim,
+                                                                      cfg.moe_intermediate_size))
     if unified and device.type == "cuda" and not use_kernels:
         raise InputError("unified memory needs the fused kernels (Triton) to read experts in place: "
                          "set cache.fused_kernels to null or true")
@@ -102,11 +104,17 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
                    step, Sampler(device))
 
 
-def _use_kernels(asked: bool | None, device: torch.device) -> bool:
-    """The fused Triton kernels: when asked, or (None) on CUDA when Triton is there. Under Triton's
-    interpreter on the CPU only when asked for (tests): it is slow."""
+def _use_kernels(asked: bool | None, device: torch.device, unserved: str | None) -> bool:
+    """The fused Triton kernels: when asked, or (None) on CUDA when Triton is there and they serve the
+    checkpoint (else one line says why, and decoding runs through PyTorch). Under Triton's interpreter on
+    the CPU only when asked for (tests): it is slow."""
     if asked and not kernels.available(device):
         raise InputError(f"the fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1), not {device}")
+    if asked and unserved:
+        raise InputError(f"the fused kernels cannot serve this checkpoint: {unserved}")
+    if asked is None and unserved and kernels.available(device) and device.type == "cuda":
+        print(f"fused kernels off: {unserved}; decoding through PyTorch", file=sys.stderr)
+        return False
     return kernels.available(device) and device.type == "cuda" if asked is None else asked
 
 

@@ -30,6 +30,20 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 
+MAX_ROW = 16384  # elements: the GEMVs and the down projection hold whole rows of a weight in registers
+
+
+def unserved(hidden_size: int, head_dim: int, moe_intermediate_size: int) -> str | None:
+    """Why the kernels cannot serve a checkpoint of these dimensions, or None. Tiles are masked, so any size
+    up to MAX_ROW serves; RoPE's rotate-half needs an even head_dim."""
+    if head_dim % 2:
+        return f"head_dim {head_dim} is odd (RoPE rotates halves)"
+    for name, n in (("hidden_size", hidden_size), ("moe_intermediate_size", moe_intermediate_size)):
+        if n > MAX_ROW:
+            return f"{name} {n} is past the {MAX_ROW} elements a kernel holds in one row"
+    return None
+
+
 def available(device: torch.device) -> bool:
     """Whether the fused kernels can run for tensors on `device`."""
     if triton is None:

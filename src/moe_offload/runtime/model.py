@@ -69,7 +69,10 @@ class Attention(nn.Module):
             # take its math path, which holds heads x T x end scores (8 GB for a 2k chunk at 32k)
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.mask(input_pos, end),
+        # a chunk that starts the sequence (positions 0..T-1, contiguous as forward's callers pass them) is
+        # plain causal: SDPA's flash kernel; a later chunk sees the cache before it through a mask
+        mask = None if end == t else kv.mask(input_pos, end)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
                                            scale=c.head_dim ** -0.5)
         return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.wo)
 

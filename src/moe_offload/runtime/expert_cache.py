@@ -90,6 +90,7 @@ class ExpertCache:
         # from the host tier (a file read would block the host, which is the decode step's critical path)
         self.prefetches = options.prefetch and options.host_tier and not self.unified
         self.prefetch_stream = torch.cuda.Stream(self.device) if cuda and self.prefetches else None
+        self.load_stream = torch.cuda.Stream(self.device) if cuda else None  # see load_ahead
         self._prefetched: set[tuple[int, int]] = set()  # loaded ahead, not yet asked for
         self.reset_stats()
         if self.unified:
@@ -132,10 +133,27 @@ class ExpertCache:
         self.get_many(layer, [expert])
         return self.slots.views(layer, self.residency.slot[(layer, expert)])
 
-    def get_many(self, layer: int, experts: list[int]) -> None:
+    def load_ahead(self, layer: int, experts: list[int]) -> None:
+        """`get_many`, with the misses copied on the load stream once the compute stream's queued work (which
+        may read the slots they take) is done, so that they overlap what the compute stream runs next;
+        `wait_loads` before reading them. Off CUDA it is get_many."""
+        if self.load_stream is None:
+            return self.get_many(layer, experts)
+        self.load_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if self.prefetch_stream is not None:
+            self.load_stream.wait_stream(self.prefetch_stream)
+        self.get_many(layer, experts, self.load_stream)
+
+    def wait_loads(self) -> None:
+        """The compute stream waits for what load_ahead copied."""
+        if self.load_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.load_stream)
+
+    def get_many(self, layer: int, experts: list[int], stream=None) -> None:
         """Make `experts` of `layer` resident, deciding hits and evictions in order exactly as that many
-        `get` calls would, then reading the misses' bytes in parallel. With LRU (keeps_step_resident)
-        none of them evicts another; with another policy, call `get` one expert at a time."""
+        `get` calls would, then reading the misses' bytes in parallel (on `stream`: see load_ahead). With
+        LRU (keeps_step_resident) none of them evicts another; with another policy, call `get` one expert
+        at a time."""
         if layer not in self.spans:
             raise InputError(f"no expert file was given for layer {layer}")
         misses = []
@@ -154,7 +172,7 @@ class ExpertCache:
             self.misses += 1
             misses.append(expert)
         if misses:
-            self._load_all(layer, misses)
+            self._load_all(layer, misses, stream)
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Load the absent ones of `experts` (predicted for `layer`) on the prefetch stream, as the most
@@ -240,7 +258,7 @@ class ExpertCache:
 
     def _load(self, layer: int, expert: int, raw: torch.Tensor, buffer: int | None, stream=None) -> None:
         """One expert's bytes (`raw`, in staging buffer `buffer` or None) into its slot, cast to the compute
-        dtype; on `stream` (a prefetch) or the cache's own."""
+        dtype; on `stream` (a prefetch, a load ahead: its caller has ordered it) or the cache's own."""
         span, slot = self.spans[layer][expert], self.residency.slot[(layer, expert)]
         write = (layer, slot, raw, span.parts, span.dtype, span.in_slot_order)
         if not self.slots.pools[self.slots.pool_id(layer)][0].is_cuda:  # the CPU, or a unified slab in host RAM

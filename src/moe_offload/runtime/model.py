@@ -96,10 +96,10 @@ def grouped_mm_serves(w: torch.Tensor, x: torch.Tensor) -> bool:
 
 class MoE(nn.Module):
     """Router exactly as transformers' TopKRouter. The (token, choice) pairs are grouped by expert on the
-    device; the routed experts are made resident a wave at a time (as many as the cache holds at once, in
-    `step_accesses` order: a prompt may route to more experts than that), and each wave runs as two
-    grouped GEMMs over the cache's slabs (each expert's weights read once), or one expert at a time where
-    the grouped GEMM does not serve."""
+    device; the routed experts are made resident a wave at a time (all at once when the cache holds them,
+    else half of it at a time, in `step_accesses` order), and each wave runs as two grouped GEMMs over the
+    cache's slabs (each expert's weights read once per chunk), or one expert at a time where the grouped
+    GEMM does not serve."""
 
     def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
         super().__init__()
@@ -128,10 +128,16 @@ class MoE(nn.Module):
         products = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device)
         w1, _, _ = self.cache.slabs(self.layer)
         if self.cache.keeps_step_resident and grouped_mm_serves(w1, flat):
-            wave = w1.shape[0]
-            for i in range(0, len(experts), wave):
-                self._grouped(flat, top_i, top_w, experts[i: i + wave], sum(counts[e] for e in experts[i: i + wave]),
-                              products)
+            # More experts than the cache holds: waves of half of it, each wave's misses loaded while the
+            # wave before it runs (LRU then evicts the wave before that, whose work is done).
+            size = w1.shape[0] if len(experts) <= w1.shape[0] else max(1, w1.shape[0] // 2)
+            waves = [experts[i: i + size] for i in range(0, len(experts), size)]
+            self.cache.load_ahead(self.layer, waves[0])
+            for i, wave in enumerate(waves):
+                self.cache.wait_loads()
+                if i + 1 < len(waves):
+                    self.cache.load_ahead(self.layer, waves[i + 1])
+                self._grouped(flat, top_i, top_w, wave, sum(counts[e] for e in wave), products)
         else:
             order, start = top_i.view(-1).argsort(stable=True), 0  # pairs grouped by expert
             for e in range(self.cfg.num_experts):
@@ -144,7 +150,6 @@ class MoE(nn.Module):
         """The experts of `wave` (resident together: LRU evicts none of them for another) on their pairs:
         pairs sorted by slot, a grouped GEMM for gate and up and one for down over the slabs, each slot's
         rows one group."""
-        self.cache.get_many(self.layer, wave)
         w1, w2, table = self.cache.slabs(self.layer)
         k, slots = self.cfg.experts_per_token, w1.shape[0]
         ids = top_i.view(-1)

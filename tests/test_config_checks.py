@@ -11,7 +11,7 @@ import yaml
 from moe_offload.checkpoint.hub import check_hub_names, hub_metadata_dir
 from moe_offload.checkpoint.layouts import read_config, text_config_from_dict
 from moe_offload.checkpoint.synthetic import text_config
-from moe_offload.config import SCHEMA, check_config, check_integers
+from moe_offload.config import SCHEMA, check_config, check_integers, prompt_texts, prompts_folder
 from moe_offload.errors import InputError
 
 from conftest import small_spec
@@ -75,3 +75,37 @@ def test_a_checkpoint_path_that_is_a_file_says_so(tmp_path):
         read_config(tmp_path / "model.safetensors")
     with pytest.raises(InputError, match=r"does not exist$"):
         read_config(tmp_path / "absent")
+
+
+def test_prompts_from_files_are_read_relative_to_the_config_folder(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts/long.txt").write_text("Ünïcode prompt\nover two lines\n", encoding="utf-8")
+    texts = prompt_texts(["plain", {"file": "prompts/long.txt"}], tmp_path)
+    assert texts == ["plain", "Ünïcode prompt\nover two lines"]  # one trailing newline dropped, the inner kept
+
+
+@pytest.mark.parametrize("content, end", [
+    (None, "does not exist"), (b"", "is empty"), (b"\n", "is empty"), (b"\xff\xfe bad", "is not UTF-8 text (byte 0)"),
+    ("dir", "is a directory, not a file"),
+])
+def test_a_prompt_file_that_cannot_be_a_prompt_is_one_line_naming_it(tmp_path, content, end):
+    path = tmp_path / "p.txt"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        prompt_texts(["fine", {"file": "p.txt"}], tmp_path)
+    assert str(err.value) == f"generate.prompts.1: prompt file {path} {end}"
+
+
+def test_prompt_files_are_relative_to_the_config_file_that_sets_the_prompts(tmp_path):
+    default, override, other = tmp_path / "config/config.yaml", tmp_path / "a/mine.yaml", tmp_path / "b/depths.yaml"
+    for path, body in ((default, "generate: {prompts: [x]}"), (override, "generate: {prompts: [{file: p.txt}]}"),
+                       (other, "generate: {depths: [1]}")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(body)
+    assert prompts_folder([default], []) == default.parent
+    # --configfile a/mine.yaml b/depths.yaml: the later one sets no prompts, so a/'s are used
+    assert prompts_folder([override, other, default], [override, other]) == override.parent
+    assert prompts_folder([other, default], [other]) == default.parent

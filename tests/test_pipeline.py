@@ -76,6 +76,7 @@ def test_main_job_on_the_default(workdir):
     printed = subprocess.run([sys.executable, "-m", "moe_offload.analysis.summary", "results/compare.json"],
                              cwd=workdir, capture_output=True, text=True)
     assert printed.returncode == 0 and "depth 48 (full)" in printed.stdout and "not comparable" in printed.stdout
+    assert "prefill tok/s" in printed.stdout and "n/a" not in printed.stdout
 
 
 def _numbers_are_like_for_like(workdir, report):
@@ -84,7 +85,10 @@ def _numbers_are_like_for_like(workdir, report):
     for row in report["depths"]:
         assert row["truncated"] == (row["depth"] < 48)
         assert (row["speedup_vs_native"] is None) == row["truncated"]
-        assert row["tok_s_bound"] is None and row["bytes_read_per_token"] > 0  # no bandwidth known on CPU
+        # on the CPU too, each speed has a bound from rates probed in its own job, far above it here
+        assert 0 < row["tok_s"] < row["tok_s_bound"] and 0 < row["prefill_tok_s"] < row["prefill_tok_s_bound"]
+        assert row["prefill_tok_s"] == pytest.approx(row["prompt_tokens"] / row["prefill_s"])
+        assert row["kv_bytes_per_token"] > 0 and "probed" in row["bandwidth_source"]
         mem = row["memory"]
         assert mem["framework_overhead_bytes"] > 50 * 2**20  # torch and transformers: tens of MiB at least
         assert 0 < mem["generate_peak_bytes"] < mem["framework_overhead_bytes"]

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from math import prod
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +20,8 @@ import yaml
 
 from conftest import REPO, error_lines, set_config, snakemake, use_small_synthetic
 from moe_offload import steps
-from moe_offload.analysis.run_info import bytes_read_per_token, encode_prompt, speed_bound
+from moe_offload.analysis.run_info import (active_params, bytes_read_per_token, decode_rate, encode_prompt,
+                                          prefill_rate, probe, speed_bound)
 from moe_offload.atomic import write_json
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.shards import Checkpoint
@@ -137,8 +139,55 @@ def test_bytes_read_per_token_counts_the_text_model(omni_ckpt):
     all_experts = dataclasses.replace(cfg, experts_per_token=cfg.num_experts)
     assert bytes_read_per_token(all_experts, cfg.num_layers, torch.float32) == 4 * params
     assert bytes_read_per_token(cfg, 1, torch.bfloat16) < bytes_read_per_token(cfg, 2, torch.bfloat16)
-    bound = speed_bound(cfg, cfg.num_layers, torch.float32, torch.device("cpu"))
-    assert bound["tok_s_bound"] is None and bound["bandwidth_bytes_per_s"] is None  # unknown on CPU
+
+
+@pytest.mark.parametrize("ckpt", ["omni_ckpt", "qwen3_moe_ckpt"])
+def test_prefill_flops_are_what_transformers_multiplies(ckpt, request):
+    """2 x active parameters x prompt tokens is every matmul flop of transformers' own forward over the
+    prompt (eager experts: only the routed ones run) but lm_head's, which runs once per prompt in our
+    prefill (the Omni thinker's forward ignores logits_to_keep and runs it at every position)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moe_offload.runtime.native import load_native
+
+    path = request.getfixturevalue(ckpt)
+    _, cfg = detect_checkpoint(path)
+    model = load_native(path, torch.device("cpu"), torch.float32, "eager")
+    tokens = 7
+    with torch.inference_mode(), FlopCounterMode(display=False, depth=2) as counter:
+        model(input_ids=torch.arange(10, 10 + tokens)[None], logits_to_keep=1)
+    counts = counter.get_flop_counts()
+
+    def matmuls(module: str) -> int:
+        return sum(v for op, v in counts[module].items() if str(op) in ("aten.mm", "aten.addmm"))
+
+    lm_head = matmuls(next(name for name in counts if name.endswith(".lm_head")))
+    assert lm_head in (2 * cfg.vocab_size * cfg.hidden_size * n for n in (1, tokens))
+    assert matmuls("Global") - lm_head == 2 * tokens * active_params(cfg, cfg.num_layers)
+
+
+def test_cpu_bounds_come_from_rates_probed_here(omni_ckpt):
+    """On the CPU no bound is n/a: the read rate and the matmul rate are measured in the job, quickly,
+    and the bounds divide them by the bytes and flops one token needs (its KV included)."""
+    _, cfg = detect_checkpoint(omni_ckpt)
+    cpu = torch.device("cpu")
+    start = time.perf_counter()
+    probes = probe(cpu, torch.float32)
+    assert time.perf_counter() - start < 5  # the default run times seven jobs: each probe stays short
+    read, matmul = probes["read"], probes["matmul"]
+    assert read["bytes"] >= 256 * 2**20 and 1e8 < read["bytes_per_second"] < 1e13
+    assert 1e7 < matmul["flops_per_second"] < 1e14
+    # two prompts of 5 and 3 tokens, 4 and 1 tokens out: decode steps attend over 6, 7, 8 positions
+    runs = [{"input_ids": [1] * 5, "output_ids": [2] * 4, "prefill_s": 0.5, "decode_s": 1.0},
+            {"input_ids": [1] * 3, "output_ids": [2], "prefill_s": 0.5, "decode_s": 0.0}]
+    bound = speed_bound(cfg, 2, torch.float32, cpu, runs, probes)
+    kv = 2 * 2 * cfg.num_kv_heads * cfg.head_dim * 4 * 7  # K and V, 2 layers, float32, 7 positions on average
+    assert bound["kv_bytes_per_token"] == kv
+    assert bound["bytes_read_per_token"] == bytes_read_per_token(cfg, 2, torch.float32) + kv
+    assert bound["bandwidth_bytes_per_s"] == read["bytes_per_second"] and "probed" in bound["bandwidth_source"]
+    assert bound["tok_s_bound"] == pytest.approx(read["bytes_per_second"] / (bytes_read_per_token(cfg, 2, torch.float32) + kv))
+    assert bound["prefill_tok_s_bound"] == pytest.approx(matmul["flops_per_second"] / (2 * active_params(cfg, 2)))
+    assert prefill_rate(runs) == 8 and decode_rate(runs) == 3
 
 
 def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):

@@ -166,3 +166,29 @@ def test_layer_out_of_range_leaves_nothing(workdir):
     assert proc.returncode != 0
     assert error_lines(proc) == ["error: layer 99 is out of range: the model has layers 0..7"]
     assert not list((workdir / "results/experts").glob("*layer_99*"))
+
+
+def test_a_missing_prompt_file_is_one_line_at_plan_time(workdir):
+    set_config(workdir, generate={"prompts": ["The capital of France is", {"file": "prompts/absent.txt"}]})
+    proc = snakemake(workdir, "-n", "results/compare.json")
+    assert proc.returncode != 0
+    assert error_lines(proc) == ["error: generate.prompts.1: prompt file config/prompts/absent.txt does not exist"]
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.slow
+def test_a_prompt_file_is_generated_from_and_editing_it_reruns_the_runs(workdir):
+    use_small_synthetic(workdir)
+    (workdir / "config/prompt.txt").write_text("The capital of France is\n")
+    set_config(workdir, generate={"prompts": [{"file": "prompt.txt"}], "max_new_tokens": 2})
+    target = "results/generate/native_reference.json"
+    proc = snakemake(workdir, "--cores", "2", target)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref = json.loads((workdir / target).read_text())
+    assert [p["prompt"] for p in ref["prompts"]] == ["The capital of France is"]
+    (workdir / "config/prompt.txt").touch()  # a newer file, the same text: nothing to redo
+    assert "Nothing to be done" in snakemake(workdir, "-n", target).stdout
+    (workdir / "config/prompt.txt").write_text("Once upon a time\n")
+    plan = snakemake(workdir, "-n", target)
+    assert "generate_native_reference" in plan.stdout and "params" in plan.stdout, plan.stdout[-2000:]

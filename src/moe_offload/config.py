@@ -77,6 +77,51 @@ def check_config(config: dict, text) -> None:
                              "per layer")
 
 
+def prompts_folder(config_files: list, cli_files: list) -> Path:
+    """The folder a `{file: ...}` prompt is relative to: that of the config file whose generate.prompts is
+    used, i.e. the last --configfile given that sets it (later ones override earlier ones and the
+    Snakefile's), else the Snakefile's config file; the working directory where none sets it."""
+    cli = [Path(f) for f in cli_files]
+    rest = [Path(f) for f in config_files if Path(f) not in cli]
+    for path in [*reversed(cli), *rest]:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # Snakemake has read it already; one it could not read sets nothing here
+        if isinstance(loaded, dict) and "prompts" in (loaded.get("generate") or {}):
+            return path.parent
+    return Path(".")
+
+
+def prompt_texts(prompts: list, folder: Path) -> list[str]:
+    """generate.prompts as the text each job generates from: a string as given, `{file: path}` the UTF-8
+    text of that file (path relative to `folder`), less one trailing newline (editors add it; it would be
+    a token of the prompt). A file that is missing, unreadable, not UTF-8 or empty stops the plan with
+    one line naming it."""
+    texts = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            texts.append(prompt)
+            continue
+        path = Path(folder) / prompt["file"]
+        where = f"generate.prompts.{index}: prompt file {path}"
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise InputError(f"{where} does not exist") from None
+        except IsADirectoryError:
+            raise InputError(f"{where} is a directory, not a file") from None
+        except OSError as err:
+            raise InputError(f"{where} cannot be read ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            raise InputError(f"{where} is not UTF-8 text (byte {err.start})") from None
+        text = text.removesuffix("\n").removesuffix("\r")
+        if not text.strip():
+            raise InputError(f"{where} is empty")
+        texts.append(text)
+    return texts
+
+
 def reference(schema: dict) -> str:
     """Markdown: one table per section, a row per key with its type, default, bounds and description."""
     lines = ["# Configuration reference", "",

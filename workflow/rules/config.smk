@@ -5,7 +5,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from moe_offload.code_version import code_version
-from moe_offload.config import canonical, check_integers
+from moe_offload.config import canonical, check_integers, prompt_texts, prompts_folder
 from moe_offload.errors import InputError, config_error_line
 from moe_offload.checkpoint.hub import hub_metadata_dir, missing_metadata
 
@@ -19,6 +19,13 @@ try:
         yaml.safe_load(
             open(workflow.source_path("../schemas/config.schema.yaml")).read()
         ),
+    )
+    # The prompts' text from here on, files read: the native jobs' params hold it by value, so editing a
+    # prompt file reruns them (and the depths, which read their prompts from the native reference), and
+    # the plan sizes memory by it.
+    config["generate"]["prompts"] = prompt_texts(
+        config["generate"]["prompts"],
+        prompts_folder(workflow.configfiles, workflow.overwrite_configfiles or []),
     )
     HUB_METADATA_DIR = (
         hub_metadata_dir(config["model"]) if config["model"]["source"] == "hf" else None

@@ -33,10 +33,14 @@ def environment(config: dict, device: str) -> dict:
 
 
 def _side(run: dict) -> dict:
-    bound = run.get("speed_bound") or {}
-    return {"load_s": run["load_s"], "tok_s": run["tok_s"], "prefill_s": run["prefill_s"],
-            "tok_s_bound": bound.get("tok_s_bound"), "bytes_read_per_token": bound.get("bytes_read_per_token"),
-            "bandwidth_bytes_per_s": bound.get("bandwidth_bytes_per_s"),
+    bound = run["speed_bound"]
+    return {"load_s": run["load_s"], "tok_s": run["tok_s"], "tok_s_bound": bound["tok_s_bound"],
+            "bytes_read_per_token": bound["bytes_read_per_token"], "kv_bytes_per_token": bound["kv_bytes_per_token"],
+            "bandwidth_bytes_per_s": bound["bandwidth_bytes_per_s"], "bandwidth_source": bound["bandwidth_source"],
+            "prefill_s": run["prefill_s"], "prompt_tokens": sum(len(p["input_ids"]) for p in run["prompts"]),
+            "prefill_tok_s": run["prefill_tok_s"], "prefill_tok_s_bound": bound["prefill_tok_s_bound"],
+            "prefill_flops_per_token": bound["prefill_flops_per_token"],
+            "matmul_flops_per_s": bound["matmul_flops_per_s"], "matmul_source": bound["matmul_source"],
             "memory": memory_summary(run), "sample_text": run["prompts"][0]["text"][:SAMPLE_CHARS]}
 
 

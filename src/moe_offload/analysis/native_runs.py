@@ -6,8 +6,8 @@
 - the timing: the whole model loaded the ordinary way and timed alone, with a chosen experts
   implementation; optional (native.timing), since it needs the model's full size in memory.
 
-Both write the same JSON shape as a depth run (runs.py): prompts, load_s, decode tok/s, memory and its
-bound, device, threads and the machine's load.
+Both write the same JSON shape as a depth run (runs.py): prompts, load_s, decode and prefill tok/s next
+to their bounds, memory and its bound, device, threads and the machine's load.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from ..checkpoint.layouts import detect_checkpoint
 from ..runtime.memory import MemoryMeter
 from ..runtime.native import (load_native, load_native_offloaded, native_generate, native_teacher_forced_logits,
                               offload_memory_map)
-from .run_info import check_finite, decode_rate, device_of, encode_prompt, environment, kv_bytes, speed_bound
+from .run_info import (check_finite, decode_rate, device_of, encode_prompt, environment, kv_bytes, prefill_rate, probe,
+                       speed_bound)
 
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,14 @@ def _generate_all(model, tok, prompts: list[str], max_new_tokens: int, progress,
 
 
 def _result(kind: str, model, device, dtype, cfg, runs, load_s, meter, max_new_tokens, held_bytes: int,
-            experts_implementation: str | None) -> dict:
+            experts_implementation: str | None, probes: dict) -> dict:
     seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
     kv = kv_bytes(cfg, cfg.num_layers, seq, dtype)
     return {"kind": kind, "model_class": type(model).__name__, **environment(device, dtype),
             "experts_implementation": experts_implementation or "default", "load_s": load_s,
-            "tok_s": decode_rate(runs), "speed_bound": speed_bound(cfg, cfg.num_layers, dtype, device),
-            "prefill_s": sum(r["prefill_s"] for r in runs),
+            "tok_s": decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
+            "prefill_tok_s": prefill_rate(runs), "speed_bound": speed_bound(cfg, cfg.num_layers, dtype, device, runs, probes),
+            "probes": probes,
             "memory": meter.report({"weights_bytes": held_bytes, "kv_cache_bytes": kv, "total_bytes": held_bytes + kv}),
             "prompts": runs}
 
@@ -128,6 +130,7 @@ def run_native_reference(checkpoint_dir, prompts: list[str], max_new_tokens: int
         meter.end_phase("load")
         runs = _generate_all(model, tok, prompts, max_new_tokens, progress, chat_template)
         meter.end_phase("generate")
+        probes = probe(device, torch_dtype)  # after the timed generation and its memory peak
         logits = {f"prompt_{i}": native_teacher_forced_logits(model, r["input_ids"], r["output_ids"]).contiguous()
                   for i, r in enumerate(runs)}
         for i, value in enumerate(logits.values()):
@@ -136,7 +139,7 @@ def run_native_reference(checkpoint_dir, prompts: list[str], max_new_tokens: int
         held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
         offloaded = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "meta")
         result = _result("native_reference", model, device, torch_dtype, cfg, runs, load_s, meter, max_new_tokens,
-                         held, None)
+                         held, None, probes)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     with atomic_path(out_logits) as tmp:
@@ -161,8 +164,9 @@ def run_native_timing(checkpoint_dir, prompts: list[str], max_new_tokens: int, d
     meter.end_phase("load")
     runs = _generate_all(model, tok, prompts, max_new_tokens, progress, chat_template)
     meter.end_phase("generate")
+    probes = probe(device, torch_dtype)  # after the timed generation and its memory peak
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     result = _result("native", model, device, torch_dtype, cfg, runs, load_s, meter, max_new_tokens, weights,
-                     experts_implementation)
+                     experts_implementation, probes)
     write_json(out_json, result)
     return result

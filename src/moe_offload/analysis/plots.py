@@ -77,7 +77,7 @@ def plot_memory_speed(native: dict, depths: list[dict], path, memory) -> None:
                                    for d in sorted(depths, key=lambda d: d["depth"])]
     labels = [name for name, _ in runs]
     mems = [memory(r) for _, r in runs]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 3.8))
     pos = range(len(runs))
     ax1.bar([p - 0.2 for p in pos], [m["generate_peak_bytes"] / 2**20 for m in mems], 0.4, label="measured peak")
     ax1.bar([p + 0.2 for p in pos], [m["bound_bytes"] / 2**20 for m in mems], 0.4, label="bound", alpha=0.6)
@@ -91,16 +91,19 @@ def plot_memory_speed(native: dict, depths: list[dict], path, memory) -> None:
                           for _, d in runs[1:]]
     colors = {"native": "tab:gray", "selective, full depth": "tab:blue",
               "selective, truncated (fewer layers)": "lightsteelblue"}
-    for kind, color in colors.items():
-        xs = [p for p, k in zip(pos, kinds) if k == kind]
-        ax2.bar(xs, [runs[p][1]["tok_s"] for p in xs], color=color, label=kind)
-    bounds = [(r.get("speed_bound") or {}).get("tok_s_bound") for _, r in runs]
-    if any(b is not None for b in bounds):
-        ax2.scatter([p for p, b in zip(pos, bounds) if b], [b for b in bounds if b], marker="_", s=400,
-                    color="black", label="bandwidth bound")
-        ax2.set_yscale("log")
-    ax2.set_xticks(list(pos), labels, rotation=30)
-    ax2.set_ylabel("decode tokens / s (prefill excluded)")
+    # each speed next to its bound, from the rates probed in the run's own job
+    for ax, key, bound_key, bound_label, what in (
+            (ax3, "prefill_tok_s", "prefill_tok_s_bound", "matmul bound", "prefill (prompt) tokens / s"),
+            (ax2, "tok_s", "tok_s_bound", "memory-read bound", "decode tokens / s (prefill excluded)")):
+        for kind, color in colors.items():
+            xs = [p for p, k in zip(pos, kinds) if k == kind]
+            ax.bar(xs, [runs[p][1][key] for p in xs], color=color, label=kind)
+        ax.scatter(list(pos), [r["speed_bound"][bound_key] for _, r in runs], marker="_", s=400, color="black",
+                   label=bound_label)
+        ax.set_yscale("log")
+        ax.set_xticks(list(pos), labels, rotation=30)
+        ax.set_ylabel(what)
+        ax.legend(fontsize="small")
+    ax3.set_title(f"Prefill speed on {native['device']}", fontsize="medium")
     ax2.set_title(f"Decode speed on {native['device']}", fontsize="medium")
-    ax2.legend(fontsize="small")
     _save(fig, path)

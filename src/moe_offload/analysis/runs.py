@@ -1,8 +1,9 @@
 """One selective generation run as the workflow records it: ours at a depth (native runs: native_runs.py).
 
 Both write the same JSON shape: `prompts` ({prompt, input_ids, output_ids, text}), load_s, decode tok/s
-(prefill apart), peak memory next to its bound, and the device. Depth runs add the cache counters,
-fidelity against native (teacher-forced on native's tokens) and a router trace for cache profiling.
+and prefill tok/s next to their bounds (speed_bound, from rates probed in the same job), peak memory next
+to its bound, and the device. Depth runs add the cache counters, fidelity against native (teacher-forced
+on native's tokens) and a router trace for cache profiling.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from transformers import AutoTokenizer
 from ..atomic import atomic_path, write_json
 from ..errors import InputError
 from ..runtime.memory import MemoryMeter, dtype_bytes
-from .run_info import check_finite, decode_rate, device_of, environment, kv_bytes, speed_bound, verify_files
+from .run_info import (check_finite, decode_rate, device_of, environment, kv_bytes, prefill_rate, probe, speed_bound,
+                       verify_files)
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
@@ -70,6 +72,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
         if progress is not None:
             progress.update(1)
     meter.end_phase("generate")
+    probes = probe(device, torch_dtype)  # after the timed generation and its memory peak, which it must not touch
     counters = rt.cache.stats()  # generation only: taken before the fidelity pass below
     trace = pd.DataFrame(rt.model.trace.rows, columns=list(TRACE_COLUMNS))
     with atomic_path(out_trace) as tmp:
@@ -97,8 +100,9 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slot_count,
              "kv_cache_bytes": kv, "host_tier_bytes": host, "total_bytes": rt.dense_bytes + experts + kv + host}
     result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **environment(device, torch_dtype),
-              "load_s": load_s, "tok_s": decode_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device),
-              "prefill_s": sum(r["prefill_s"] for r in runs),
+              "load_s": load_s, "tok_s": decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
+              "prefill_tok_s": prefill_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device, runs, probes),
+              "probes": probes,
               "memory": meter.report(bound),
               "cache": {**cache, "capacity": rt.cache.capacity, "host_tier_bytes": rt.cache.host_tier_bytes,
                         "unified_bytes": rt.cache.slab_bytes if rt.cache.unified else 0,

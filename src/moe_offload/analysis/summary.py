@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 MIB = 2**20
-COLUMNS = ["run", "decode tok/s", "bound tok/s", "vs native", "memory MiB", "bound MiB", "framework MiB",
+COLUMNS = ["run", "prefill tok/s", "prefill bound", "decode tok/s", "decode bound", "vs native", "memory MiB", "bound MiB", "framework MiB",
            "hit rate", "top-1 agreement", "mean KL", "perplexity", "sample text"]
 
 
@@ -21,7 +21,8 @@ def _num(value, fmt: str) -> str:
 
 def _row(name: str, side: dict, vs_native: str, cache: dict | None, fidelity: dict | None) -> list:
     mem = side["memory"]
-    return [name, _num(side["tok_s"], ".1f"), _num(side.get("tok_s_bound"), ".0f"), vs_native,
+    return [name, _num(side["prefill_tok_s"], ".0f"), _num(side["prefill_tok_s_bound"], ".0f"),
+            _num(side["tok_s"], ".1f"), _num(side["tok_s_bound"], ".0f"), vs_native,
             _num(mem["generate_peak_bytes"] / MIB, ".1f"), _num(mem["bound_bytes"] / MIB, ".1f"),
             _num(None if mem.get("framework_overhead_bytes") is None else mem["framework_overhead_bytes"] / MIB,
                  ".0f"),
@@ -53,8 +54,13 @@ def notes(report: dict) -> list[str]:
              "Memory is the model's own (peak during generation minus the process's baseline after imports), next "
              "to its bound (weights held + expert cache + KV cache); framework is what torch and transformers "
              "added before the model loaded. Truncated depths run fewer layers than native: their speed is not "
-             "a speedup. Bound tok/s = device bandwidth / bytes read per token (n/a where the bandwidth is not "
-             "known, e.g. on CPU)."]
+             "a speedup. Prefill tok/s = prompt tokens / prefill seconds (time to first token); its bound = the "
+             "matmul rate / 2 x active parameters per token. Decode bound = memory read rate / bytes a token reads "
+             "(its weights and the KV it attends over)."]
+    native = report["native"]
+    lines.append(f"Rates: memory read {native['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({native['bandwidth_source']}); "
+                 f"matmul {native['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({native['matmul_source']}); "
+                 "each run's bound uses the rates probed in its own job.")
     if model["source"] == "synthetic":
         lines.append("The synthetic checkpoint's weights are random unless trained: its sample text is not "
                      "expected to read as English.")

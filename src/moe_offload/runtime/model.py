@@ -20,7 +20,6 @@ from torch import nn
 
 from ..checkpoint.layouts import Layout, TextConfig
 from ..errors import InputError
-from .cache_policy import step_accesses
 from .expert_cache import ExpertCache
 from .kv_cache import KVCache
 from .trace import RouterTrace
@@ -117,12 +116,12 @@ class MoE(nn.Module):
         b, t, h = x.shape
         flat = x.reshape(-1, h)
         top_w, top_i = self.route(flat)
-        # The one device-to-host sync of the layer: the host must know the experts to load them.
-        host = torch.stack((top_i.to(torch.float32), top_w.to(torch.float32))).cpu()
-        chosen = host[0].to(torch.long).tolist()
-        self.record(self.layer, chosen, host[1].tolist())
-        experts, k = step_accesses(chosen), self.cfg.experts_per_token
-        counts = torch.bincount(host[0].view(-1).to(torch.long), minlength=self.cfg.num_experts).tolist()
+        # The one device-to-host sync of the layer: the host must know the experts to load them. Only the
+        # counts per expert cross (not tokens x k ids: Python work per token would dominate a long prompt).
+        k = self.cfg.experts_per_token
+        counts = torch.bincount(top_i.view(-1), minlength=self.cfg.num_experts).cpu().tolist()
+        experts = [e for e, n in enumerate(counts) if n]  # step_accesses' order: ascending
+        self.record(self.layer, top_i, top_w)
         # each (token, choice) pair's weighted product, written once (no atomics: the same sums every run),
         # then each token's k added up
         products = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device)
@@ -214,8 +213,11 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         self.kv.setup(max_batch, max_seq_len)
 
-    def record(self, layer: int, chosen: list[list[int]], weights: list[list[float]]) -> None:
-        self.trace.record(layer, chosen, weights, self._positions)
+    def record(self, layer: int, top_i: torch.Tensor, top_w: torch.Tensor) -> None:
+        """A MoE layer's routing [B*T, k] into the trace (when it records: the copy costs a sync)."""
+        if self.trace.enabled:
+            host = torch.stack((top_i.to(torch.float32), top_w.to(torch.float32))).cpu()
+            self.trace.record(layer, host[0].to(torch.long).tolist(), host[1].tolist(), self._positions)
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None,
                 keep: int | None = None):

@@ -80,19 +80,21 @@ if triton is not None:
         tl.store(out_ptr + offs, (w * h).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_rope(src, norm_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF: tl.constexpr):
-        """One head of q or k (2 HALF elements) from the QKV product: per-head RMSNorm, then RoPE
-        (rotate-half form), each step rounded to dt as transformers' elementwise ops round. Returns the two
-        halves (float32; zero past HALF, the tile's masked tail)."""
-        a = tl.load(src + half, mask=hmask, other=0.0).to(tl.float32)
-        b = tl.load(src + HALF + half, mask=hmask, other=0.0).to(tl.float32)
-        inv = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / (2 * HALF) + eps)
-        na = tl.load(norm_ptr + half, mask=hmask, other=0.0).to(tl.float32)
-        nb = tl.load(norm_ptr + HALF + half, mask=hmask, other=0.0).to(tl.float32)
+    def _norm_rope(src, rows, rmask, norm_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF: tl.constexpr):
+        """Heads `rows` of q or k (2 HALF elements each, from src) from the QKV product: per-head RMSNorm, then
+        RoPE (rotate-half form), each step rounded to dt as transformers' elementwise ops round. Returns the
+        two halves [rows, halves] (float32; zero in the tile's masked tail)."""
+        m = rmask[:, None] & hmask[None, :]
+        offs = rows[:, None] * (2 * HALF) + half[None, :]
+        a = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(src + offs + HALF, mask=m, other=0.0).to(tl.float32)
+        inv = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / (2 * HALF) + eps)[:, None]
+        na = tl.load(norm_ptr + half, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        nb = tl.load(norm_ptr + HALF + half, mask=hmask, other=0.0).to(tl.float32)[None, :]
         a = (na * (a * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         b = (nb * (b * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        c = tl.load(cos_ptr + pos * 2 * HALF + half, mask=hmask, other=0.0).to(tl.float32)  # halves equal
-        s = tl.load(sin_ptr + pos * 2 * HALF + half, mask=hmask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + pos * 2 * HALF + half, mask=hmask, other=0.0).to(tl.float32)[None, :]  # halves equal
+        s = tl.load(sin_ptr + pos * 2 * HALF + half, mask=hmask, other=0.0).to(tl.float32)[None, :]
         ra = ((a * c).to(dt).to(tl.float32) + (-b * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         rb = ((b * c).to(dt).to(tl.float32) + (a * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         return ra, rb
@@ -100,83 +102,105 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, mask_ptr,
                           out_ptr, part_ptr, stat_ptr, count_ptr, n_heads, n_kv, head_stride, chunk, n_splits, eps,
-                          scale, GROUP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
+                          scale, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                          IEEE: tl.constexpr, PDL: tl.constexpr):
         # Split along the KV cache (flash-decoding), so that one token keeps every SM busy: program
-        # (head, split) takes one query head over cache positions [split * chunk, (split + 1) * chunk)
-        # below the token's, the KV heads read in place rather than repeated for GQA. Each program norms and
-        # rotates its head's q (and its KV head's k) from the QKV product; split 0 writes the token's k and v
-        # into the cache (the first head of each group) and counts the token's own entry. Each split keeps
-        # an online softmax in float32 and stores it; the last split of a head to finish merges them in
-        # split order by log-sum-exp (an atomic counter per head, as the down kernel adds its experts).
+        # (kv head, split) takes the GROUP query heads that share a KV head over cache positions
+        # [split * chunk, (split + 1) * chunk) below the token's, so each K and V tile is read once for
+        # all of them (GQA) and their scores are one tensor-core product. Each program norms and rotates
+        # its heads' q (and the KV head's k) from the QKV product; split 0 writes the token's k and v into
+        # the cache and counts the token's own entry. Each split keeps an online softmax in float32 and
+        # stores it; the last split of a KV head to finish merges its heads' splits in split order by
+        # log-sum-exp (an atomic counter per KV head, as the down kernel adds its experts).
         _wait_for_inputs(PDL)
-        head = tl.program_id(0)
+        kv = tl.program_id(0)
         split = tl.program_id(1)
-        kv = head // GROUP
+        g = tl.arange(0, BLOCK_G)
+        gmask = g < GROUP
         half = tl.arange(0, BLOCK_HALF)
         hmask = half < HALF
+        m2 = gmask[:, None] & hmask[None, :]
         dt = out_ptr.dtype.element_ty
         pos = tl.load(pos_ptr)
-        qa, qb = _norm_rope(qkv_ptr + head * D, qn_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF)
-        ka, kb = _norm_rope(qkv_ptr + (n_heads + kv) * D, kn_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF)
-        va = tl.load(qkv_ptr + (n_heads + n_kv + kv) * D + half, mask=hmask, other=0.0).to(tl.float32)
-        vb = tl.load(qkv_ptr + (n_heads + n_kv + kv) * D + HALF + half, mask=hmask, other=0.0).to(tl.float32)
+        heads = kv * GROUP + g
+        qa, qb = _norm_rope(qkv_ptr, heads, gmask, qn_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF)
+        one = tl.arange(0, 1)
+        ka, kb = _norm_rope(qkv_ptr + (n_heads + kv) * D, one, one == 0, kn_ptr, cos_ptr, sin_ptr, pos, half, hmask,
+                            eps, dt, HALF)  # [1, halves]
+        v_src = qkv_ptr + (n_heads + n_kv + kv) * D + half[None, :]
+        va = tl.load(v_src, mask=hmask[None, :], other=0.0).to(tl.float32)
+        vb = tl.load(v_src + HALF, mask=hmask[None, :], other=0.0).to(tl.float32)
         k_base = k_cache_ptr + kv * head_stride
         v_base = v_cache_ptr + kv * head_stride
         first = split == 0
-        if first & (head % GROUP == 0):
-            tl.store(k_base + pos * D + half, ka.to(dt), mask=hmask)
-            tl.store(k_base + pos * D + HALF + half, kb.to(dt), mask=hmask)
-            tl.store(v_base + pos * D + half, va.to(dt), mask=hmask)
-            tl.store(v_base + pos * D + HALF + half, vb.to(dt), mask=hmask)
-        own = (tl.sum(qa * ka, axis=0) + tl.sum(qb * kb, axis=0)) * scale  # the token's own score
+        if first:
+            here = pos * D + half[None, :]
+            tl.store(k_base + here, ka.to(dt), mask=hmask[None, :])
+            tl.store(k_base + here + HALF, kb.to(dt), mask=hmask[None, :])
+            tl.store(v_base + here, va.to(dt), mask=hmask[None, :])
+            tl.store(v_base + here + HALF, vb.to(dt), mask=hmask[None, :])
+        own = (tl.sum(qa * ka, axis=1) + tl.sum(qb * kb, axis=1)) * scale  # [heads]: the token's own score
         m_i = tl.where(first, own, float("-inf"))
-        l_i = tl.where(first, 1.0, 0.0)
-        acc_a = tl.where(first, va, 0.0)
-        acc_b = tl.where(first, vb, 0.0)
+        l_i = tl.where(first, 1.0, 0.0) + own * 0.0
+        acc_a = tl.where(first, va + qa * 0.0, 0.0)  # [heads, halves]
+        acc_b = tl.where(first, vb + qb * 0.0, 0.0)
+        # the products' inputs: the cache's dtype on tensor cores (q is exact in it: rounded to dt above), or
+        # float32 products in IEEE precision (float32 runs: no TF32; Triton's interpreter: no bf16 product)
+        tdt = tl.float32 if IEEE else k_cache_ptr.dtype.element_ty
+        precision: tl.constexpr = "ieee" if IEEE else "tf32"
+        qa_t = qa.to(tdt)
+        qb_t = qb.to(tdt)
         s0 = split * chunk
         end = tl.minimum(s0 + chunk, pos)
-        m2 = hmask[None, :]
         while s0 < end:  # (a while: Triton's interpreter cannot take a loaded bound in range())
             s = s0 + tl.arange(0, BLOCK_S)
             inside = s < end
             keep = inside & (tl.load(mask_ptr + s, mask=inside, other=0) != 0)
             rows = s[:, None] * D + half[None, :]
-            k_a = tl.load(k_base + rows, mask=inside[:, None] & m2, other=0.0).to(tl.float32)
-            k_b = tl.load(k_base + rows + HALF, mask=inside[:, None] & m2, other=0.0).to(tl.float32)
-            v_a = tl.load(v_base + rows, mask=inside[:, None] & m2, other=0.0).to(tl.float32)
-            v_b = tl.load(v_base + rows + HALF, mask=inside[:, None] & m2, other=0.0).to(tl.float32)
-            scores = tl.sum(k_a * qa[None, :], axis=1) + tl.sum(k_b * qb[None, :], axis=1)
-            scores = tl.where(keep, scores * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            t_mask = inside[:, None] & hmask[None, :]
+            k_a = tl.load(k_base + rows, mask=t_mask, other=0.0).to(tdt)
+            k_b = tl.load(k_base + rows + HALF, mask=t_mask, other=0.0).to(tdt)
+            scores = tl.dot(qa_t, tl.trans(k_a), input_precision=precision)
+            scores += tl.dot(qb_t, tl.trans(k_b), input_precision=precision)  # [heads, positions]
+            scores = tl.where(keep[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: no inf - inf
             alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(scores - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc_a = acc_a * alpha + tl.sum(p[:, None] * v_a, axis=0)
-            acc_b = acc_b * alpha + tl.sum(p[:, None] * v_b, axis=0)
+            p = tl.exp(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_a = tl.load(v_base + rows, mask=t_mask, other=0.0).to(tdt)
+            v_b = tl.load(v_base + rows + HALF, mask=t_mask, other=0.0).to(tdt)
+            p_t = p.to(tdt)  # as flash attention: the probabilities in the inputs' dtype for the product
+            acc_a = acc_a * alpha[:, None] + tl.dot(p_t, v_a, input_precision=precision)
+            acc_b = acc_b * alpha[:, None] + tl.dot(p_t, v_b, input_precision=precision)
             m_i = m_new
             s0 += BLOCK_S
-        mine = head * n_splits + split
-        tl.store(stat_ptr + mine * 2, m_i)
-        tl.store(stat_ptr + mine * 2 + 1, l_i)
-        tl.store(part_ptr + mine * D + half, acc_a, mask=hmask)
-        tl.store(part_ptr + mine * D + HALF + half, acc_b, mask=hmask)
+        mine = heads * n_splits + split
+        tl.store(stat_ptr + mine * 2, m_i, mask=gmask)
+        tl.store(stat_ptr + mine * 2 + 1, l_i, mask=gmask)
+        tl.store(part_ptr + mine[:, None] * D + half[None, :], acc_a, mask=m2)
+        tl.store(part_ptr + mine[:, None] * D + HALF + half[None, :], acc_b, mask=m2)
         tl.debug_barrier()  # every thread's part stored before the release below publishes it
-        if tl.atomic_add(count_ptr + head, 1, sem="acq_rel") == n_splits - 1:
+        if tl.atomic_add(count_ptr + kv, 1, sem="acq_rel") == n_splits - 1:
             sp = tl.arange(0, BLOCK_SPLITS)
             smask = sp < n_splits
-            base = head * n_splits + sp
-            m = tl.load(stat_ptr + base * 2, mask=smask, other=float("-inf"), cache_modifier=".cg")
-            big = tl.max(m, axis=0)  # finite: split 0 holds the token's own score
-            w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
-            l_sum = tl.sum(w * tl.load(stat_ptr + base * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg"), axis=0)
-            pm = smask[:, None] & m2
-            pa = tl.load(part_ptr + base[:, None] * D + half[None, :], mask=pm, other=0.0, cache_modifier=".cg")
-            pb = tl.load(part_ptr + base[:, None] * D + HALF + half[None, :], mask=pm, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + head * D + half, (tl.sum(w[:, None] * pa, axis=0) / l_sum).to(dt), mask=hmask)
-            tl.store(out_ptr + head * D + HALF + half, (tl.sum(w[:, None] * pb, axis=0) / l_sum).to(dt), mask=hmask)
-            tl.atomic_xchg(count_ptr + head, 0)  # ready for the next launch (graph replays reuse the counters)
+            for j in tl.static_range(GROUP):
+                head = kv * GROUP + j
+                base = head * n_splits + sp
+                m = tl.load(stat_ptr + base * 2, mask=smask, other=float("-inf"), cache_modifier=".cg")
+                big = tl.max(m, axis=0)  # finite: split 0 holds the token's own score
+                w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
+                l_sum = tl.sum(w * tl.load(stat_ptr + base * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg"),
+                               axis=0)
+                pm = smask[:, None] & hmask[None, :]
+                pa = tl.load(part_ptr + base[:, None] * D + half[None, :], mask=pm, other=0.0, cache_modifier=".cg")
+                pb = tl.load(part_ptr + base[:, None] * D + HALF + half[None, :], mask=pm, other=0.0,
+                             cache_modifier=".cg")
+                tl.store(out_ptr + head * D + half, (tl.sum(w[:, None] * pa, axis=0) / l_sum).to(dt), mask=hmask)
+                tl.store(out_ptr + head * D + HALF + half, (tl.sum(w[:, None] * pb, axis=0) / l_sum).to(dt),
+                         mask=hmask)
+            tl.atomic_xchg(count_ptr + kv, 0)  # ready for the next launch (graph replays reuse the counters)
 
     @triton.jit
     def _gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, eps, K: tl.constexpr,
@@ -214,7 +238,7 @@ if triton is not None:
 # The fastest of a sweep on an H100 at the real model's dims, each kernel timed inside a CUDA graph with
 # its weights out of L2 (benchmarks/kernel_speed.py); valid for any size.
 GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8)  # whole rows: BLOCK_K is the vector's length
-ATTENTION_BLOCKS = dict(BLOCK_S=128, num_warps=8)
+ATTENTION_BLOCKS = dict(BLOCK_S=64, num_warps=4)  # not yet swept: GQA-packed, tensor-core tiles
 # The one-program kernels (norm, route) and the per-head one: a vector of a few thousand elements,
 # whose reductions within one warp are shuffles, with no shared memory and no barrier.
 SMALL_BLOCKS = dict(num_warps=1)
@@ -265,35 +289,39 @@ def attention(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache
     softmax(q k^T * scale) v over positions 0..pos[0] where mask [S] is True (the token always sees
     itself), the cache split in `splits` ranges (None: enough to fill the GPU). Returns [n_heads * D]."""
     d, seq, dev = q_norm.numel(), k_cache.shape[2], qkv.device
-    block_s, splits = _kv_splits(seq, n_heads, dev, splits)
+    block_s, splits = _kv_splits(seq, n_kv, dev, splits)
     chunk = triton.cdiv(triton.cdiv(seq, splits), block_s) * block_s
     splits = triton.cdiv(seq, chunk)
     out = torch.empty(n_heads * d, dtype=qkv.dtype, device=dev)
     part = torch.empty(n_heads * splits * d, dtype=torch.float32, device=dev)
     stats = torch.empty(n_heads * splits * 2, dtype=torch.float32, device=dev)
     warps = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": ATTENTION_BLOCKS["num_warps"]}
-    _attention_kernel[(n_heads, splits)](qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask.view(torch.uint8),
-                                         out, part, stats, _counters(dev, "attention", n_heads), n_heads, n_kv,
-                                         k_cache.stride(1), chunk, splits, eps, scale, GROUP=n_heads // n_kv, D=d,
-                                         HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_S=block_s,
-                                         BLOCK_SPLITS=triton.next_power_of_2(splits), **warps, **_launch(dev))
+    group = n_heads // n_kv
+    _attention_kernel[(n_kv, splits)](qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask.view(torch.uint8), out,
+                                      part, stats, _counters(dev, "attention", n_kv), n_heads, n_kv, k_cache.stride(1),
+                                      chunk, splits, eps, scale, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+                                      D=d, HALF=d // 2, BLOCK_HALF=max(16, triton.next_power_of_2(d // 2)),
+                                      BLOCK_S=block_s, BLOCK_SPLITS=triton.next_power_of_2(splits),
+                                      IEEE=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+                                      **warps, **_launch(dev))
     return out
 
 
 _sm_count: dict[torch.device, int] = {}
 
 
-def _kv_splits(seq: int, n_heads: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+def _kv_splits(seq: int, n_kv: int, device: torch.device, splits: int | None) -> tuple[int, int]:
     """(positions per tile, ranges of the cache): about two programs per SM, each range at least a tile.
-    Under the interpreter, two ranges (what tests exercise) of one tile each."""
+    Under the interpreter, two ranges (what tests exercise) of one tile each (16 positions at least: a
+    tensor-core product's smallest side)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        block = triton.next_power_of_2(triton.cdiv(seq, splits or 2))
+        block = max(16, triton.next_power_of_2(triton.cdiv(seq, splits or 2)))
         return block, splits or triton.cdiv(seq, block)
-    block = min(ATTENTION_BLOCKS["BLOCK_S"], triton.next_power_of_2(seq))
+    block = max(16, min(ATTENTION_BLOCKS["BLOCK_S"], triton.next_power_of_2(seq)))
     if splits is None:
         if device not in _sm_count:
             _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = triton.cdiv(2 * _sm_count[device], n_heads)
+        splits = triton.cdiv(2 * _sm_count[device], n_kv)
     return block, max(1, min(splits, triton.cdiv(seq, block)))
 
 

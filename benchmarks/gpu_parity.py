@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa: E402
-from moe_offload.runtime import generate as gen_module  # noqa: E402
+from moe_offload.runtime import cache_policy  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
 from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
 from moe_offload.runtime.native import load_native  # noqa: E402
@@ -139,7 +139,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    gen_module.PREFILL_CHUNK = 1024  # several chunks in the long prompt
+    cache_policy.PREFILL_CHUNK = 1024  # several chunks in the long prompt
     torch.backends.cuda.matmul.allow_tf32 = False  # true float32 matmuls (also torch's default)
     torch.backends.cudnn.allow_tf32 = False
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": a.device,

@@ -373,9 +373,9 @@ def test_long_prompt_through_chunked_prefill_and_split_kv_decode(model, kernels,
     """A 2100-token prompt: prefilled in chunks of 700 (grouped GEMMs over the cache's slabs, misses between
     waves), then decoded with attention split along the KV cache (the kernels, under the interpreter):
     transformers' tokens and logits."""
-    from moe_offload.runtime import generate as gen_module
+    from moe_offload.runtime import cache_policy
 
-    monkeypatch.setattr(gen_module, "PREFILL_CHUNK", 700)
+    monkeypatch.setattr(cache_policy, "PREFILL_CHUNK", 700)
     cfg, steps = model["cfg"], 4
     ids = torch.randint(0, cfg.vocab_size, (1, 2100), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -387,5 +387,8 @@ def test_long_prompt_through_chunked_prefill_and_split_kv_decode(model, kernels,
     for ours, theirs in zip(gen.logits, want.logits):
         assert (ours[0] - theirs[0]).abs().max().item() <= TOL
     assert gen.prefill_stats["misses"] > cfg.num_experts  # waves: more experts routed than the cache holds
+    accesses = access_sequence(pd.DataFrame(rt.model.trace.rows, columns=TRACE_COLUMNS))  # chunk by chunk
+    s = rt.cache.stats()
+    assert simulate(accesses, "lru", "per_layer", 6) == {"hits": s["hits"], "misses": s["misses"]}
     forced = teacher_forced_logits(rt, ids[0].tolist(), gen.tokens[0])  # chunked too, logits only at the end
     assert (forced - torch.stack([l[0] for l in want.logits])).abs().max().item() <= TOL

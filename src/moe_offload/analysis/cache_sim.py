@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from ..runtime import cache_policy
 from ..runtime.cache_policy import ONLINE_POLICIES, Key, Scoped, step_accesses
 
 POLICIES = (*ONLINE_POLICIES, "belady")
@@ -24,17 +25,21 @@ TRACE_COLUMNS = ("prompt", "step", "position", "layer", "experts")
 
 
 def access_sequence(trace: pd.DataFrame) -> list[Key]:
-    """(layer, expert) keys in runtime order: per (prompt, step), per layer ascending, `step_accesses`."""
+    """(layer, expert) keys in runtime order: per (prompt, step, prompt chunk), per layer ascending,
+    `step_accesses`."""
     missing = [c for c in TRACE_COLUMNS if c not in trace.columns]
     if missing:
         raise ValueError(f"router trace lacks columns {missing}")
     # Stable: rows of one (prompt, step, layer) keep their position order (it does not change the result,
     # step_accesses sorts, but keeps the replay faithful to what was written).
-    t = trace.sort_values(["prompt", "step", "layer"], kind="stable")
-    rows = zip(t["prompt"].tolist(), t["step"].tolist(), t["layer"].tolist(), t["experts"].tolist())
+    # a prompt runs in chunks (cache_policy.PREFILL_CHUNK), each through every layer before the next
+    t = trace.assign(chunk=trace["position"] // cache_policy.PREFILL_CHUNK * (trace["step"] == 0))
+    t = t.sort_values(["prompt", "step", "chunk", "layer"], kind="stable")
+    rows = zip(t["prompt"].tolist(), t["step"].tolist(), t["chunk"].tolist(), t["layer"].tolist(),
+               t["experts"].tolist())
     keys: list[Key] = []
-    for (_, _, layer), group in groupby(rows, key=lambda r: r[:3]):
-        chosen = [[int(e) for e in r[3]] for r in group]
+    for (_, _, _, layer), group in groupby(rows, key=lambda r: r[:4]):
+        chosen = [[int(e) for e in r[4]] for r in group]
         keys.extend((int(layer), e) for e in step_accesses(chosen))
     return keys
 

@@ -103,6 +103,11 @@ class Scoped:
         return self._pools[pool_id]
 
 
+# Prompt tokens per forward (runtime.generate): a prompt's chunks each run through every layer before the
+# next, so they are separate steps of the access order (analysis.cache_sim.access_sequence).
+PREFILL_CHUNK = 4096
+
+
 def step_accesses(chosen: list[list[int]]) -> list[int]:
     """The order in which one forward step touches one layer's experts: each expert any token chose,
     once, ascending. The runtime loads in this order and the simulator replays traces in it."""

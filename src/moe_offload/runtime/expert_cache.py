@@ -199,6 +199,10 @@ class ExpertCache:
     def is_resident(self, layer: int, expert: int) -> bool:
         return self.residency.is_resident(layer, expert)
 
+    def holds_every_expert(self) -> bool:
+        """Every expert of every layer is resident: nothing can miss."""
+        return self.residency.count() == sum(len(spans) for spans in self.spans.values())
+
     def resident_count(self) -> int:
         return self.residency.count()
 

@@ -17,6 +17,7 @@ import torch
 from ..checkpoint.layouts import Layout, TextConfig, detect_checkpoint
 from ..errors import InputError
 from . import kernels
+from . import cache_policy
 from .decode import check_path, default_path, make_decoder
 from .expert_cache import CacheOptions, ExpertCache
 from .fused_step import TORCH_OPS, TRITON_OPS, FusedStep
@@ -25,7 +26,6 @@ from .sampler import Sampler
 from .trace import TRACE_COLUMNS
 
 
-PREFILL_CHUNK = 4096  # prompt tokens per forward: bounds a long prompt's activations (MoE pairs, masks)
 
 
 @dataclass
@@ -215,8 +215,9 @@ def prefill(model: Transformer, ids: torch.Tensor, want_from: int) -> torch.Tens
     """ids [B, T] through the model in chunks (activations bounded however long the prompt is): logits
     [B, T - want_from, V] of positions want_from.., the only ones computed."""
     t, parts = ids.shape[1], []
-    for first in range(0, t, PREFILL_CHUNK):
-        end = min(t, first + PREFILL_CHUNK)
+    size = cache_policy.PREFILL_CHUNK  # bounds a long prompt's activations (the MoE's pairs, attention)
+    for first in range(0, t, size):
+        end = min(t, first + size)
         keep = max(0, end - max(first, want_from))
         parts.append(model.forward(ids[:, first:end], torch.arange(first, end, device=ids.device),
                                    list(range(first, end)), keep=keep))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from ..checkpoint.layouts import Layout, TextConfig
 from ..errors import InputError
@@ -68,9 +69,9 @@ class Attention(nn.Module):
             # take its math path, which holds heads x T x end scores (8 GB for a 2k chunk at 32k)
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
-        # a chunk that starts the sequence (positions 0..T-1, contiguous as forward's callers pass them) is
-        # plain causal: SDPA's flash kernel; a later chunk sees the cache before it through a mask
-        mask = None if end == t else kv.mask(input_pos, end)
+        # The positions are the last T of 0..end-1 (contiguous, as forward's callers pass them): causal
+        # aligned to the bottom right, which SDPA's flash kernel takes without a materialised mask
+        mask = None if end == t else causal_lower_right(t, end)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
                                            scale=c.head_dim ** -0.5)
         return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.wo)
@@ -112,20 +113,26 @@ class MoE(nn.Module):
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return top_w.to(logits.dtype), top_i
 
-    def forward(self, x):
+    def forward(self, x, deferred: list | None = None):
+        """deferred: every expert of every layer is resident, so the host need not see this layer's routing
+        before its experts run: it goes on this list, accounted after the forward (Transformer.settle)."""
         b, t, h = x.shape
         flat = x.reshape(-1, h)
         top_w, top_i = self.route(flat)
-        # The one device-to-host sync of the layer: the host must know the experts to load them. Only the
-        # counts per expert cross (not tokens x k ids: Python work per token would dominate a long prompt).
         k = self.cfg.experts_per_token
-        counts = torch.bincount(top_i.view(-1), minlength=self.cfg.num_experts).cpu().tolist()
-        experts = [e for e, n in enumerate(counts) if n]  # step_accesses' order: ascending
-        self.record(self.layer, top_i, top_w)
         # each (token, choice) pair's weighted product, written once (no atomics: the same sums every run),
         # then each token's k added up
         products = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device)
         w1, _, _ = self.cache.slabs(self.layer)
+        if deferred is not None and grouped_mm_serves(w1, flat):
+            deferred.append((self.layer, top_i, top_w))
+            self._grouped(flat, top_i, top_w, list(range(self.cfg.num_experts)), b * t * k, products)
+            return products.view(b, t, k, h).sum(2)
+        # The one device-to-host sync of the layer: the host must know the experts to load them. Only the
+        # counts per expert cross (not tokens x k ids: Python work per token would dominate a long prompt).
+        counts = torch.bincount(top_i.view(-1), minlength=self.cfg.num_experts).cpu().tolist()
+        experts = [e for e, n in enumerate(counts) if n]  # step_accesses' order: ascending
+        self.record(self.layer, top_i, top_w)
         if self.cache.keeps_step_resident and grouped_mm_serves(w1, flat):
             # More experts than the cache holds: waves of half of it, each wave's misses loaded while the
             # wave before it runs (LRU then evicts the wave before that, whose work is done).
@@ -180,9 +187,10 @@ class Block(nn.Module):
     def moe(self) -> MoE | None:
         return self.mlp if isinstance(self.mlp, MoE) else None
 
-    def forward(self, x, kv, input_pos, end):
+    def forward(self, x, kv, input_pos, end, deferred=None):
         x = x + self.attn(rms_norm(x, self.ln1, self.eps), kv, input_pos, end)
-        return x + self.mlp(rms_norm(x, self.ln2, self.eps))
+        h = rms_norm(x, self.ln2, self.eps)
+        return x + (self.mlp(h, deferred) if self.moe is not None else self.mlp(h))
 
 
 class Transformer(nn.Module):
@@ -227,9 +235,24 @@ class Transformer(nn.Module):
         self._positions = input_pos.tolist() if positions is None else positions
         end = self.kv.end_of(self._positions)
         x = F.embedding(input_ids, self.embed)
+        # With every expert resident (LRU, a pool per layer), no layer needs the host before its experts run:
+        # their routing is accounted after the last layer, one host sync for the whole forward.
+        c = self.cache
+        deferred = [] if c.keeps_step_resident and c.scope == "per_layer" and c.holds_every_expert() else None
         for block in self.layers:
-            x = block(x, self.kv, input_pos, end)
+            x = block(x, self.kv, input_pos, end, deferred)
+        if deferred:
+            self.settle(deferred)
         return self.head(x if keep is None else x[:, x.shape[1] - keep:])
+
+    def settle(self, deferred: list) -> None:
+        """The deferred layers' routing, in layer order as if each had been seen when it ran: every expert
+        a hit (its recency refreshed in step_accesses order), and the trace rows."""
+        counts = torch.stack([torch.bincount(top_i.view(-1), minlength=self.cfg.num_experts)
+                              for _, top_i, _ in deferred]).cpu().tolist()
+        for (layer, top_i, top_w), n in zip(deferred, counts):
+            self.cache.get_many(layer, [e for e, used in enumerate(n) if used])
+            self.record(layer, top_i, top_w)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)

@@ -18,13 +18,16 @@ def draw(sampler, n=20000):
 
 
 def test_hash_uniform_is_uniform_and_a_function_of_its_inputs():
-    u = hash_uniform(torch.tensor([7]), torch.tensor([3]), 2, 50000)
+    cols = torch.arange(50000).expand(2, -1)
+    u = hash_uniform(torch.tensor([7]), torch.tensor([3]), cols)
     assert ((u > 0) & (u < 1)).all()
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
     assert not torch.equal(u[0], u[1])  # rows differ
-    assert torch.equal(u, hash_uniform(torch.tensor([7]), torch.tensor([3]), 2, 50000))
-    assert not torch.equal(u, hash_uniform(torch.tensor([8]), torch.tensor([3]), 2, 50000))
-    assert not torch.equal(u, hash_uniform(torch.tensor([7]), torch.tensor([4]), 2, 50000))
+    assert torch.equal(u, hash_uniform(torch.tensor([7]), torch.tensor([3]), cols))
+    assert not torch.equal(u, hash_uniform(torch.tensor([8]), torch.tensor([3]), cols))
+    assert not torch.equal(u, hash_uniform(torch.tensor([7]), torch.tensor([4]), cols))
+    # a token's noise depends on its id, not on which others are drawn with it (top-k keeps a subset)
+    assert torch.equal(hash_uniform(torch.tensor([7]), torch.tensor([3]), cols[:, [5, 900]]), u[:, [5, 900]])
 
 
 def test_samples_follow_the_softmax():
@@ -46,3 +49,14 @@ def test_temperature_top_k_and_top_p_filter_as_transformers():
 def test_bad_settings_are_refused(settings):
     with pytest.raises(InputError, match="sampling needs"):
         Sampler(torch.device("cpu"), **{"temperature": 1.0, **settings})
+
+
+def test_top_k_draws_what_the_whole_vocabulary_would():
+    """Sampling among the k best equals sampling the whole vocabulary with the others masked out."""
+    cpu = torch.device("cpu")
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    kth = torch.topk(logits, 40).values[:, -1:]
+    masked = logits.masked_fill(logits < kth, float("-inf"))
+    for pos in range(50):
+        p = torch.tensor([pos])
+        assert torch.equal(Sampler(cpu, 0.9, top_k=40, top_p=0.8)(logits, p), Sampler(cpu, 0.9, top_p=0.8)(masked, p))

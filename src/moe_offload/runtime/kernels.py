@@ -238,8 +238,8 @@ if triton is not None:
 # The fastest of a sweep on an H100 at the real model's dims, each kernel timed inside a CUDA graph with
 # its weights out of L2 (benchmarks/kernel_speed.py); valid for any size.
 GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8)  # whole rows: BLOCK_K is the vector's length
-# not yet swept: GQA-packed, tensor-core tiles; MIN_SPLIT: fewest cache positions a split takes
-ATTENTION_BLOCKS = dict(BLOCK_S=64, num_warps=4, MIN_SPLIT=256)
+# GQA-packed tensor-core tiles (tile sizes not swept); ONE_RANGE: caches up to this many positions are one range
+ATTENTION_BLOCKS = dict(BLOCK_S=64, num_warps=4, ONE_RANGE=256)
 # The one-program kernels (norm, route) and the per-head one: a vector of a few thousand elements,
 # whose reductions within one warp are shuffles, with no shared memory and no barrier.
 SMALL_BLOCKS = dict(num_warps=1)
@@ -312,17 +312,20 @@ _sm_count: dict[torch.device, int] = {}
 
 
 def _kv_splits(seq: int, n_kv: int, device: torch.device, splits: int | None) -> tuple[int, int]:
-    """(positions per tile, ranges of the cache): at most a program per SM, each range MIN_SPLIT positions.
+    """(positions per tile, ranges of the cache), each range at least a tile.
     Under the interpreter, two ranges (what tests exercise) of one tile each (16 positions at least: a
     tensor-core product's smallest side)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         block = max(16, triton.next_power_of_2(triton.cdiv(seq, splits or 2)))
         return block, splits or triton.cdiv(seq, block)
     block = max(16, min(ATTENTION_BLOCKS["BLOCK_S"], triton.next_power_of_2(seq)))
-    if splits is None:  # a program per SM at most, each range a few tiles at least (fewer partials to merge)
+    if splits is None:
         if device not in _sm_count:
             _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = min(triton.cdiv(_sm_count[device], n_kv), triton.cdiv(seq, ATTENTION_BLOCKS["MIN_SPLIT"]))
+        # Measured on an H100 (benchmarks/results/context_sweep_h100_*): one range for a short cache; else
+        # about two programs per SM, each range a tile at least (a program per SM, ranges of 256: slower
+        # from 2k to 32k positions)
+        splits = 1 if seq <= ATTENTION_BLOCKS["ONE_RANGE"] else triton.cdiv(2 * _sm_count[device], n_kv)
     return block, max(1, min(splits, triton.cdiv(seq, block)))
 
 

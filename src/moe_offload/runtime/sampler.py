@@ -27,12 +27,11 @@ def _shr(z: torch.Tensor, n: int) -> torch.Tensor:
     return (z >> n) & ((1 << (64 - n)) - 1)
 
 
-def hash_uniform(seed: torch.Tensor, pos: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
-    """[rows, vocab] floats in (0, 1), a function of (seed, pos, row, column) alone (splitmix64's finaliser;
-    int64 products wrap around)."""
-    col = torch.arange(vocab, device=pos.device)
-    row = torch.arange(rows, device=pos.device)[:, None]
-    z = seed * _MIX[1] + pos.view(-1)[:1] * _MIX[2] + row * (vocab + 1) + col + _MIX[0]
+def hash_uniform(seed: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Floats in (0, 1) of cols' shape [rows, n] (token ids), a function of (seed, pos, row, token id) alone
+    (splitmix64's finaliser; int64 products wrap around)."""
+    row = torch.arange(cols.shape[0], device=cols.device)[:, None]
+    z = seed * _MIX[1] + pos.view(-1)[:1] * _MIX[2] + (row << 32) + cols + _MIX[0]
     z = (z ^ _shr(z, 30)) * _MIX[1]
     z = (z ^ _shr(z, 27)) * _MIX[2]
     z = z ^ _shr(z, 31)
@@ -71,13 +70,14 @@ class Sampler:
         if self.greedy:
             return logits.argmax(dim=-1)
         logits = logits.float() / self.temperature
-        if self.k:
-            kth = torch.topk(logits, min(self.k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.k:  # the k best only (the rest are out whatever top-p says): top-p sorts k values, not the vocab
+            logits, ids = torch.topk(logits, min(self.k, logits.shape[-1]), dim=-1)
+        else:
+            ids = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape)
         if self.uses_top_p:
             sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
             drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
             drop[:, -1] = False  # keep at least the most likely token
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        noise = -torch.log(-torch.log(hash_uniform(self.seed, pos, *logits.shape)))
-        return (logits + noise).argmax(dim=-1)
+        noise = -torch.log(-torch.log(hash_uniform(self.seed, pos, ids)))  # by token id: the same whatever k
+        return ids.gather(-1, (logits + noise).argmax(dim=-1, keepdim=True)).squeeze(-1)

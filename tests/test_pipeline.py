@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import jsonschema
 import pandas as pd
@@ -98,6 +99,43 @@ def _numbers_are_like_for_like(workdir, report):
     _, cfg = detect_checkpoint(workdir / "models/default")  # the default checkpoint's expert size, in float32
     assert profile["dtype"] == "float32" and profile["summary"]["expert_bytes"] == cfg.expert_params * 4
     assert report["cache_profile"]["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_stage_times_come_from_snakemakes_benchmark_files(workdir):
+    """Every job that ran left Snakemake's benchmark file under results/benchmarks/<rule>/; the report's
+    stage table is their sums per rule, and the files rerun nothing."""
+    use_small_synthetic(workdir, num_layers=4)
+    set_config(workdir, generate={"depths": [1], "max_new_tokens": 4, "prompts": ["The capital of France is"]})
+    proc = snakemake(workdir, "--cores", "2", "results/compare.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = sorted((workdir / ".snakemake/log").glob("*.log"))[-1].read_text()
+    ran = Counter(re.findall(r"^(?:local)?rule (\w+):$", log, re.M))
+    assert set(ran) >= {"download", "extract_layer", "validate_layer", "generate_depth", "compare"}
+    root = workdir / "results/benchmarks"
+    files = {rule.name: sorted(rule.glob("*.tsv")) for rule in root.iterdir()}
+    assert {rule: len(paths) for rule, paths in files.items()} == dict(ran)
+    report = json.loads((workdir / "results/compare.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    stages = {s["rule"]: s for s in report["stages"]}
+    assert set(stages) == set(ran) - {"compare"}  # the report's own file is written after it
+    for rule, stage in stages.items():
+        jobs = pd.concat(pd.read_csv(path, sep="\t", na_values="NA") for path in files[rule])
+        assert stage["jobs"] == len(jobs) == ran[rule]
+        assert stage["seconds"] == pytest.approx(jobs["s"].sum()) and stage["seconds"] > 0
+        assert stage["max_rss_mib"] == pytest.approx(jobs["max_rss"].max())
+    # a job that imports torch and runs for seconds is sampled, at hundreds of MiB
+    assert stages["generate_native_reference"]["max_rss_mib"] > 100
+    seconds = [s["seconds"] for s in report["stages"]]
+    assert seconds == sorted(seconds, reverse=True)
+    printed = subprocess.run([sys.executable, "-m", "moe_offload.analysis.summary", "results/compare.json"],
+                             cwd=workdir, capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr
+    block = printed.stdout.split("Where the time went:\n")[1].splitlines()
+    total = block[len(stages) + 1].split()
+    assert total[:3] == ["total", str(sum(ran.values()) - 1), f"{sum(seconds):.1f}"]
+    assert "Where the time went" in (workdir / "results/compare.html").read_text()
+    assert "Nothing to be done" in snakemake(workdir, "-n", "results/compare.json").stdout
 
 
 def test_plan_of_the_main_job_is_whole_and_writes_nothing(workdir):

@@ -309,11 +309,12 @@ def plots(smk) -> None:
 
 def compare(smk) -> None:
     from .analysis.compare import build_compare, validate_compare
+    from .analysis.stages import stage_times
 
     read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
     report = build_compare(_manifest(smk), read(smk.input.checksums), read(smk.input.native),
                            [read(p) for p in smk.input.depths], read(smk.input.profile), dict(smk.config),
-                           [str(p) for p in smk.input.plots])
+                           [str(p) for p in smk.input.plots], stage_times(list(smk.input.benchmarks)))
     from .analysis.summary import to_html
 
     validate_compare(report, smk.input.schema)

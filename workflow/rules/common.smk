@@ -137,3 +137,21 @@ def native_json():
 
 def native_budget():
     return {key: config["native"][key] for key in ("max_memory_mb", "cpu_memory_mb")}
+
+
+def stage_benchmarks(wildcards):
+    """Snakemake's benchmark file of every job before the report. Snakemake counts a
+    job's benchmark file among its outputs: as inputs they order the report after those
+    jobs and hold the exact jobs of this run (a glob would also find stale ones, such as
+    a depth no longer configured). A missing one reruns its job, so hub_metadata's is
+    left out: metadata kept from before would be fetched anew."""
+    singles = ["download", "extract_dense", "validate_dense", "validate_all"]
+    singles += ["generate_native_reference", "profile_cache", "plots"]
+    if config["native"]["timing"]:
+        singles.append("generate_native_timing")
+    return (
+        [str(getattr(rules, name).benchmark) for name in singles]
+        + expand(rules.extract_layer.benchmark, layer=EXPERT_LAYERS)
+        + expand(rules.validate_layer.benchmark, layer=EXPERT_LAYERS)
+        + expand(rules.generate_depth.benchmark, depth=DEPTHS)
+    )

@@ -22,6 +22,8 @@ rule plots:
         ),
     log:
         "logs/plots.log",
+    benchmark:
+        "results/benchmarks/plots/plots.tsv"
     conda:
         "../envs/moe-offload.yaml"
     params:
@@ -38,6 +40,7 @@ rule compare:
         depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
         profile="results/cache/profile.json",
         plots=rules.plots.output,
+        benchmarks=stage_benchmarks,
         schema="workflow/schemas/compare.schema.yaml",
     output:
         json=report(
@@ -52,6 +55,8 @@ rule compare:
         ),
     log:
         "logs/compare.log",
+    benchmark:
+        "results/benchmarks/compare/compare.tsv"
     conda:
         "../envs/moe-offload.yaml"
     params:

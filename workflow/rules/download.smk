@@ -8,6 +8,8 @@ rule download:
         "results/model/manifest.json",
     log:
         "logs/download.log",
+    benchmark:
+        "results/benchmarks/download/download.tsv"
     # the only job that may need the internet: it runs where Snakemake runs, never on a compute node
     localrule: True
     conda:

@@ -5,6 +5,8 @@ rule extract_layer:
         "results/experts/layer_{layer}.safetensors",
     log:
         "logs/extract/layer_{layer}.log",
+    benchmark:
+        "results/benchmarks/extract_layer/layer_{layer}.tsv"
     wildcard_constraints:
         layer=r"\d+",
     conda:
@@ -24,6 +26,8 @@ rule extract_dense:
         "results/experts/dense.safetensors",
     log:
         "logs/extract/dense.log",
+    benchmark:
+        "results/benchmarks/extract_dense/dense.tsv"
     conda:
         "../envs/moe-offload.yaml"
     resources:

@@ -6,6 +6,8 @@ rule generate_native_reference:
         logits="results/generate/native_logits.safetensors",
     log:
         "logs/generate/native_reference.log",
+    benchmark:
+        "results/benchmarks/generate_native_reference/native_reference.tsv"
     conda:
         "../envs/moe-offload.yaml"
     threads: TIMED_THREADS
@@ -31,6 +33,8 @@ rule generate_native_timing:
         json="results/generate/native_timing.json",
     log:
         "logs/generate/native_timing.log",
+    benchmark:
+        "results/benchmarks/generate_native_timing/native_timing.tsv"
     conda:
         "../envs/moe-offload.yaml"
     threads: TIMED_THREADS
@@ -61,6 +65,8 @@ rule generate_depth:
         trace="results/traces/depth_{depth}.parquet",
     log:
         "logs/generate/depth_{depth}.log",
+    benchmark:
+        "results/benchmarks/generate_depth/depth_{depth}.tsv"
     wildcard_constraints:
         depth=r"\d+",
     conda:

@@ -12,6 +12,8 @@ if config["model"]["source"] == "hf":
             ),
         log:
             "logs/hub_metadata.log",
+        benchmark:
+            "results/benchmarks/hub_metadata/hub_metadata.tsv"
         localrule: True
         params:
             model=model_source(),

@@ -11,6 +11,8 @@ rule profile_cache:
         json="results/cache/profile.json",
     log:
         "logs/profile_cache.log",
+    benchmark:
+        "results/benchmarks/profile_cache/profile.tsv"
     conda:
         "../envs/moe-offload.yaml"
     params:

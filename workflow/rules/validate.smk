@@ -6,6 +6,8 @@ rule validate_layer:
         "results/checksums/layer_{layer}.json",
     log:
         "logs/validate/layer_{layer}.log",
+    benchmark:
+        "results/benchmarks/validate_layer/layer_{layer}.tsv"
     wildcard_constraints:
         layer=r"\d+",
     conda:
@@ -24,6 +26,8 @@ rule validate_dense:
         "results/checksums/dense.json",
     log:
         "logs/validate/dense.log",
+    benchmark:
+        "results/benchmarks/validate_dense/dense.tsv"
     conda:
         "../envs/moe-offload.yaml"
     params:
@@ -45,6 +49,8 @@ rule validate_all:
         ),
     log:
         "logs/validate/all.log",
+    benchmark:
+        "results/benchmarks/validate_all/all.tsv"
     conda:
         "../envs/moe-offload.yaml"
     params:

@@ -45,7 +45,7 @@ def _side(run: dict) -> dict:
 
 
 def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[dict], profile: dict,
-                  config: dict, plots: list[str]) -> dict:
+                  config: dict, plots: list[str], stages: list[dict]) -> dict:
     depths = sorted(depths, key=lambda d: d["depth"])
     full = [d for d in depths if d["depth"] == manifest["num_layers"]]
     if not full:
@@ -77,6 +77,7 @@ def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[di
         "parity": parity,
         "cache_profile": _profile_summary(profile),
         "plots": plots,
+        "stages": stages,
     }
 
 

@@ -67,13 +67,39 @@ def notes(report: dict) -> list[str]:
     return lines
 
 
+STAGES_TITLE = "Where the time went"
+STAGES_NOTE = ("Every job before this report, per rule, from Snakemake's benchmark files (results/benchmarks/): "
+               "wall seconds summed over its jobs, and the largest resident memory of one job as Snakemake samples "
+               "it (from the job's start, every 0.5 s, after 15 s every 30 s: a job under a second shows little "
+               "more than its start; n/a: no sample).")
+
+
+def stage_table(report: dict) -> pd.DataFrame:
+    stages = report.get("stages") or []  # absent from a compare.json written before stage times
+    total = sum(s["seconds"] for s in stages)
+    rows = [[s["rule"], s["jobs"], _num(s["seconds"], ".1f"), _num(s["seconds"] / total if total else None, ".0%"),
+             _num(s["max_rss_mib"], ".0f")] for s in stages]
+    if stages:
+        rows.append(["total", sum(s["jobs"] for s in stages), _num(total, ".1f"), "", ""])
+    return pd.DataFrame(rows, columns=["rule", "jobs", "seconds", "share", "max RSS MiB"])
+
+
 def to_text(report: dict) -> str:
-    return table(report).to_string(index=False) + "\n\n" + "\n".join(notes(report)) + "\n"
+    text = table(report).to_string(index=False) + "\n\n" + "\n".join(notes(report)) + "\n"
+    stages = stage_table(report)
+    if not stages.empty:
+        text += f"\n{STAGES_TITLE}:\n{stages.to_string(index=False)}\n{STAGES_NOTE}\n"
+    return text
 
 
 def to_html(report: dict) -> str:
     body = table(report).to_html(index=False, border=0, classes="compare", escape=True)
     paragraphs = "\n".join(f"<p>{html.escape(line)}</p>" for line in notes(report))
+    stages = stage_table(report)
+    if not stages.empty:
+        paragraphs += (f"\n<h3>{STAGES_TITLE}</h3>\n"
+                       f"{stages.to_html(index=False, border=0, classes='compare', escape=True)}\n"
+                       f"<p>{html.escape(STAGES_NOTE)}</p>")
     style = ("<style>body{font-family:sans-serif;margin:1em}table.compare{border-collapse:collapse}"
              "table.compare td,table.compare th{padding:4px 8px;border-bottom:1px solid #ccc;text-align:right}"
              "table.compare td:first-child{text-align:left}table.compare td:last-child{text-align:left;font-family:monospace}</style>")

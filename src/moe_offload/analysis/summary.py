@@ -71,14 +71,14 @@ STAGES_TITLE = "Where the time went"
 STAGES_NOTE = ("Every job before this report, per rule, from Snakemake's benchmark files (results/benchmarks/): "
                "wall seconds summed over its jobs, and the largest resident memory of one job as Snakemake samples "
                "it (from the job's start, every 0.5 s, after 15 s every 30 s: a job under a second shows little "
-               "more than its start; n/a: no sample).")
+               "more than its start; "-": no sample).")
 
 
 def stage_table(report: dict) -> pd.DataFrame:
     stages = report.get("stages") or []  # absent from a compare.json written before stage times
     total = sum(s["seconds"] for s in stages)
     rows = [[s["rule"], s["jobs"], _num(s["seconds"], ".1f"), _num(s["seconds"] / total if total else None, ".0%"),
-             _num(s["max_rss_mib"], ".0f")] for s in stages]
+             "-" if s["max_rss_mib"] is None else format(s["max_rss_mib"], ".0f")] for s in stages]
     if stages:
         rows.append(["total", sum(s["jobs"] for s in stages), _num(total, ".1f"), "", ""])
     return pd.DataFrame(rows, columns=["rule", "jobs", "seconds", "share", "max RSS MiB"])

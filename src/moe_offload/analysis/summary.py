@@ -71,7 +71,7 @@ STAGES_TITLE = "Where the time went"
 STAGES_NOTE = ("Every job before this report, per rule, from Snakemake's benchmark files (results/benchmarks/): "
                "wall seconds summed over its jobs, and the largest resident memory of one job as Snakemake samples "
                "it (from the job's start, every 0.5 s, after 15 s every 30 s: a job under a second shows little "
-               "more than its start; "-": no sample).")
+               "more than its start; a dash: no sample).")
 
 
 def stage_table(report: dict) -> pd.DataFrame:

@@ -38,7 +38,7 @@ import transformers  # noqa: E402
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
 from common import DIMS, build_and_extract, emit  # noqa: E402
-from generate_speed import bytes_per_token, cuda_median_seconds, free, h2d_probe, hbm_probe, sync  # noqa: E402
+from probes import bytes_per_token, cuda_median_seconds, free, h2d_probe, hbm_probe, sync  # noqa: E402
 
 
 def matmul_probe(device, dtype, reps=10) -> dict:

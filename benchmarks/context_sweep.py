@@ -35,44 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from moe_offload.analysis.run_info import active_params, kv_bytes, matmul_probe  # noqa: E402
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
 from common import DIMS, build_and_extract, emit  # noqa: E402
-from probes import bytes_per_token, cuda_median_seconds, free, h2d_probe, hbm_probe, sync  # noqa: E402
-
-
-def matmul_probe(device, dtype, reps=10) -> dict:
-    """What the tensor cores do here: an [n, n] x [n, n] product in the compute dtype, median of reps."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    if device.type == "cuda":
-        s = cuda_median_seconds(lambda: a @ b, reps, 3)
-    else:
-        a @ b
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        s = statistics.median(times)
-    del a, b
-    free(device)
-    return {"what": f"[{n}, {n}] x [{n}, {n}] {str(dtype).replace('torch.', '')}, median", "flops": 2 * n ** 3,
-            "seconds": s, "flops_per_second": 2 * n ** 3 / s}
-
-
-def active_params(cfg, layers: int) -> int:
-    """Parameters one prompt token multiplies by: attention, router, the top-k experts (or the dense MLP)."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    attn = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h
-    moe = cfg.num_experts * h + cfg.experts_per_token * 3 * h * cfg.moe_intermediate_size
-    return layers * (attn + moe)
-
-
-def kv_read_bytes(cfg, layers: int, context: int, dtype) -> int:
-    """The K and V one decoded token reads at this context length."""
-    return 2 * layers * cfg.num_kv_heads * cfg.head_dim * context * torch.empty((), dtype=dtype).element_size()
+from probes import bytes_per_token, h2d_probe, hbm_probe, sync  # noqa: E402
 
 
 def main():
@@ -160,7 +127,7 @@ def main():
                             "prefill_with_attention_s": prefill_bound + attn_flops / probes["matmul"]["flops_per_second"]}
             if "hbm" in probes:
                 context = n + a.new_tokens // 2
-                bytes_tok = weights_per_token + kv_read_bytes(cfg, a.layers, context, dtype)
+                bytes_tok = weights_per_token + kv_bytes(cfg, a.layers, context, dtype)  # the KV it attends over
                 row["bound"].update(decode_bytes_per_token=bytes_tok,
                                     decode_hbm_tok_s=probes["hbm"]["bytes_per_second"] / bytes_tok)
             if a.capacity is not None and "h2d" in probes:

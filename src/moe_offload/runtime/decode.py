@@ -64,11 +64,10 @@ class Careful:
         kv = self.model.kv
         if x.is_cuda:
             if self.graphs is None or self.graphs.kv_version != kv.version:
-                self.graphs = LayerGraphs(self.fused, self.route, self.load, kv.version)
-                self.graphs.use_record(self.record)
+                self.graphs = LayerGraphs(self.fused, self.route, self.load, self.record, kv.version)
             x = self.graphs.run(x, self.pos, start)
         else:
-            mask = kv.mask(self.pos).view(-1)
+            mask = kv.mask(self.pos)
             for i in range(start, len(self.model.layers)):
                 h, resid, logits = self.fused.attention(i, x, self.pos, mask)
                 if logits is None:

@@ -91,7 +91,7 @@ class FusedStep:
         only device tensors read, so that it can be a CUDA graph. Returns (logits [1, 1, V], each layer's
         input [H], the routing of every MoE layer [layers, rows, k] for the host to read in one copy)."""
         x = F.embedding(input_ids, self.model.embed).view(-1)
-        mask = self.kv.mask(pos).view(-1)  # the whole cache, later positions masked: shapes never change
+        mask = self.kv.mask(pos)  # the whole cache, later positions masked: shapes never change
         routing = torch.empty(len(self.moe_layers), self.routing_rows(), self.cfg.experts_per_token,
                               dtype=torch.float32, device=x.device)
         inputs, j = [], 0

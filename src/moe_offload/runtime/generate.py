@@ -19,7 +19,7 @@ from ..errors import InputError
 from . import kernels
 from . import cache_policy
 from .decode import check_path, default_path, make_decoder
-from .expert_cache import CacheOptions, ExpertCache
+from .expert_cache import COUNTERS, CacheOptions, ExpertCache
 from .fused_step import TORCH_OPS, TRITON_OPS, FusedStep
 from .model import Transformer, load_dense
 from .sampler import Sampler
@@ -124,8 +124,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _delta(after: dict, before: dict) -> dict:
-    d = {k: after[k] - before[k] for k in ("hits", "misses", "evictions", "bytes_loaded", "load_seconds",
-                                           "prefetched", "prefetch_used")}
+    d = {k: after[k] - before[k] for k in COUNTERS}
     d["hit_rate"] = d["hits"] / (d["hits"] + d["misses"]) if d["hits"] + d["misses"] else 0.0
     return d
 

@@ -100,24 +100,20 @@ class LayerGraphs:
     host has looked, so the GPU does not wait for it in a layer without a miss; after a miss the host loads
     the experts and runs `post` (the experts from the updated slots) again. A dense layer is one graph.
 
-    pre(i, h, logits, record) -> (top_i, top_w, slots): the strategy's routing of layer i into record;
-    load(i, routing) -> whether it loaded anything: the strategy's loads for the routing the host read."""
+    pre(i, h, logits, record) -> (top_i, top_w, slots): the strategy's routing of layer i into record (a
+    device tensor the host copies each layer); load(i, routing) -> whether it loaded anything: the
+    strategy's loads for the routing the host read."""
 
-    def __init__(self, step, pre, load, kv_version: int):
-        self.step, self.pre, self.load, self.kv_version = step, pre, load, kv_version
+    def __init__(self, step, pre, load, record: torch.Tensor, kv_version: int):
+        self.step, self.pre, self.load, self.record, self.kv_version = step, pre, load, record, kv_version
         ref = step.model.embed
         self.x = torch.empty(ref.shape[1], dtype=ref.dtype, device=ref.device)  # the residual stream
         self.pos = torch.zeros(1, dtype=torch.long, device=ref.device)
-        self.mask = step.kv.mask(step.kv.positions[:1]).view(-1).clone()  # the whole cache: shapes never change
-        self.record = None
-        self.host_record = None
+        self.mask = step.kv.mask(self.pos).clone()  # the whole cache: shapes never change
+        self.host_record = torch.empty(record.shape, dtype=record.dtype, pin_memory=True)
         self.routed = torch.cuda.Event()  # the layer's routing has reached host_record
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple] = {}  # layer index -> (pre, post_resident, post) or (dense,)
-
-    def use_record(self, record: torch.Tensor) -> None:
-        self.record = record
-        self.host_record = torch.empty(record.shape, dtype=record.dtype, pin_memory=True)
 
     def _capture_layer(self, i: int) -> None:
         """Capture layer i's graphs while running it for this step."""
@@ -142,7 +138,7 @@ class LayerGraphs:
         """Layers start.. for one token whose layer-`start` input is x [H]; returns the final hidden [H]."""
         self.x.copy_(x)
         self.pos.copy_(input_pos)
-        self.mask.copy_(self.step.kv.mask(input_pos).view(-1))
+        self.mask.copy_(self.step.kv.mask(input_pos))
         for i in range(start, len(self.step.model.layers)):
             if i not in self.graphs:
                 self._capture_layer(i)

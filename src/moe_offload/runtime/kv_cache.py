@@ -47,10 +47,10 @@ class KVCache:
         self.v[layer][:b, :, input_pos] = v
         return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
 
-    def mask(self, input_pos: torch.Tensor, end: int | None = None) -> torch.Tensor:
-        """[T, end] (end None: the whole cache): which positions each of input_pos [T] sees. Made per call
-        (a stored [S, S] mask would be a GB at 32k)."""
-        return self.positions[:end] <= input_pos[:, None]
+    def mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """[S]: which cache positions a token at pos [1] sees, over the whole cache (a decode step's shapes
+        never change). Made per step: a stored [S, S] mask would be a GB at 32k."""
+        return self.positions <= pos
 
     def end_of(self, positions: list[int]) -> int:
         """The KV length a step at these positions sees; one line if they run past the cache."""

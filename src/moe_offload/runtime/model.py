@@ -78,8 +78,8 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         keys, values = kv.update(self.layer, input_pos, k, v, end)  # only the prefix any query can see
         if c.num_heads != c.num_kv_heads:
-            # KV heads repeated for GQA (transformers' repeat_kv): SDPA with a mask and enable_gqa would
-            # take its math path, which holds heads x T x end scores (8 GB for a 2k chunk at 32k)
+            # KV heads repeated for GQA (transformers' repeat_kv), so each call below takes the same tensors:
+            # the CPU's flash op has no GQA of its own
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
         # The positions are the last T of 0..end-1 (contiguous, as forward's callers pass them): causal

@@ -60,6 +60,17 @@ class CacheOptions:
             raise InputError(f"cache option in_place_misses must be true, false or null, got {self.in_place_misses!r}")
 
 
+def _quant_scheme(spans: dict[int, list]) -> tuple[int, int] | None:
+    """(bits, group_size) that every expert file shares, or None for 16-bit ones."""
+    schemes = {(s.bits, s.group_size) for layer_spans in spans.values() for s in layer_spans}
+    if len(schemes) > 1:
+        raise InputError(f"the layer files mix quantization schemes {sorted(schemes)}: give them one (bits, group)")
+    bits, group = schemes.pop() if schemes else (16, 0)
+    if bits != 16 and not all(s.in_slot_order for layer_spans in spans.values() for s in layer_spans):
+        raise InputError("quantized layer files must keep each expert's qweights then scales back to back")
+    return None if bits == 16 else (bits, group)
+
+
 class ExpertCache:
     """`get(layer, expert)` returns that expert's (gate [I,H], up [I,H], down [H,I]) on `device` in `dtype`,
     views into its slot (valid until a later miss reuses the slot); `get_many` makes several resident at
@@ -82,8 +93,9 @@ class ExpertCache:
         if k is not None and self.capacity < k:
             raise InputError(f"cache capacity {self.capacity} is below experts_per_token {k}: "
                              f"one token needs {k} experts of a layer")
-        shapes = {L: (len(s), s[0].parts[0][2], s[0].parts[2][2]) for L, s in self.spans.items()}
-        self.slots = Slots(shapes, self.capacity, self.scope, self.device, dtype, self.unified)
+        shapes = {L: (len(s), s[0].weight_shape(0), s[0].weight_shape(2)) for L, s in self.spans.items()}
+        self.quant = _quant_scheme(self.spans)
+        self.slots = Slots(shapes, self.capacity, self.scope, self.device, dtype, self.unified, self.quant)
         self.residency = Residency(self.slots, options.policy, self.scope, self.capacity)
         self._stream = torch.cuda.Stream(self.device) if cuda and options.side_stream else None
         # router lookahead: predicted experts copied on a stream of their own while the GPU computes; only
@@ -108,6 +120,15 @@ class ExpertCache:
                              "stored gate, up, down back to back")
 
     # ---- what the model and the decode strategies ask ----------------------------------------------------
+
+    @property
+    def bits(self) -> int:
+        """16, or the bits of the quantized experts the cache holds."""
+        return 16 if self.quant is None else self.quant[0]
+
+    def quant_slabs(self, layer: int):
+        """(s1, s2, bits, group_size) of quantized experts beside `slabs(layer)`, or None (16-bit)."""
+        return self.slots.quant_slabs(layer)
 
     @property
     def keeps_step_resident(self) -> bool:

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint.layouts import PROJECTIONS, Layout
+from ..checkpoint.quantize import qweight_name, scales_name
 from ..checkpoint.shards import header_tensors, read_header
 from ..errors import InputError
 
@@ -31,14 +32,22 @@ class ExpertSpan:
     offset: int  # absolute byte offset of the range
     nbytes: int
     parts: tuple[tuple[int, int, tuple[int, ...]], ...]  # per projection: (start, end) in elements, shape
-    dtype: torch.dtype  # the file's storage dtype (converted to the compute dtype on the device)
+    dtype: torch.dtype  # the file's storage dtype (converted to the compute dtype on the device); uint8 if quantized
+    bits: int = 16  # 8 or 4: parts are gate, up, down's qweight, then their scales, in bytes (checkpoint.quantize)
+    group_size: int = 0
 
     @property
     def in_slot_order(self) -> bool:
         """gate, up and down stored back to back in that order, as a slot holds them (gate then up rows,
-        then down): the bytes go into a slot as they are, and the kernels can read them in place."""
-        (g0, g1, _), (u0, u1, _), (d0, _, _) = self.parts
-        return g0 == 0 and u0 == g1 and d0 == u1
+        then down; quantized: their qweights, then their scales): the bytes go into a slot as they are,
+        and the kernels can read them in place."""
+        ends = [0] + [end for _, end, _ in self.parts[:-1]]
+        return all(start == end for (start, _, _), end in zip(self.parts, ends))
+
+    def weight_shape(self, projection: int) -> tuple[int, int]:
+        """Projection's weight shape [out, in] as computed (a quantized qweight packs in * bits / 8 bytes a row)."""
+        out, cols = self.parts[projection][2]
+        return (out, cols * 8 // self.bits) if self.bits != 16 else (out, cols)
 
 
 # The float storage dtypes a layer file may hold (safetensors' names); checkpoints are usually bf16, fine-tunes
@@ -46,11 +55,38 @@ class ExpertSpan:
 STORAGE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
+QUANTIZED_DTYPES = {8: "I8", 4: "U8"}  # qweight's; scales are F16
+
+
+def _expert_tensors(path: Path, tensors: dict, layout: Layout, layer: int, e: int, bits: int) -> list:
+    """Expert e's tensors in slot order: gate, up, down (quantized: their qweights, then their scales),
+    checked for dtype."""
+    names = [layout.expert(layer, e, proj) for proj in PROJECTIONS]
+    if bits != 16:
+        names = [qweight_name(n) for n in names] + [scales_name(n) for n in names]
+    infos = []
+    for j, name in enumerate(names):
+        info = tensors.get(name)
+        if info is None:
+            raise InputError(f"{path}: lacks tensor {name}")
+        expected = ([QUANTIZED_DTYPES[bits]] if j < 3 else ["F16"]) if bits != 16 else list(STORAGE_DTYPES)
+        if info.dtype not in expected:
+            raise InputError(f"{path}: {info.name} is {info.dtype}, expected {' or '.join(expected)}")
+        if bits == 16 and infos and info.dtype != infos[0].dtype:
+            raise InputError(f"{path}: layer {layer} expert {e} mixes {infos[0].dtype} and {info.dtype}")
+        infos.append(info)
+    return infos
+
+
 def expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSpan], dict]:
-    """Each expert's byte range in a layer file, and the file's metadata, from one read of its header."""
+    """Each expert's byte range in a layer file (16-bit or quantized), and the file's metadata, from one
+    read of its header."""
     parsed = read_header(path)
     meta = parsed[0].get("__metadata__") or {}
     tensors = header_tensors(path, parsed)
+    bits, group = int(meta.get("bits", 16)), int(meta.get("group_size", 0))
+    if bits not in (16, *QUANTIZED_DTYPES):
+        raise InputError(f"{path}: {bits}-bit experts: the runtime reads 16, 8 or 4 bits")
     num = int(meta["num_experts"]) if "num_experts" in meta else None
     if num is None:  # count experts by name when the metadata lacks it
         num = 0
@@ -58,24 +94,15 @@ def expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSpa
             num += 1
     spans = []
     for e in range(num):
-        infos = []
-        for proj in PROJECTIONS:
-            info = tensors.get(layout.expert(layer, e, proj))
-            if info is None:
-                raise InputError(f"{path}: lacks tensor {layout.expert(layer, e, proj)}")
-            if info.dtype not in STORAGE_DTYPES:
-                raise InputError(f"{path}: {info.name} is {info.dtype}, expected one of {', '.join(STORAGE_DTYPES)}")
-            if infos and info.dtype != infos[0].dtype:
-                raise InputError(f"{path}: layer {layer} expert {e} mixes {infos[0].dtype} and {info.dtype}")
-            infos.append(info)
+        infos = _expert_tensors(path, tensors, layout, layer, e, bits)
         start = min(i.offset for i in infos)
         end = max(i.offset + i.nbytes for i in infos)
         if end - start != sum(i.nbytes for i in infos):
             raise InputError(f"{path}: layer {layer} expert {e}'s tensors are not one contiguous byte range")
-        dtype = STORAGE_DTYPES[infos[0].dtype]
+        dtype = STORAGE_DTYPES[infos[0].dtype] if bits == 16 else torch.uint8
         size = dtype.itemsize
         parts = tuple(((i.offset - start) // size, (i.offset - start + i.nbytes) // size, i.shape) for i in infos)
-        spans.append(ExpertSpan(start, end - start, parts, dtype))
+        spans.append(ExpertSpan(start, end - start, parts, dtype, bits, group))
     return spans, meta
 
 
@@ -132,6 +159,8 @@ class ExpertFiles:
             return None
         out, start = [], self._host[layer][1]
         for span in self.spans[layer]:
+            if span.bits != 16:  # the kernels read quantized experts from their slots only
+                return None
             offset, rest = divmod(span.offset - start, span.dtype.itemsize)
             if not span.in_slot_order or rest or offset % ALIGN or span.parts[2][0] % ALIGN:
                 return None

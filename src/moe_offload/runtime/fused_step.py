@@ -69,7 +69,9 @@ class FusedStep:
             return resid + block.mlp(h)
         w1, w2, table = self.cache.slabs(block.moe.layer)
         host = (self.cache.device_lru.host[block.moe.layer], src) if src is not None else None
-        return self.ops.moe(h, w1, w2, table[top_i] if slots is None else slots, top_w, resid, host)
+        quant = self.cache.quant_slabs(block.moe.layer)
+        return self.ops.moe(h, w1, w2, table[top_i] if slots is None else slots, top_w, resid, host,
+                            **({} if quant is None else {"quant": quant}))
 
     def layer(self, i: int, x, pos, mask, record=None):
         """Layer i for x [H], assuming its routed experts are resident (or read in place)."""

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from ..checkpoint.layouts import Layout, TextConfig
+from ..checkpoint.quantize import dequantize
 from ..errors import InputError
 from .expert_cache import ExpertCache
 from .kv_cache import KVCache
@@ -103,12 +104,12 @@ class DenseMLP(nn.Module):
         return swiglu(x, self.gate, self.up, self.down)
 
 
-def grouped_mm_serves(w: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM takes these slabs: on CUDA in 16-bit (Hopper's kernel), on the CPU in
-    any float dtype; rows a multiple of 16 bytes."""
-    if w.device != x.device or not all(n * w.element_size() % 16 == 0 for n in w.shape[1:]):
+def grouped_mm_serves(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes slabs of this shape and dtype: on CUDA in 16-bit (Hopper's
+    kernel), on the CPU in any float dtype; rows a multiple of 16 bytes."""
+    if device != x.device or not all(n * dtype.itemsize % 16 == 0 for n in shape[1:]):
         return False
-    return w.dtype in (torch.bfloat16, torch.float16) if w.is_cuda else True
+    return dtype in (torch.bfloat16, torch.float16) if device.type == "cuda" else True
 
 
 class MoE(nn.Module):
@@ -140,8 +141,11 @@ class MoE(nn.Module):
         # each (token, choice) pair's weighted product, written once (no atomics: the same sums every run),
         # then each token's k added up
         products = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device)
-        w1, _, _ = self.cache.slabs(self.layer)
-        if deferred is not None and grouped_mm_serves(w1, flat):
+        w1 = self.cache.slabs(self.layer)[0]
+        # quantized experts are dequantized (slabs) to the compute dtype before the grouped GEMM
+        dtype = w1.dtype if self.cache.quant is None else flat.dtype
+        grouped = grouped_mm_serves((w1.shape[0], w1.shape[1], h), dtype, w1.device, flat)
+        if deferred is not None and grouped:
             deferred.append((self.layer, top_i, top_w))
             self._grouped(flat, top_i, top_w, list(range(self.cfg.num_experts)), b * t * k, products)
             return products.view(b, t, k, h).sum(2)
@@ -150,7 +154,7 @@ class MoE(nn.Module):
         counts = torch.bincount(top_i.view(-1), minlength=self.cfg.num_experts).cpu().tolist()
         experts = [e for e, n in enumerate(counts) if n]  # step_accesses' order: ascending
         self.record(self.layer, top_i, top_w)
-        if self.cache.keeps_step_resident and grouped_mm_serves(w1, flat):
+        if self.cache.keeps_step_resident and grouped:
             # More experts than the cache holds: waves of half of it, each wave's misses loaded while the
             # wave before it runs (LRU then evicts the wave before that, whose work is done).
             size = w1.shape[0] if len(experts) <= w1.shape[0] else max(1, w1.shape[0] // 2)
@@ -173,7 +177,7 @@ class MoE(nn.Module):
         """The experts of `wave` (resident together: LRU evicts none of them for another) on their pairs:
         pairs sorted by slot, a grouped GEMM for gate and up and one for down over the slabs, each slot's
         rows one group."""
-        w1, w2, table = self.cache.slabs(self.layer)
+        w1, w2, table = self.slabs(flat.dtype)
         k, slots = self.cfg.experts_per_token, w1.shape[0]
         ids = top_i.view(-1)
         in_wave = (ids >= wave[0]) & (ids <= wave[-1])  # a wave is a run of ascending experts
@@ -183,6 +187,16 @@ class MoE(nn.Module):
         gate, up = torch._grouped_mm(flat[order // k], w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
         products[order] = y * top_w.view(-1)[order, None]
+
+    def slabs(self, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cache's slabs and table; quantized experts dequantized here, for the grouped GEMM (the CPU's
+        path: correct, not fast; a GPU wants a kernel that dequantizes in registers)."""
+        w1, w2, table = self.cache.slabs(self.layer)
+        quant = self.cache.quant_slabs(self.layer)
+        if quant is not None:
+            s1, s2, bits, _ = quant
+            w1, w2 = dequantize(w1, s1, bits, dtype), dequantize(w2, s2, bits, dtype)
+        return w1, w2, table
 
     def _one(self, flat, top_w, e: int, pairs, products) -> None:
         """Expert e on its pairs (token * k + choice), fetched from the cache now."""

@@ -6,21 +6,29 @@ from the start, and the kernels read a slot in place. Each layer's table [E] giv
 (-1: absent); the host keeps its own copy and pushes a changed table to the device in one copy (a
 scalar write into a device tensor would be a pageable copy and a host sync per miss). Which expert
 goes where is residency.py's decision; this module only holds the bytes and the tables.
+
+Quantized experts (checkpoint.quantize) keep their stored form in the slots: w1 [S, 2I, H * bits / 8] and
+w2 [S, H, I * bits / 8] of int8 or packed int4, beside their float16 scales s1 [S, 2I, H / G] and
+s2 [S, H, I / G]; the kernels dequantize in registers, so no 16-bit copy of an expert is ever held.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..checkpoint.quantize import dequantize
+
 
 class Slots:
     """shapes: layer -> (experts, (I, H) of gate, (H, I) of down). unified: the slabs in pinned host RAM,
-    which the GPU reads in place (unified-memory machines)."""
+    which the GPU reads in place (unified-memory machines). quant: (bits, group_size) of quantized
+    experts, or None (16-bit: the slabs hold them in the compute dtype)."""
 
     def __init__(self, shapes: dict[int, tuple[int, tuple, tuple]], capacity: int, scope: str, device: torch.device,
-                 dtype: torch.dtype, unified: bool = False):
-        self.device, self.dtype, self.scope = device, dtype, scope
+                 dtype: torch.dtype, unified: bool = False, quant: tuple[int, int] | None = None):
+        self.device, self.dtype, self.scope, self.quant = device, dtype, scope, quant
         self.pools: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scales: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # quantized: s1, s2 per pool
         self.tables: dict[int, torch.Tensor] = {}  # layer -> [E] on the device
         self.host_tables: dict[int, torch.Tensor] = {}  # ... as the host writes them (on the CPU: the same)
         self._changed: set[int] = set()
@@ -30,8 +38,16 @@ class Slots:
             pool = self.pool_id(layer)
             if pool not in self.pools:  # every slab now: the memory held is the bound, from the start
                 size = min(capacity, total if pool is None else n)
-                self.pools[pool] = (torch.empty(size, 2 * i, h, dtype=dtype, **where),
-                                    torch.empty(size, *down, dtype=dtype, **where))
+                if quant is None:
+                    self.pools[pool] = (torch.empty(size, 2 * i, h, dtype=dtype, **where),
+                                        torch.empty(size, *down, dtype=dtype, **where))
+                else:
+                    bits, group = quant
+                    stored = torch.int8 if bits == 8 else torch.uint8
+                    self.pools[pool] = (torch.empty(size, 2 * i, h * bits // 8, dtype=stored, **where),
+                                        torch.empty(size, h, i * bits // 8, dtype=stored, **where))
+                    self.scales[pool] = (torch.empty(size, 2 * i, h // group, dtype=torch.float16, **where),
+                                         torch.empty(size, h, i // group, dtype=torch.float16, **where))
             self.host_tables[layer] = torch.full((n,), -1, dtype=torch.long)
             self.tables[layer] = self.host_tables[layer].to(device)
 
@@ -49,17 +65,27 @@ class Slots:
 
     @property
     def nbytes(self) -> int:
-        return sum(w1.nbytes + w2.nbytes for w1, w2 in self.pools.values())
+        return sum(t.nbytes for pools in (self.pools, self.scales) for pair in pools.values() for t in pair)
 
     def slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1 [S, 2I, H], w2 [S, H, I], table [E]): w1[table[e]] is expert e's gate and up."""
         w1, w2 = self.pools[self.pool_id(layer)]
         return w1, w2, self.tables[layer]
 
+    def quant_slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """Quantized experts: (s1 [S, 2I, H / G], s2 [S, H, I / G], bits, group_size) beside `slabs`; else None."""
+        if self.quant is None:
+            return None
+        return (*self.scales[self.pool_id(layer)], *self.quant)
+
     def views(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slot's (gate [I, H], up [I, H], down [H, I])."""
+        """Slot's (gate [I, H], up [I, H], down [H, I]) in the compute dtype (quantized: dequantized now)."""
         w1, w2 = self.pools[self.pool_id(layer)]
-        i = w1.shape[1] // 2
+        if self.quant is not None:
+            s1, s2 = self.scales[self.pool_id(layer)]
+            w1, w2 = (dequantize(w[slot], s[slot], self.quant[0], self.dtype) for w, s in ((w1, s1), (w2, s2)))
+            slot = slice(None)
+        i = w1.shape[-2] // 2
         return w1[slot, :i], w1[slot, i:], w2[slot]
 
     def set(self, layer: int, expert: int, slot: int) -> None:
@@ -85,6 +111,13 @@ class Slots:
         storage dtype) into `slot`, cast to the compute dtype, on the current stream."""
         w1, w2 = self.pools[self.pool_id(layer)]
         non_blocking = raw.is_pinned()
+        if self.quant is not None:  # the stored bytes as they are: qweights of gate and up, of down, then scales
+            s1, s2 = self.scales[self.pool_id(layer)]
+            targets = (w1[slot], w2[slot], s1[slot], s2[slot])
+            bounds = (parts[0][0], parts[1][1], parts[2][1], parts[4][1], parts[5][1])
+            for dst, a, b in zip(targets, bounds, bounds[1:]):
+                dst.view(-1).view(torch.uint8).copy_(raw[a:b], non_blocking=non_blocking)
+            return
         if w1.is_cuda and storage == self.dtype and in_slot_order:
             # stored as computed and in slot order: two DMAs straight into the slot, no copies on the device
             n1 = w1[slot].numel() * storage.itemsize

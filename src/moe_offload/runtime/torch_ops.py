@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.quantize import dequantize
 from ..errors import InputError
 from .model import rms_norm as _rms, rotate_half
 
@@ -57,11 +58,17 @@ def route(logits, table, k, norm_topk_prob, record=None, policy=None):
     return top_i, top_w, table[top_i].clamp(min=0), None
 
 
-def moe(x, w1, w2, slots, weights, resid=None, host=None):
-    """The k experts gathered from their slots and applied in two batched products."""
+def moe(x, w1, w2, slots, weights, resid=None, host=None, quant=None):
+    """The k experts gathered from their slots and applied in two batched products. quant: (s1, s2, bits,
+    group_size) of quantized slabs, whose gathered experts are dequantized here (torch: a 16-bit copy of
+    the k experts; the kernels dequantize in registers)."""
     if host is not None:
         raise InputError("in-place misses need the Triton kernels")
-    gate, up = torch.matmul(w1[slots], x).chunk(2, dim=-1)  # [k, I] each
-    y = torch.matmul(w2[slots], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [k, H]
+    g1, g2 = w1[slots], w2[slots]
+    if quant is not None:
+        s1, s2, bits, _ = quant
+        g1, g2 = dequantize(g1, s1[slots], bits, x.dtype), dequantize(g2, s2[slots], bits, x.dtype)
+    gate, up = torch.matmul(g1, x).chunk(2, dim=-1)  # [k, I] each
+    y = torch.matmul(g2, (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [k, H]
     out = (y * weights[:, None]).sum(0)
     return out if resid is None else resid + out

@@ -27,6 +27,7 @@ else:
     include: "workflow/rules/download.smk"
     include: "workflow/rules/extract.smk"
     include: "workflow/rules/validate.smk"
+    include: "workflow/rules/quantize.smk"
     include: "workflow/rules/generate.smk"
     include: "workflow/rules/profile.smk"
     include: "workflow/rules/compare.smk"

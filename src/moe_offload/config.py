@@ -71,6 +71,15 @@ def check_config(config: dict, text) -> None:
     if cache["capacity"] is not None and cache["capacity"] < k and not cache["unified_memory"]:
         raise InputError(f"cache.capacity {cache['capacity']} is below the model's experts_per_token {k}: one token "
                          f"needs {k} experts of a layer at once")
+    quant = config["quantize"]
+    if quant["bits"] != 16:
+        from .checkpoint.quantize import check_scheme
+
+        try:
+            check_scheme(quant["bits"], quant["group_size"], {"hidden size": text.hidden_size,
+                                                              "expert intermediate size": text.moe_intermediate_size})
+        except InputError as err:
+            raise InputError(str(err).replace("quantize ", "quantize.", 1)) from None
     for capacity in config["profile"]["capacities"] or []:
         if capacity > text.num_experts:
             raise InputError(f"profile.capacities holds {capacity}, more than the model's {text.num_experts} experts "

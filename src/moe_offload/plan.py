@@ -101,6 +101,10 @@ class Plan:
     def extract_mem_mb(self, rule: str) -> int:
         if rule == "extract_layer":
             return res.to_mb(int(self.config["resources"]["extract_mem_factor"] * self.layer_bytes), self.base_mb)
+        if rule == "quantize_layer":
+            # its output held until written (at most half the 16-bit layer), and one expert's candidate
+            # roundings in float32 (its weights, q and error for a clip ratio, the best so far: ~ 8 copies)
+            return res.to_mb(self.layer_bytes // 2 + 8 * 2 * self.text.expert_bytes, self.base_mb)
         return self.base_mb
 
     def _needs(self, host_bytes: int, device_bytes: int) -> dict[str, int]:
@@ -146,25 +150,25 @@ class Plan:
 
     def needs(self, rule: str, wildcards: dict) -> dict[str, int]:
         """The memory a job of `rule` declares; {} for a rule that declares none of its own."""
-        if rule in ("extract_layer", "extract_dense"):
+        if rule in ("extract_layer", "extract_dense", "quantize_layer"):
             return {"mem_mb": self.extract_mem_mb(rule)}
         if rule == "generate_native_reference":
             return self.native_reference()
         if rule == "generate_native_timing":
             return self.native_timing()
-        if rule == "generate_depth":
-            return self.depth(int(wildcards["depth"]))
+        if rule in ("generate_depth", "generate_depth_quantized"):
+            return self.depth(int(wildcards["depth"]))  # quantized: 16-bit slots bound them from above
         return {}
 
     # -- the checks that stop a plan --------------------------------------------------------------------
 
     def unfit(self, rule: str, wildcards: dict) -> str | None:
         """The one line saying a job needs more memory (or GPU memory) than the machine or a node has."""
-        if rule not in HINTS and rule != "generate_depth":
+        if rule not in HINTS and rule not in ("generate_depth", "generate_depth_quantized"):
             return None
         label, hint = rule, HINTS.get(rule)
-        if rule == "generate_depth":
-            label = f"generate_depth (depth {wildcards['depth']})"
+        if rule in ("generate_depth", "generate_depth_quantized"):
+            label = f"{rule} (depth {wildcards['depth']})"
             hint = "set cache.unified_memory: false" if self.config["cache"]["unified_memory"] else "lower cache.capacity"
         for name, need_mb in self.needs(rule, wildcards).items():
             have_mb = self.machine.mem_mb if name == "mem_mb" else self.machine.gpu_mem_mb
@@ -178,7 +182,8 @@ class Plan:
 
     def disk_line(self, rules: list[str], free_bytes: int, where: str) -> str | None:
         """The extractions the plan runs, plus resources.disk_headroom_mb, against the free disk."""
-        sizes = {"extract_layer": self.layer_bytes, "extract_dense": self.dense_bytes}
+        sizes = {"extract_layer": self.layer_bytes, "extract_dense": self.dense_bytes,
+                 "quantize_layer": self.layer_bytes * self.config["quantize"]["bits"] // 16}
         writes = sum(sizes.get(rule, 0) for rule in rules)
         if not writes:
             return None

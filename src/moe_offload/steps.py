@@ -138,6 +138,20 @@ def extract_layer(smk) -> None:
     log.info("layer %d: wrote %d bytes of experts to %s", layer, nbytes, smk.output[0])
 
 
+def quantize_layer(smk) -> None:
+    from .analysis.run_info import verify_files
+    from .checkpoint.quantize import quantize_layer as quantize
+
+    layer, bits = int(smk.wildcards.layer), int(smk.wildcards.bits)
+    recorded = json.loads(Path(smk.input.checksum).read_text())["file_xxh3_128"]
+    verify_files([(Path(smk.input.experts), recorded, str(smk.input.experts))])  # the validated bytes only
+    num_experts = _manifest(smk)["num_experts"]
+    with progress_bar(smk, num_experts, "expert", f"layer {layer} to {bits} bits") as bar:
+        record = quantize(smk.input.experts, smk.output.experts, bits, smk.params.group_size,
+                          smk.params.scales == "search", bar)
+    write_json(smk.output.record, record)
+
+
 def extract_dense(smk) -> None:
     from .checkpoint.extract import extract_dense as extract
 
@@ -296,10 +310,12 @@ def plots(smk) -> None:
     import pandas as pd
 
     from .analysis.memory_summary import memory_summary
-    from .analysis.plots import plot_fidelity, plot_hit_rate, plot_memory_speed
+    from .analysis.plots import expert_bits, plot_fidelity, plot_hit_rate, plot_memory_speed, plot_quality_bytes
 
     native = json.loads(Path(smk.input.native).read_text())
-    depths = [json.loads(Path(p).read_text()) for p in smk.input.depths]
+    runs = [json.loads(Path(p).read_text()) for p in smk.input.depths]
+    plot_quality_bytes(runs, smk.output.quality_bytes)
+    depths = [run for run in runs if expert_bits(run) == 16]
     plot_fidelity(native, depths, smk.output.fidelity)
     profile = json.loads(Path(smk.input.profile_json).read_text())
     plot_hit_rate(pd.read_csv(smk.input.profile_csv), smk.output.hit_rate, profile["hit_rate_target"],
@@ -314,7 +330,8 @@ def compare(smk) -> None:
     read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
     report = build_compare(_manifest(smk), read(smk.input.checksums), read(smk.input.native),
                            [read(p) for p in smk.input.depths], read(smk.input.profile), dict(smk.config),
-                           [str(p) for p in smk.input.plots], stage_times(list(smk.input.benchmarks)))
+                           [str(p) for p in smk.input.plots], stage_times(list(smk.input.benchmarks)),
+                           [read(p) for p in smk.input.quantized])
     from .analysis.summary import to_html
 
     validate_compare(report, smk.input.schema)

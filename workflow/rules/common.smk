@@ -124,6 +124,43 @@ def depth_layers(wildcards):
     }
 
 
+# quantize.bits 8 or 4: every depth runs again on quantized experts (None: 16-bit only)
+QUANT_BITS = config["quantize"]["bits"] if config["quantize"]["bits"] != 16 else None
+
+
+def quantized_depth_layers(wildcards):
+    """A quantized depth-N run needs layers 0..N-1 quantized (from validated files), nothing more."""
+    layers = [layer for layer in EXPERT_LAYERS if layer < int(wildcards.depth)]
+    quantized = expand(
+        "results/experts_q{bits}/layer_{layer}.{ext}",
+        bits=wildcards.bits,
+        layer=layers,
+        ext=["safetensors", "json"],
+    )
+    return {"layers": quantized[::2], "checksums": quantized[1::2]}
+
+
+def depth_runs():
+    """Every depth run the report compares: 16-bit, and at quantize.bits when set."""
+    runs = expand("results/generate/depth_{depth}.json", depth=DEPTHS)
+    if QUANT_BITS:
+        runs += expand(
+            "results/generate/q{bits}/depth_{depth}.json", bits=QUANT_BITS, depth=DEPTHS
+        )
+    return runs
+
+
+def quantize_records():
+    """Each quantized layer's record (its errors per expert), for the report."""
+    if not QUANT_BITS:
+        return []
+    return expand(
+        "results/experts_q{bits}/layer_{layer}.json",
+        bits=QUANT_BITS,
+        layer=EXPERT_LAYERS,
+    )
+
+
 def gpu_count():
     return 1 if ON_GPU else 0
 

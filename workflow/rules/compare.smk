@@ -1,7 +1,7 @@
 rule plots:
     input:
         native=native_json(),
-        depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
+        depths=depth_runs(),
         profile_csv="results/cache/profile.csv",
         profile_json="results/cache/profile.json",
     output:
@@ -18,6 +18,11 @@ rule plots:
         memory_speed=report(
             "results/plots/memory_speed.png",
             caption="../report/memory_speed.rst",
+            category="Comparison",
+        ),
+        quality_bytes=report(
+            "results/plots/quality_bytes.png",
+            caption="../report/quality_bytes.rst",
             category="Comparison",
         ),
     log:
@@ -37,9 +42,10 @@ rule compare:
         manifest="results/model/manifest.json",
         checksums="results/checksums/all.json",
         native=native_json(),
-        depths=expand("results/generate/depth_{depth}.json", depth=DEPTHS),
+        depths=depth_runs(),
         profile="results/cache/profile.json",
         plots=rules.plots.output,
+        quantized=quantize_records(),
         benchmarks=stage_benchmarks,
         schema="workflow/schemas/compare.schema.yaml",
     output:

@@ -82,3 +82,28 @@ rule generate_depth:
         code=code_version("generate_depth"),
     script:
         "../scripts/generate_depth.py"
+
+
+# The same run on quantized experts (quantize.smk): its layer files and their records instead.
+use rule generate_depth as generate_depth_quantized with:
+    input:
+        unpack(quantized_depth_layers),
+        manifest="results/model/manifest.json",
+        dense="results/experts/dense.safetensors",
+        dense_checksum="results/checksums/dense.json",
+        native="results/generate/native_reference.json",
+        native_logits="results/generate/native_logits.safetensors",
+    output:
+        json="results/generate/q{bits}/depth_{depth}.json",
+        trace="results/traces/q{bits}/depth_{depth}.parquet",
+    log:
+        "logs/generate/q{bits}/depth_{depth}.log",
+    benchmark:
+        "results/benchmarks/generate_depth_quantized/q{bits}_depth_{depth}.tsv"
+    wildcard_constraints:
+        depth=r"\d+",
+        bits="8|4",
+    resources:
+        mem_mb=needs("generate_depth", "mem_mb"),
+        gpu_mem_mb=needs("generate_depth", "gpu_mem_mb"),
+        gpu=gpu_count(),

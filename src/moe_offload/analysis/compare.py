@@ -15,6 +15,7 @@ import yaml
 
 from ..errors import InputError
 from .memory_summary import memory_summary
+from .plots import expert_bits
 
 PACKAGES = ["torch", "transformers", "safetensors", "huggingface_hub", "snakemake", "xxhash", "pandas", "moe-offload"]
 SAMPLE_CHARS = 160
@@ -45,9 +46,10 @@ def _side(run: dict) -> dict:
 
 
 def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[dict], profile: dict,
-                  config: dict, plots: list[str], stages: list[dict]) -> dict:
-    depths = sorted(depths, key=lambda d: d["depth"])
-    full = [d for d in depths if d["depth"] == manifest["num_layers"]]
+                  config: dict, plots: list[str], stages: list[dict], quantized: list[dict] = ()) -> dict:
+    """depths: every depth run, 16-bit and quantized; quantized: each quantized layer's record."""
+    depths = sorted(depths, key=lambda d: (-expert_bits(d), d["depth"]))
+    full = [d for d in depths if d["depth"] == manifest["num_layers"] and expert_bits(d) == 16]
     if not full:
         raise InputError(f"no run at the full depth {manifest['num_layers']}: the parity verdict needs it")
     full = full[0]
@@ -56,7 +58,7 @@ def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[di
         truncated = run["depth"] < manifest["num_layers"]
         # A truncated network does less work than native's whole one: a ratio of their speeds is no speedup.
         like_for_like = not truncated and native["tok_s"] > 0
-        row = {"depth": run["depth"], "truncated": truncated, **_side(run),
+        row = {"depth": run["depth"], "bits": expert_bits(run), "truncated": truncated, **_side(run),
                "speedup_vs_native": run["tok_s"] / native["tok_s"] if like_for_like else None,
                "cache": {k: run["cache"][k] for k in ("capacity", "scope", "policy", "hits", "misses", "evictions",
                                                        "bytes_loaded", "load_seconds", "hit_rate")},
@@ -78,7 +80,23 @@ def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[di
         "cache_profile": _profile_summary(profile),
         "plots": plots,
         "stages": stages,
+        "quantization": _quantization(config.get("quantize", {}), quantized),
     }
+
+
+def _quantization(settings: dict, records: list[dict]) -> dict | None:
+    """The scheme and each expert's reconstruction error over every quantized layer (searched scales, and
+    round-to-nearest's for the same experts: the search's gain); None when nothing was quantized."""
+    if not records:
+        return None
+    experts = [e for r in records for e in r["experts"]]
+    mean = lambda key: sum(e[key] for e in experts) / len(experts)  # noqa: E731
+    return {"bits": records[0]["bits"], "group_size": records[0]["group_size"], "scales": records[0]["scales"],
+            "layers": len(records), "experts": len(experts),
+            "mean_rel_frobenius": mean("rel_frobenius"),
+            "mean_rel_frobenius_round_to_nearest": mean("rel_frobenius_round_to_nearest"),
+            "max_abs_error": max(e["max_abs"] for e in experts),
+            "settings": {k: settings.get(k) for k in ("bits", "group_size", "scales")}}
 
 
 def _profile_summary(profile: dict) -> dict:

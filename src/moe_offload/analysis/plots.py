@@ -42,6 +42,35 @@ def plot_fidelity(native: dict, depths: list[dict], path) -> None:
     _save(fig, path)
 
 
+def plot_quality_bytes(depths: list[dict], path) -> None:
+    """Fidelity against the bytes one decoded token reads, a line per bit-width through its depths: what
+    each byte saved (fewer layers, fewer bits) costs in agreement with native."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for bits in sorted({expert_bits(d) for d in depths}, reverse=True):
+        runs = sorted((d for d in depths if expert_bits(d) == bits), key=lambda d: d["depth"])
+        x = [d["speed_bound"]["bytes_read_per_token"] / 2**20 for d in runs]
+        label = "16-bit experts" if bits == 16 else f"int{bits} experts"
+        axes[0].plot(x, [d["fidelity"]["top1_agreement"] for d in runs], "o-", label=label)
+        axes[1].plot(x, [max(d["fidelity"]["mean_kl"], 1e-12) for d in runs], "s-", label=label)
+        for d, xi in zip(runs, x):
+            axes[0].annotate(str(d["depth"]), (xi, d["fidelity"]["top1_agreement"]), fontsize=7,
+                             textcoords="offset points", xytext=(3, 3))
+    axes[0].set_ylabel("top-1 agreement with native")
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[1].set_ylabel("mean KL(native || ours), nats")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("MiB read per decoded token (weights + KV)")
+        ax.legend(loc="best")
+    fig.suptitle("Quality against bytes read per token (labels: depth)")
+    _save(fig, path)
+
+
+def expert_bits(run: dict) -> int:
+    """The bits of the experts a depth run read (16 for runs recorded before quantization)."""
+    return run.get("experts", {}).get("bits", 16)
+
+
 def plot_hit_rate(profile_csv: pd.DataFrame, path, target: float | None = None,
                   recommendation: dict | None = None) -> None:
     """recommendation: profile.json's (policy, scope, capacity when reached), marked on its panel."""

@@ -139,12 +139,17 @@ def active_params(cfg, depth: int) -> int:
     return params
 
 
-def bytes_read_per_token(cfg, depth: int, dtype: torch.dtype) -> int:
+def bytes_read_per_token(cfg, depth: int, dtype: torch.dtype, expert_bytes: float | None = None) -> int:
     """Weights one decoded token must read at `depth` layers: attention, norms and routers of each layer,
-    top-k experts (or the dense MLP) per layer, the final norm, lm_head and one embedding row."""
+    top-k experts (or the dense MLP) per layer, the final norm, lm_head and one embedding row. expert_bytes:
+    one expert as the cache holds it (quantized: its qweights and scales), if not its parameters in dtype."""
     h, hd = cfg.hidden_size, cfg.head_dim
     norms = depth * (2 * hd + 2 * h) + h
-    return (active_params(cfg, depth) + norms + cfg.vocab_size * h + h) * dtype_bytes(dtype)
+    total = (active_params(cfg, depth) + norms + cfg.vocab_size * h + h) * dtype_bytes(dtype)
+    if expert_bytes is not None:
+        routed = cfg.experts_per_token * sum(cfg.has_experts(layer) for layer in range(depth))
+        total += routed * (expert_bytes - cfg.expert_params * dtype_bytes(dtype))
+    return int(total)
 
 
 def kv_read_per_token(cfg, depth: int, runs: list[dict], dtype: torch.dtype) -> float:
@@ -155,11 +160,11 @@ def kv_read_per_token(cfg, depth: int, runs: list[dict], dtype: torch.dtype) -> 
 
 
 def speed_bound(cfg, depth: int, dtype: torch.dtype, device: torch.device, runs: list[dict],
-                probes: dict) -> dict:
+                probes: dict, expert_bytes: float | None = None) -> dict:
     """Decode tok/s can be no more than the read rate / bytes one token reads (its weights and the KV it
     attends over, batch 1); prefill tok/s no more than the matmul rate / 2 x active parameters (each
     prompt token multiplies by each active weight once; attention's T^2 terms left out)."""
-    weights = bytes_read_per_token(cfg, depth, dtype)
+    weights = bytes_read_per_token(cfg, depth, dtype, expert_bytes)
     kv = kv_read_per_token(cfg, depth, runs, dtype)
     peak = bandwidth_bytes_per_s(device)
     bandwidth = peak if peak is not None else probes["read"]["bytes_per_second"]

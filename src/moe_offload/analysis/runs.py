@@ -101,7 +101,10 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
              "kv_cache_bytes": kv, "host_tier_bytes": host, "total_bytes": rt.dense_bytes + experts + kv + host}
     result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **environment(device, torch_dtype),
               "load_s": load_s, "tok_s": decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
-              "prefill_tok_s": prefill_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device, runs, probes),
+              "prefill_tok_s": prefill_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device, runs, probes,
+                                                          rt.cache.bytes_per_expert),
+              "experts": {"bits": rt.cache.bits, "group_size": rt.cache.quant[1] if rt.cache.quant else None,
+                          "bytes_per_expert": rt.cache.bytes_per_expert},
               "probes": probes,
               "memory": meter.report(bound),
               "cache": {**cache, "capacity": rt.cache.capacity, "host_tier_bytes": rt.cache.host_tier_bytes,

@@ -37,6 +37,8 @@ def table(report: dict) -> pd.DataFrame:
     rows = [_row(f"native ({report['native']['model_class']})", report["native"], "1.00x", None, None)]
     for d in report["depths"]:
         name = f"depth {d['depth']}" + (" (truncated)" if d["truncated"] else " (full)")
+        if d.get("bits", 16) != 16:
+            name += f", int{d['bits']}"
         ratio = f"{d['speedup_vs_native']:.2f}x" if d["speedup_vs_native"] is not None else "not comparable"
         rows.append(_row(name, d, ratio, d["cache"], d["fidelity"]))
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -57,6 +59,13 @@ def notes(report: dict) -> list[str]:
              "a speedup. Prefill tok/s = prompt tokens / prefill seconds (time to first token); its bound = the "
              "matmul rate / 2 x active parameters per token. Decode bound = memory read rate / bytes a token reads "
              "(its weights and the KV it attends over)."]
+    quant = report.get("quantization")
+    if quant:
+        lines.append(f"Quantized experts (int{quant['bits']} rows): group {quant['group_size']}, {quant['scales']} scales, "
+                     f"{quant['experts']} experts in {quant['layers']} layers; mean relative error "
+                     f"{quant['mean_rel_frobenius']:.4f} (round-to-nearest: "
+                     f"{quant['mean_rel_frobenius_round_to_nearest']:.4f}), largest absolute error "
+                     f"{quant['max_abs_error']:.3g}. Their fidelity is against native's 16-bit model.")
     native = report["native"]
     lines.append(f"Rates: memory read {native['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({native['bandwidth_source']}); "
                  f"matmul {native['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({native['matmul_source']}); "

@@ -263,6 +263,11 @@ class ExpertCache:
         return self.slots.count
 
     @property
+    def bytes_per_expert(self) -> int:
+        """One expert as a slot holds it: in the compute dtype, or quantized (qweights and scales)."""
+        return self.slots.nbytes // self.slots.count
+
+    @property
     def slab_bytes(self) -> int:
         """The memory the cache holds for experts: every slot, preallocated (host RAM when unified)."""
         return self.slots.nbytes

@@ -1,0 +1,227 @@
+"""Quantized experts: the format against a plain torch reference, quantized layer files through the runtime
+against transformers' own model carrying the same dequantized weights, a corrupted file refused, bad
+settings refused at plan time, and the main job at 4 bits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoTokenizer, Qwen3MoeForCausalLM
+
+from moe_offload.analysis.run_info import verify_files
+from moe_offload.checkpoint.extract import extract_dense, extract_layer
+from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
+from moe_offload.checkpoint.quantize import (check_scheme, dequantize, pack, qweight_name, quantize, quantize_layer,
+                                             scales_name, unpack)
+from moe_offload.checkpoint.synthetic import build_synthetic
+from moe_offload.errors import InputError
+from moe_offload.hashing import hash_file
+from moe_offload.runtime.generate import generate, load_runtime
+
+from conftest import REPO, error_lines, set_config, small_spec, snakemake, use_small_synthetic
+
+SCHEMA = yaml.safe_load((REPO / "workflow/schemas/compare.schema.yaml").read_text())
+
+
+def reference_round_to_nearest(w: torch.Tensor, bits: int, group: int):
+    """Group-wise symmetric round-to-nearest written element by element in the plainest torch: each group's
+    scale its largest magnitude over qmax, stored in float16."""
+    qmax, qmin = (127, -127) if bits == 8 else (7, -8)
+    out, cols = w.shape
+    q = torch.empty(out, cols, dtype=torch.int8)
+    scales = torch.empty(out, cols // group, dtype=torch.float16)
+    for r in range(out):
+        for g in range(cols // group):
+            block = w[r, g * group:(g + 1) * group].float()
+            s = torch.tensor(max(block.abs().max().item() / qmax, torch.finfo(torch.float16).tiny)).half()
+            scales[r, g] = s
+            q[r, g * group:(g + 1) * group] = torch.clamp(torch.round(block / s.float()), qmin, qmax).to(torch.int8)
+    return q, scales
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [16, 32])
+def test_round_to_nearest_and_its_round_trip_match_a_plain_reference(bits, group):
+    torch.manual_seed(bits * group)
+    w = (torch.randn(12, 64) * 0.05).to(torch.bfloat16)
+    w[3, 5] = 0.9  # an outlier in one group
+    w[7, :group] = 0  # an all-zero group
+    q, s = quantize(w, bits, group, search=False)
+    ref_q, ref_s = reference_round_to_nearest(w, bits, group)
+    assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
+    packed = pack(q, bits)
+    assert packed.shape == (12, 64 * bits // 8)
+    assert torch.equal(unpack(packed, bits), q)
+    if bits == 4:  # the even input column in the low nibble, as q + 8
+        assert int(packed[0, 0]) == (int(q[0, 0]) + 8) | ((int(q[0, 1]) + 8) << 4)
+    deq = dequantize(packed, s, bits)
+    expected = ref_q.float() * ref_s.float().repeat_interleave(group, 1)
+    assert torch.equal(deq, expected)
+    # round to nearest: no value is off by more than half its group's step
+    step = ref_s.float().repeat_interleave(group, 1)
+    assert ((deq - w.float()).abs() <= step / 2 + 1e-6).all()
+    assert (deq[7, :group] == 0).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_searched_scales_are_never_worse_than_round_to_nearest(bits):
+    torch.manual_seed(1)
+    w = torch.randn(32, 128) * 0.02
+    w[torch.rand_like(w) < 0.01] *= 8  # heavy tails, where clipping pays
+    err = {}
+    for search in (False, True):
+        q, s = quantize(w, bits, 32, search)
+        d = dequantize(pack(q, bits), s, bits)
+        err[search] = (d - w).view(32, 4, 32).pow(2).sum(-1)
+    assert (err[True] <= err[False] + 1e-12).all()
+    if bits == 4:
+        assert err[True].sum() < 0.95 * err[False].sum()
+
+
+@pytest.mark.parametrize("bits, group, dims, message", [
+    (3, 64, {}, "quantize bits must be 16, 8 or 4, got 3"),
+    (4, 48, {"expert intermediate size": 64}, "quantize group_size 48 does not divide the expert intermediate size (64)"),
+    (8, 7, {}, "quantize group_size must be an even whole number of at least 2, got 7"),
+])
+def test_impossible_schemes_are_one_line(bits, group, dims, message):
+    with pytest.raises(InputError) as err:
+        check_scheme(bits, group, dims)
+    assert str(err.value) == message
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    spec = small_spec("qwen3_moe", num_layers=4, mlp_only_layers=[1], max_shard_size="1MB")
+    ckpt = build_synthetic(root / "ckpt", spec)
+    _, cfg = detect_checkpoint(ckpt)
+    extract_dense(ckpt, root / "dense.safetensors")
+    for layer in cfg.expert_layers:
+        extract_layer(ckpt, layer, root / f"layer_{layer}.safetensors")
+    return root, ckpt, cfg
+
+
+def _quantized(extracted, bits, group=16):
+    root, ckpt, cfg = extracted
+    out = root / f"q{bits}"
+    records = {layer: quantize_layer(root / f"layer_{layer}.safetensors", out / f"layer_{layer}.safetensors", bits,
+                                     group) for layer in cfg.expert_layers}
+    return out, records
+
+
+def _reference_with(ckpt, cfg, qdir, bits):
+    """transformers' own model with each expert's weights replaced by what the quantized file decodes to."""
+    layout, _ = detect_checkpoint(ckpt)
+    ref = Qwen3MoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in cfg.expert_layers:
+            with safe_open(qdir / f"layer_{layer}.safetensors", framework="pt") as f:
+                weights = [[dequantize(f.get_tensor(qweight_name(layout.expert(layer, e, p))),
+                                       f.get_tensor(scales_name(layout.expert(layer, e, p))), bits)
+                            for p in PROJECTIONS] for e in range(cfg.num_experts)]
+            experts = ref.model.layers[layer].mlp.experts
+            experts.gate_up_proj.copy_(torch.stack([torch.cat(w[:2]) for w in weights]))
+            experts.down_proj.copy_(torch.stack([w[2] for w in weights]))
+    return ref
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layer_files_give_transformers_tokens_on_the_same_weights(extracted, bits):
+    root, ckpt, cfg = extracted
+    qdir, records = _quantized(extracted, bits)
+    for layer, record in records.items():
+        assert record["file_xxh3_128"] == hash_file(qdir / f"layer_{layer}.safetensors")
+        assert len(record["experts"]) == cfg.num_experts
+        for e in record["experts"]:
+            assert 0 < e["rel_frobenius"] <= e["rel_frobenius_round_to_nearest"] + 1e-12
+    # bits per weight plus a 16-bit scale per 16 weights, against bf16 (and the header's longer names)
+    size = (qdir / "layer_0.safetensors").stat().st_size / (root / "layer_0.safetensors").stat().st_size
+    assert size < (bits + 16 / 16) / 16 + 0.06
+    ref = _reference_with(ckpt, cfg, qdir, bits)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("Once upon a time there was a small robot", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        theirs = ref.generate(ids, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = theirs.sequences[0, ids.shape[1]:].tolist()
+    for capacity in (cfg.num_experts, 6):
+        rt = load_runtime(root / "dense.safetensors", qdir, ckpt, capacity=capacity, use_kernels=False)
+        assert rt.cache.bits == bits
+        # the slots hold the stored form: bits per weight and a float16 scale per group, not float32
+        assert rt.cache.bytes_per_expert == cfg.expert_params * bits // 8 + cfg.expert_params // 16 * 2
+        for path in ("careful", "graph", "pipelined"):
+            gen = generate(rt, ids, 16, return_logits=True, path=path)
+            assert gen.tokens[0] == expected, (capacity, path)
+            for ours, logits in zip(gen.logits, theirs.logits):
+                assert (ours[0] - logits[0]).abs().max().item() <= 1e-4
+
+
+def test_a_corrupted_quantized_file_is_refused(extracted, tmp_path):
+    qdir, records = _quantized(extracted, 4)
+    path = qdir / "layer_2.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="does not match its recorded xxh3-128"):
+        verify_files([(path, records[2]["file_xxh3_128"], str(path))])
+    # a header that no longer says what the runtime reads: one line naming the file
+    root, ckpt, cfg = extracted
+    bad = tmp_path / "layer_0.safetensors"
+    raw = (qdir / "layer_0.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header[scales_name("model.layers.0.mlp.experts.3.up_proj.weight")]["dtype"] = "BF16"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    bad.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    with pytest.raises(InputError, match=r"layer_0.safetensors: .*experts.3.up_proj.scales is BF16, expected F16"):
+        load_runtime(root / "dense.safetensors", {0: bad, 2: qdir / "layer_2.safetensors",
+                                                  3: qdir / "layer_3.safetensors"}, ckpt)
+
+
+@pytest.mark.parametrize("quant, line", [
+    ({"bits": 3}, "error: invalid config value at quantize.bits: 3 is not one of [16, 8, 4]"),
+    ({"bits": 4, "group_size": 48}, "error: quantize.group_size 48 does not divide the hidden size (64)"),
+    ({"bits": 8, "group_size": 40}, "error: quantize.group_size 40 does not divide the hidden size (64)"),
+])
+def test_bad_quantize_settings_fail_at_plan_time(workdir, quant, line):
+    use_small_synthetic(workdir)
+    set_config(workdir, quantize=quant)
+    proc = snakemake(workdir, "-n", "results/compare.json")
+    assert proc.returncode != 0
+    assert error_lines(proc) == [line]
+
+
+@pytest.mark.slow
+def test_main_job_at_4_bits_reports_fidelity_per_bit_width(workdir):
+    use_small_synthetic(workdir, num_layers=4)
+    set_config(workdir, quantize={"bits": 4, "group_size": 16}, generate={"depths": [1, 4]})
+    proc = snakemake(workdir, "--cores", "2", "results/compare.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((workdir / "results/compare.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert [(d["bits"], d["depth"]) for d in report["depths"]] == [(16, 1), (16, 4), (4, 1), (4, 4)]
+    full16, full4 = report["depths"][1], report["depths"][3]
+    assert report["parity"]["tokens_identical"]  # the 16-bit full depth stays the parity check
+    assert full16["fidelity"]["top1_agreement"] == 1.0
+    assert 0 < full4["fidelity"]["mean_kl"] and full4["fidelity"]["top1_agreement"] > 0.5
+    assert full4["bytes_read_per_token"] < full16["bytes_read_per_token"]
+    quant = report["quantization"]
+    assert (quant["bits"], quant["group_size"], quant["layers"]) == (4, 16, 4)
+    assert quant["mean_rel_frobenius"] < quant["mean_rel_frobenius_round_to_nearest"]
+    assert (workdir / "results/plots/quality_bytes.png").stat().st_size > 10_000
+    printed = subprocess.run([sys.executable, "-m", "moe_offload.analysis.summary", "results/compare.json"],
+                             cwd=workdir, capture_output=True, text=True)
+    assert "depth 4 (full), int4" in printed.stdout and "Quantized experts (int4 rows)" in printed.stdout
+    # a named target per layer; a changed group size requantizes and reruns the quantized depths only
+    assert snakemake(workdir, "-n", "quantize_layer_2").returncode == 0
+    set_config(workdir, quantize={"bits": 4, "group_size": 32})
+    plan = snakemake(workdir, "-n", "results/compare.json").stdout
+    assert "quantize_layer" in plan and "generate_depth_quantized" in plan
+    assert "extract_layer" not in plan and "rule generate_depth:" not in plan

@@ -40,11 +40,12 @@ class KVCache:
         self.batch, self.max_seq_len = batch, seq_len
         self.version += 1
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
-        """Write k, v [B, kv_heads, T, D] at input_pos; return the layer's keys and values up to `end`."""
-        b = k.shape[0]
-        self.k[layer][:b, :, input_pos] = k
-        self.v[layer][:b, :, input_pos] = v
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, end: int):
+        """Write k, v [B, kv_heads, T, D] at positions end - T .. end - 1 (a forward's positions are
+        contiguous: a slice copy, not an index_put); return the layer's keys and values up to `end`."""
+        b, t = k.shape[0], k.shape[2]
+        self.k[layer][:b, :, end - t:end] = k
+        self.v[layer][:b, :, end - t:end] = v
         return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
 
     def mask(self, pos: torch.Tensor) -> torch.Tensor:
@@ -53,8 +54,11 @@ class KVCache:
         return self.positions <= pos
 
     def end_of(self, positions: list[int]) -> int:
-        """The KV length a step at these positions sees; one line if they run past the cache."""
+        """The KV length a step at these positions sees; one line if they run past the cache or are not a run
+        of consecutive positions (the KV write and RoPE are slices)."""
         end = positions[-1] + 1
+        if end - positions[0] != len(positions):
+            raise InputError(f"positions {positions[0]}..{positions[-1]} are not {len(positions)} consecutive ones")
         if end > self.max_seq_len:
             raise InputError(f"position {end - 1} is past the KV cache ({self.max_seq_len}): call setup_caches")
         return end

@@ -66,7 +66,8 @@ class Attention(nn.Module):
         self.wo = w["self_attn.o_proj.weight"]
         self.q_norm, self.k_norm = w["self_attn.q_norm.weight"], w["self_attn.k_norm.weight"]
 
-    def forward(self, x, kv: KVCache, input_pos, end):
+    def forward(self, x, kv: KVCache, end):
+        """x [B, T, H] at positions end - T .. end - 1 (contiguous, as forward's callers pass them)."""
         c = self.cfg
         b, t, _ = x.shape
         q, k, v = F.linear(x, self.wqkv).split(
@@ -75,23 +76,26 @@ class Attention(nn.Module):
         k = rms_norm(k.reshape(b, t, c.num_kv_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        cos, sin = kv.cos[input_pos], kv.sin[input_pos]
+        cos, sin = kv.cos[end - t:end], kv.sin[end - t:end]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        keys, values = kv.update(self.layer, input_pos, k, v, end)  # only the prefix any query can see
-        if c.num_heads != c.num_kv_heads:
-            # KV heads repeated for GQA (transformers' repeat_kv), so each call below takes the same tensors:
-            # the CPU's flash op has no GQA of its own
+        keys, values = kv.update(self.layer, k, v, end)  # only the prefix any query can see
+        gqa = c.num_heads != c.num_kv_heads
+        if gqa and q.device.type == "cpu":
+            # KV heads repeated for GQA (transformers' repeat_kv): the CPU's flash op has no GQA of its own;
+            # CUDA's SDPA reads each KV head for its query heads in place (enable_gqa), no copy
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
+            gqa = False
         # The positions are the last T of 0..end-1 (contiguous, as forward's callers pass them): causal
         # aligned to the bottom right, which SDPA's flash kernel takes on CUDA without a materialised mask
         if end == t:
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=c.head_dim ** -0.5)
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=c.head_dim ** -0.5,
+                                               enable_gqa=gqa)
         elif q.device.type == "cpu":
             y = attend_after_prefix(q, keys, values, end - t, c.head_dim ** -0.5)
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(t, end),
-                                               scale=c.head_dim ** -0.5)
+                                               scale=c.head_dim ** -0.5, enable_gqa=gqa)
         return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.wo)
 
 
@@ -218,8 +222,8 @@ class Block(nn.Module):
     def moe(self) -> MoE | None:
         return self.mlp if isinstance(self.mlp, MoE) else None
 
-    def forward(self, x, kv, input_pos, end, deferred=None):
-        x = x + self.attn(rms_norm(x, self.ln1, self.eps), kv, input_pos, end)
+    def forward(self, x, kv, end, deferred=None):
+        x = x + self.attn(rms_norm(x, self.ln1, self.eps), kv, end)
         h = rms_norm(x, self.ln2, self.eps)
         return x + (self.mlp(h, deferred) if self.moe is not None else self.mlp(h))
 
@@ -271,7 +275,7 @@ class Transformer(nn.Module):
         c = self.cache
         deferred = [] if c.keeps_step_resident and c.scope == "per_layer" and c.holds_every_expert() else None
         for block in self.layers:
-            x = block(x, self.kv, input_pos, end, deferred)
+            x = block(x, self.kv, end, deferred)
         if deferred:
             self.settle(deferred)
         return self.head(x if keep is None else x[:, x.shape[1] - keep:])

@@ -86,10 +86,11 @@ def check_config(config: dict, text) -> None:
                              "per layer")
 
 
-def prompts_folder(config_files: list, cli_files: list) -> Path:
-    """The folder a `{file: ...}` prompt is relative to: that of the config file whose generate.prompts is
-    used, i.e. the last --configfile given that sets it (later ones override earlier ones and the
-    Snakefile's), else the Snakefile's config file; the working directory where none sets it."""
+def prompts_folder(config_files: list, cli_files: list, section: str = "generate", key: str = "prompts") -> Path:
+    """The folder a `{file: ...}` prompt (or another file setting: section.key) is relative to: that of the
+    config file whose setting is used, i.e. the last --configfile given that sets it (later ones override
+    earlier ones and the Snakefile's), else the Snakefile's config file; the working directory where none
+    sets it."""
     cli = [Path(f) for f in cli_files]
     rest = [Path(f) for f in config_files if Path(f) not in cli]
     for path in [*reversed(cli), *rest]:
@@ -97,7 +98,7 @@ def prompts_folder(config_files: list, cli_files: list) -> Path:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError):
             continue  # Snakemake has read it already; one it could not read sets nothing here
-        if isinstance(loaded, dict) and "prompts" in (loaded.get("generate") or {}):
+        if isinstance(loaded, dict) and key in (loaded.get(section) or {}):
             return path.parent
     return Path(".")
 
@@ -129,6 +130,27 @@ def prompt_texts(prompts: list, folder: Path) -> list[str]:
             raise InputError(f"{where} is empty")
         texts.append(text)
     return texts
+
+
+def heldout_path(heldout: dict | None, folder: Path) -> Path | None:
+    """fidelity.heldout's text file (relative to `folder`), checked readable and non-empty; None if unset."""
+    if heldout is None:
+        return None
+    path = Path(folder) / heldout["file"]
+    where = f"fidelity.heldout.file {path}"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{where} is a directory, not a file") from None
+    except OSError as err:
+        raise InputError(f"{where} cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where} is not UTF-8 text (byte {err.start})") from None
+    if not text.strip():
+        raise InputError(f"{where} is empty")
+    return path
 
 
 def reference(schema: dict) -> str:

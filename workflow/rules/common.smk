@@ -161,6 +161,15 @@ def quantize_records():
     )
 
 
+def heldout_input():
+    """fidelity.heldout's text, scored by the full-depth runs only (a truncated network is not the model)."""
+
+    def heldout(wildcards):
+        return [str(HELDOUT)] if HELDOUT and int(wildcards.depth) == FULL_DEPTH else []
+
+    return heldout
+
+
 def gpu_count():
     return 1 if ON_GPU else 0
 

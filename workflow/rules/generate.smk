@@ -60,6 +60,7 @@ rule generate_depth:
         dense_checksum="results/checksums/dense.json",
         native="results/generate/native_reference.json",
         native_logits="results/generate/native_logits.safetensors",
+        heldout=heldout_input(),
     output:
         json="results/generate/depth_{depth}.json",
         trace="results/traces/depth_{depth}.parquet",
@@ -79,6 +80,7 @@ rule generate_depth:
     params:
         run=generate_params(),
         cache=canonical(config["cache"]),
+        heldout_tokens=(config["fidelity"]["heldout"] or {}).get("tokens", 1024),
         code=code_version("generate_depth"),
     script:
         "../scripts/generate_depth.py"
@@ -93,6 +95,7 @@ use rule generate_depth as generate_depth_quantized with:
         dense_checksum="results/checksums/dense.json",
         native="results/generate/native_reference.json",
         native_logits="results/generate/native_logits.safetensors",
+        heldout=heldout_input(),
     output:
         json="results/generate/q{bits}/depth_{depth}.json",
         trace="results/traces/q{bits}/depth_{depth}.parquet",

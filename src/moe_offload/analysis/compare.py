@@ -62,7 +62,8 @@ def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[di
                "speedup_vs_native": run["tok_s"] / native["tok_s"] if like_for_like else None,
                "cache": {k: run["cache"][k] for k in ("capacity", "scope", "policy", "hits", "misses", "evictions",
                                                        "bytes_loaded", "load_seconds", "hit_rate")},
-               "fidelity": {k: run["fidelity"][k] for k in ("top1_agreement", "mean_kl", "perplexity")}}
+               "fidelity": {k: run["fidelity"].get(k) for k in ("top1_agreement", "mean_kl", "perplexity",
+                                                                 "heldout_perplexity")}}
         rows.append(row)
     parity = {"depth": full["depth"], "dtype": full["dtype"],
               "max_abs_logit_diff": full["fidelity"]["max_abs_logit_diff"],

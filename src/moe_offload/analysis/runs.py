@@ -8,6 +8,7 @@ on native's tokens) and a router trace for cache profiling.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def host_tier_on(setting, layer_files: dict[int, Path]) -> bool:
 
 def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: int, cache: dict, device: str,
               dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace,
-              progress=None, start_rss: int | None = None) -> dict:
+              progress=None, start_rss: int | None = None, heldout: tuple[Path, int] | None = None) -> dict:
+    """heldout: (a text file, tokens): also the perplexity of its first `tokens` tokens, teacher-forced."""
     from ..runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
     from ..runtime.trace import TRACE_COLUMNS
 
@@ -89,6 +91,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
         scores.append(fidelity(theirs, ours, ref["output_ids"]))
         max_diff = max(max_diff, (theirs - ours).abs().max().item())
         run["fidelity"] = scores[-1]
+    heldout_ppl = heldout_perplexity(rt, tok, *heldout) if heldout else None
     cfg = rt.config
     seq = max(len(r["input_ids"]) + max_new_tokens for r in runs)
     kv = kv_bytes(cfg, depth, seq, torch_dtype)
@@ -113,10 +116,24 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
                         "prefill": _sum(prefill_stats), "decode": _sum(decode_stats)},
               "fidelity": {"top1_agreement": _mean(scores, "top1_agreement"), "mean_kl": _mean(scores, "mean_kl"),
                            "perplexity": _mean(scores, "perplexity"), "max_abs_logit_diff": max_diff,
+                           "heldout_perplexity": heldout_ppl, "heldout_tokens": heldout[1] if heldout else None,
                            "tokens_identical": all(r["tokens_identical_to_native"] for r in runs)},
               "trace": str(out_trace), "prompts": runs}
     write_json(out_json, result)
     return result
+
+
+def heldout_perplexity(rt, tok, path: Path, tokens: int) -> float:
+    """exp(mean negative log-likelihood) of the text's first `tokens` tokens, each predicted from those
+    before it (one chunked teacher-forced forward)."""
+    from ..runtime.generate import teacher_forced_logits
+
+    ids = tok(Path(path).read_text(encoding="utf-8"))["input_ids"][:tokens]
+    if len(ids) < 2:
+        raise InputError(f"{path}: fewer than 2 tokens, no perplexity to measure")
+    logits = teacher_forced_logits(rt, ids[:1], ids[1:])
+    check_finite(logits, f"held-out text {path}")
+    return math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
 
 
 def _sum(stats: list[dict]) -> dict:

@@ -12,7 +12,7 @@ import pandas as pd
 
 MIB = 2**20
 COLUMNS = ["run", "prefill tok/s", "prefill bound", "decode tok/s", "decode bound", "vs native", "memory MiB", "bound MiB", "framework MiB",
-           "hit rate", "top-1 agreement", "mean KL", "perplexity", "sample text"]
+           "hit rate", "top-1 agreement", "mean KL", "perplexity", "held-out ppl", "sample text"]
 
 
 def _num(value, fmt: str) -> str:
@@ -30,6 +30,7 @@ def _row(name: str, side: dict, vs_native: str, cache: dict | None, fidelity: di
             _num(fidelity["top1_agreement"], ".3f") if fidelity else "",
             _num(fidelity["mean_kl"], ".3g") if fidelity else "",
             _num(fidelity["perplexity"], ".1f") if fidelity else "",
+            _num(fidelity.get("heldout_perplexity"), ".1f") if fidelity and fidelity.get("heldout_perplexity") else "",
             " ".join(side["sample_text"].split())[:60]]
 
 
@@ -59,6 +60,10 @@ def notes(report: dict) -> list[str]:
              "a speedup. Prefill tok/s = prompt tokens / prefill seconds (time to first token); its bound = the "
              "matmul rate / 2 x active parameters per token. Decode bound = memory read rate / bytes a token reads "
              "(its weights and the KV it attends over)."]
+    heldout = [d["fidelity"].get("heldout_perplexity") for d in report["depths"]]
+    if any(heldout):
+        lines.append("Held-out ppl: each full-depth run's perplexity on fidelity.heldout's text (teacher-forced), the "
+                     "model's own quality rather than its agreement with native.")
     quant = report.get("quantization")
     if quant:
         lines.append(f"Quantized experts (int{quant['bits']} rows): group {quant['group_size']}, {quant['scales']} scales, "

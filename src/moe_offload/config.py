@@ -71,7 +71,7 @@ def check_config(config: dict, text) -> None:
     if cache["capacity"] is not None and cache["capacity"] < k and not cache["unified_memory"]:
         raise InputError(f"cache.capacity {cache['capacity']} is below the model's experts_per_token {k}: one token "
                          f"needs {k} experts of a layer at once")
-    quant = config["quantize"]
+    quant = config.get("quantize", {"bits": 16})
     if quant["bits"] != 16:
         from .checkpoint.quantize import check_scheme
 

@@ -183,7 +183,7 @@ class Plan:
     def disk_line(self, rules: list[str], free_bytes: int, where: str) -> str | None:
         """The extractions the plan runs, plus resources.disk_headroom_mb, against the free disk."""
         sizes = {"extract_layer": self.layer_bytes, "extract_dense": self.dense_bytes,
-                 "quantize_layer": self.layer_bytes * self.config["quantize"]["bits"] // 16}
+                 "quantize_layer": self.layer_bytes * self.config.get("quantize", {}).get("bits", 16) // 16}
         writes = sum(sizes.get(rule, 0) for rule in rules)
         if not writes:
             return None

@@ -3,7 +3,8 @@ fused decode path timed alone inside a CUDA graph, its weights evicted from L2 f
 must read and the HBM bandwidth measured in the same run (the faster of cuBLAS's and our GEMV on 4.3 GB);
 the kernels' tile shapes swept; the whole layer as one CUDA graph against its byte bound; and a profile of
 that graph, kernel by kernel. Then the same expert kernels reading int8 and int4 experts (checkpoint.quantize's
-form, group --group) in place, against the bytes of their qweights and scales, their tiles swept too.
+form, group --group) in place, against the bytes of their qweights and scales, their tiles swept too, and
+a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) against dequantize-then-torch.
 
   python3 benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json
   python3 benchmarks/kernel_speed.py --quantized-only --out benchmarks/results/kernel_speed_quantized.json
@@ -86,7 +87,7 @@ def dequantize(q, s, bits, group, dtype):
     return (q.float().unflatten(-1, (-1, group)) * s.float()[..., None]).flatten(-2).to(dtype)
 
 
-def quantized(result, hbm, x, slots, weights, n_slots, group):
+def quantized(result, hbm, x, slots, weights, n_slots, group, tokens):
     """The MoE kernels on int8 and int4 slabs of n_slots experts (random values: the time does not depend on
     them) against the bytes they must read, k experts' qweights and scales; their tiles swept (the 16-bit
     tiles' sweep, on the quantized kernels), and the PyTorch path (gather, dequantize, two products)."""
@@ -145,8 +146,42 @@ def quantized(result, hbm, x, slots, weights, n_slots, group):
         row["moe_fused_best_tiles"] = {"gate_up": moe_kernels.QUANT_GATE_UP_BLOCKS[bits],
                                        "down": moe_kernels.QUANT_DOWN_BLOCKS[bits], "us": s * 1e6, "bytes": nbytes,
                                        "bound_us": nbytes / hbm * 1e6, "fraction_of_bound": nbytes / hbm / s}
+        row["prefill_grouped"] = prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt)
         del w1, w2, s1, s2
         torch.cuda.empty_cache()
+
+
+def prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt):
+    """A prompt chunk's experts as MoE._grouped runs them: `tokens` x K pairs sorted by slot, the gate/up
+    and down grouped GEMMs through moe_kernels.grouped_linear on the quantized slabs (tiles swept) and
+    through torch's grouped GEMM after dequantizing the slabs (the path without the kernel)."""
+    n_slots, dev = w1.shape[0], w1.device
+    key = torch.randint(0, n_slots, (tokens * K,), device=dev).sort().values
+    offs = torch.bincount(key, minlength=n_slots).cumsum(0).to(torch.int32)
+    xs = torch.randn(tokens * K, H, dtype=dt, device=dev)
+
+    def kernel():
+        gate, up = moe_kernels.grouped_linear(xs, w1, offs, (s1, bits, group)).chunk(2, dim=-1)
+        return moe_kernels.grouped_linear(F.silu(gate) * up, w2, offs, (s2, bits, group))
+
+    def dequantized():
+        d1, d2 = dequantize(w1, s1, bits, group, dt), dequantize(w2, s2, bits, group, dt)
+        gate, up = torch._grouped_mm(xs, d1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, d2.transpose(1, 2), offs=offs)
+    nbytes = w1.nbytes + w2.nbytes + s1.nbytes + s2.nbytes  # every slot has pairs
+    flops = 2 * tokens * K * 3 * H * I
+    out = {"tokens": tokens, "pairs": tokens * K, "slots": n_slots, "bytes": nbytes, "bound_us": nbytes / hbm * 1e6,
+           "flop": flops, "sweep_top5": []}
+    tuned = dict(moe_kernels.GROUPED_QUANT_BLOCKS)
+    for bm, bn, bk, nw in itertools.product([16, 32, 64, 128], [64, 128], [32, 64, 128], [4, 8]):
+        moe_kernels.GROUPED_QUANT_BLOCKS = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+        us = bench_graph(kernel) * 1e6
+        out["sweep_top5"].append({**moe_kernels.GROUPED_QUANT_BLOCKS, "us": us, "tflops": flops / us / 1e6})
+    out["sweep_top5"] = sorted(out["sweep_top5"], key=lambda r: r["us"])[:5]
+    moe_kernels.GROUPED_QUANT_BLOCKS = tuned
+    s = bench_graph(dequantized)
+    out["dequantize_then_torch_grouped_mm"] = {"us": s * 1e6, "tflops": flops / s / 1e12}
+    return out
 
 
 def main():
@@ -154,6 +189,7 @@ def main():
     p.add_argument("--slots", type=int, default=64, help="experts resident in the slab (past L2 at 64)")
     p.add_argument("--seq", type=int, default=128, help="KV cache length attention reads")
     p.add_argument("--group", type=int, default=128, help="quantized experts' group size")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="a prompt chunk, for the quantized grouped GEMM")
     p.add_argument("--quantized-only", action="store_true", help="the HBM probe and the quantized experts only")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -215,7 +251,7 @@ def main():
     }
     result = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_bytes_per_second": hbm,
               "dims": dict(H=H, I=I, E=E, K=K, heads=HEADS, kv=KV, D=D, seq=a.seq, slots=a.slots), "steps": {}}
-    quantized(result, hbm, x, slots, weights, a.slots, a.group)
+    quantized(result, hbm, x, slots, weights, a.slots, a.group, a.prefill_tokens)
     if a.quantized_only:
         emit(result, a.out)
         return

@@ -118,6 +118,25 @@ def test_quantized_moe_dequantizes_in_registers(dtype, bits, group, tiles, monke
     assert int(kernels._counter_buffers[(x.device, "moe_down")].abs().sum()) == 0
 
 
+@pytest.mark.parametrize("bits, group", [(8, 8), (4, 12)])
+@pytest.mark.parametrize("tiles", ["whole", "small"])
+def test_grouped_linear_dequantizes_tiles_in_registers(dtype, bits, group, tiles, monkeypatch):
+    """The prompt's grouped GEMM over quantized slabs (rows sorted by slot, an empty slot among them) against
+    torch's grouped GEMM over the dequantized slabs, the path MoE._grouped takes without it; small tiles
+    loop over row tiles, column tiles and input steps with masked tails."""
+    if tiles == "small":
+        import triton
+        monkeypatch.setattr(moe_kernels, "_blocks",
+                            lambda tuned, **dims: {k: min(16, triton.next_power_of_2(n)) for k, n in dims.items()})
+    n_in, n_out = 48, 40
+    w, s = quantized_slabs((n_out, n_in), 5, bits, group)
+    ends = torch.tensor([3, 3, 23, 24, 41], dtype=torch.int32)
+    x = torch.randn(41, n_in, dtype=dtype)
+    got = moe_kernels.grouped_linear(x, w, ends, (s, bits, group))
+    want = torch._grouped_mm(x, dequantize(w, s, bits, dtype).transpose(1, 2), offs=ends)
+    assert (got.float() - want.float()).abs().max() <= TOL[dtype]
+
+
 def test_linear_is_f_linear(dtype):
     x, w = torch.randn(70, dtype=dtype), torch.randn(37, 70, dtype=dtype) / 70 ** 0.5
     assert (kernels.linear(x, w).float() - torch.nn.functional.linear(x, w).float()).abs().max() <= TOL[dtype]

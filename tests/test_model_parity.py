@@ -395,14 +395,18 @@ def test_long_prompt_through_chunked_prefill_and_split_kv_decode(model, kernels,
 
 
 @pytest.mark.parametrize("bits, group, spec", [(8, 8, "qwen3_omni_thinker"), (4, 12, "odd_dims")])
-def test_quantized_experts_match_transformers_on_the_dequantized_weights(tmp_path, bits, group, spec):
+def test_quantized_experts_match_transformers_on_the_dequantized_weights(tmp_path, bits, group, spec, monkeypatch):
     """Layer files quantized (checkpoint.quantize) and decoded through the fused kernels, which read the
     experts from their slots as stored (under the interpreter: one prompt, a few tokens; capacity 6 misses
-    and redoes): the greedy tokens and logits of transformers' model whose experts are the dequantized
-    weights. The PyTorch ops' path, the same."""
+    and redoes), the prompt through the Triton grouped GEMM as on CUDA: the greedy tokens and logits of
+    transformers' model whose experts are the dequantized weights. The PyTorch ops' path (the prompt
+    through torch's grouped GEMM on dequantized slabs), the same."""
     from safetensors import safe_open
 
     from moe_offload.checkpoint.quantize import dequantize, qweight_name, quantize_layer, scales_name
+    from moe_offload.runtime import model as model_module
+
+    serves = model_module.quant_kernel_serves
 
     spec, cls = SPECS[spec]
     spec = dict(spec, num_layers=3)
@@ -429,6 +433,7 @@ def test_quantized_experts_match_transformers_on_the_dequantized_weights(tmp_pat
         want = ref.generate(**enc, max_new_tokens=steps, do_sample=False, output_logits=True,
                             return_dict_in_generate=True)
     for capacity, use_kernels in ((cfg.num_experts, True), (6, True), (6, False)):
+        monkeypatch.setattr(model_module, "quant_kernel_serves", (lambda device, x: True) if use_kernels else serves)
         rt = load_runtime(tmp_path / "dense.safetensors", tmp_path / "q", ckpt, capacity=capacity,
                           use_kernels=use_kernels)
         assert rt.cache.quant_slabs(cfg.expert_layers[0])[2:] == (bits, group)

@@ -14,6 +14,8 @@ do, under the same programmatic dependent launch.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .kernels import _blocks, _counters, _launch, _small, triton
@@ -238,6 +240,57 @@ if triton is not None:
             tl.atomic_xchg(count_ptr + block, 0)  # ready for the next launch (graph replays reuse the counters)
 
 
+    @triton.jit
+    def _grouped_quant_kernel(x_ptr, w_ptr, s_ptr, ends_ptr, tile_ends_ptr, out_ptr, n_groups, slot_stride,
+                              scale_stride, N_IN: tl.constexpr, N_OUT: tl.constexpr, BITS: tl.constexpr,
+                              GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+        # Program (row tile, column tile): row tile t of the rows sorted by slot belongs to the group (slot)
+        # whose cumulative count of row tiles first passes t; tiles past the last group do nothing.
+        t = tl.program_id(0)
+        g_offs = tl.arange(0, BLOCK_S)
+        tile_ends = tl.load(tile_ends_ptr + g_offs, mask=g_offs < n_groups, other=1 << 30)
+        g = tl.sum((tile_ends <= t).to(tl.int32), axis=0)
+        if g < n_groups:
+            first_tile = tl.load(tile_ends_ptr + g - 1, mask=g > 0, other=0)
+            row_start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0)
+            rows = row_start + (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < tl.load(ends_ptr + g)
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = n < N_OUT
+            w_base = w_ptr + g.to(tl.int64) * slot_stride
+            s_base = s_ptr + g.to(tl.int64) * scale_stride
+            dt = out_ptr.dtype.element_ty
+            tdt = tl.float32 if IEEE else dt  # the interpreter's products: float32 (it has no bf16 dot)
+            precision: tl.constexpr = "ieee" if IEEE else "tf32"
+            ROW_BYTES: tl.constexpr = N_IN * BITS // 8
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, ROW_BYTES, BLOCK_K):  # BLOCK_K bytes of each weight row a step
+                c = k0 + tl.arange(0, BLOCK_K)
+                c_mask = c < ROW_BYTES
+                wm = n_mask[:, None] & c_mask[None, :]
+                xm = row_mask[:, None] & c_mask[None, :]
+                q = tl.load(w_base + n[:, None] * ROW_BYTES + c[None, :], mask=wm, other=0)
+                # w = q * scale in float32, rounded to the compute dtype as torch's dequantize rounds
+                if BITS == 8:
+                    s = tl.load(s_base + n[:, None] * (N_IN // GROUP) + (c // GROUP)[None, :], mask=wm, other=0.0)
+                    w = (q.to(tl.float32) * s.to(tl.float32)).to(dt).to(tdt)
+                    x = tl.load(x_ptr + rows[:, None] * N_IN + c[None, :], mask=xm, other=0.0).to(tdt)
+                    acc = tl.dot(x, tl.trans(w), acc, input_precision=precision)
+                else:  # byte c holds input columns 2c (low nibble) and 2c + 1 (high): two products
+                    s = tl.load(s_base + n[:, None] * (N_IN // GROUP) + (2 * c // GROUP)[None, :], mask=wm,
+                                other=0.0).to(tl.float32)
+                    b = q.to(tl.int32)
+                    w_even = (((b & 15) - 8).to(tl.float32) * s).to(dt).to(tdt)
+                    w_odd = (((b >> 4) - 8).to(tl.float32) * s).to(dt).to(tdt)
+                    x_even = tl.load(x_ptr + rows[:, None] * N_IN + 2 * c[None, :], mask=xm, other=0.0).to(tdt)
+                    x_odd = tl.load(x_ptr + rows[:, None] * N_IN + 2 * c[None, :] + 1, mask=xm, other=0.0).to(tdt)
+                    acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=precision)
+                    acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=precision)
+            tl.store(out_ptr + rows[:, None] * N_OUT + n[None, :], acc.to(dt),
+                     mask=row_mask[:, None] & n_mask[None, :])
+
+
 # Tile shapes, [rows, cols] with cols contiguous: the fastest of a sweep on an H100 at the real model's
 # dims, each kernel timed inside a CUDA graph with its weights out of L2 (benchmarks/kernel_speed.py).
 GATE_UP_BLOCKS = dict(BLOCK_I=2, BLOCK_H=2048, num_warps=8)
@@ -246,6 +299,8 @@ DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the interme
 # program (not yet swept on a GPU; kernel_speed.py sweeps them)
 QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=4, BLOCK_G=16, num_warps=8), 4: dict(BLOCK_I=8, BLOCK_G=16, num_warps=8)}
 QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=8, num_warps=2), 4: dict(BLOCK_H=16, num_warps=2)}  # whole rows
+GROUPED_QUANT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)  # a guess: not swept yet
+
 
 def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None,
           policy=None):
@@ -303,4 +358,25 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
                                     part, _counters(x.device, "moe_down", n_blocks), w2.stride(0), s2.stride(0), K=k,
                                     H=h, I=i, HAS_RESID=resid is not None, HOST=host is not None, BITS=bits,
                                     GROUP=group, BLOCK_I=triton.next_power_of_2(i), **dn, **_launch(x.device))
+    return out
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: tuple[torch.Tensor, int, int]):
+    """x [P, N_in] (rows sorted by slot) -> [P, N_out]: row p of slot g's rows (ends [S]: the cumulative row
+    count per slot, as torch._grouped_mm's offs) times quantized slab w [S, N_out, N_in * bits / 8]
+    (quant: scales [S, N_out, N_in / G], bits, group_size) transposed, dequantized a tile at a time (no
+    16-bit copy of the slab). P is ends[-1]."""
+    scales, bits, group = quant
+    p, n_in = x.shape
+    n_groups, n_out = w.shape[0], w.shape[1]
+    out = torch.empty(p, n_out, dtype=x.dtype, device=x.device)
+    b = _blocks(GROUPED_QUANT_BLOCKS, BLOCK_M=p, BLOCK_N=n_out, BLOCK_K=n_in * bits // 8)
+    b = {k: max(16, v) if k.startswith("BLOCK") else v for k, v in b.items()}  # tl.dot's least tile
+    counts = torch.diff(ends.long(), prepend=ends.new_zeros(1).long())
+    tile_ends = torch.cumsum(triton.cdiv(counts, b["BLOCK_M"]), 0).to(torch.int32)
+    grid = (triton.cdiv(p, b["BLOCK_M"]) + n_groups, triton.cdiv(n_out, b["BLOCK_N"]))  # enough for any split
+    _grouped_quant_kernel[grid](x.contiguous(), w, scales, ends, tile_ends, out, n_groups, w.stride(0),
+                                scales.stride(0), N_IN=n_in, N_OUT=n_out, BITS=bits, GROUP=group,
+                                BLOCK_S=triton.next_power_of_2(n_groups),
+                                IEEE=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", **b)
     return out

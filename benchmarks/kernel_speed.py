@@ -2,9 +2,12 @@
 fused decode path timed alone inside a CUDA graph, its weights evicted from L2 first, next to the bytes it
 must read and the HBM bandwidth measured in the same run (the faster of cuBLAS's and our GEMV on 4.3 GB);
 the kernels' tile shapes swept; the whole layer as one CUDA graph against its byte bound; and a profile of
-that graph, kernel by kernel.
+that graph, kernel by kernel. Then the same expert kernels reading int8 and int4 experts (checkpoint.quantize's
+form, group --group) in place, against the bytes of their qweights and scales, their tiles swept too, and
+a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) against dequantize-then-torch.
 
   python3 benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json
+  python3 benchmarks/kernel_speed.py --quantized-only --out benchmarks/results/kernel_speed_quantized.json
 
 Only torch and triton are imported: it runs on the GPU machine's stock python3.
 """
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from moe_offload.runtime import kernels, moe_kernels  # noqa: E402
@@ -76,10 +80,117 @@ def kernel_times(fn, calls: int, per_call: int = 1) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def dequantize(q, s, bits, group, dtype):
+    """checkpoint.quantize.dequantize (which imports safetensors), for the PyTorch path's reference."""
+    if bits == 4:  # the even input column in the low nibble, stored as q + 8
+        q = torch.stack(((q & 15).view(torch.int8) - 8, (q >> 4).view(torch.int8) - 8), -1).flatten(-2)
+    return (q.float().unflatten(-1, (-1, group)) * s.float()[..., None]).flatten(-2).to(dtype)
+
+
+def quantized(result, hbm, x, slots, weights, n_slots, group, tokens):
+    """The MoE kernels on int8 and int4 slabs of n_slots experts (random values: the time does not depend on
+    them) against the bytes they must read, k experts' qweights and scales; their tiles swept (the 16-bit
+    tiles' sweep, on the quantized kernels), and the PyTorch path (gather, dequantize, two products)."""
+    dev, dt = x.device, x.dtype
+    out = result["quantized"] = {"group_size": group}
+    for bits in (8, 4):
+        def qweight(*shape):  # [slots, out, in] as stored: int8, or int4 nibbles two to a byte
+            if bits == 8:
+                return torch.randint(-127, 128, (n_slots, *shape), dtype=torch.int8, device=dev)
+            return torch.randint(0, 256, (n_slots, shape[0], shape[1] // 2), dtype=torch.uint8, device=dev)
+
+        def scales(rows, cols):
+            return (torch.rand(n_slots, rows, cols // group, device=dev) / 64).half()
+        w1, w2, s1, s2 = qweight(2 * I, H), qweight(H, I), scales(2 * I, H), scales(H, I)
+        quant = (s1, s2, bits, group)
+        expert_bytes = w1[0].nbytes + w2[0].nbytes + s1[0].nbytes + s2[0].nbytes
+        nbytes = K * expert_bytes
+
+        def gathered():  # torch_ops.moe: a 16-bit copy of the k experts, then two batched products
+            g1, g2 = dequantize(w1[slots], s1[slots], bits, group, dt), dequantize(w2[slots], s2[slots], bits, group, dt)
+            gate, up = torch.matmul(g1, x).chunk(2, dim=-1)
+            y = torch.matmul(g2, (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+            return x + (y * weights[:, None]).sum(0)
+
+        def fused():
+            return moe_kernels.moe(x, w1, w2, slots, weights, x, quant=quant)
+        row = out[f"int{bits}"] = {"expert_bytes": expert_bytes, "expert_bytes_bf16": 3 * H * I * 2, "steps": {}}
+        for name, fn in {"moe_fused": fused, "moe_gathered_torch": gathered}.items():
+            s = bench_graph(fn)
+            row["steps"][name] = {"us": s * 1e6, "bytes": nbytes, "bound_us": nbytes / hbm * 1e6,
+                                  "fraction_of_bound": nbytes / hbm / s}
+        sweep = {"gate_up": [], "moe_by_down_tiles": []}
+        act = torch.empty(K, I, dtype=dt, device=dev)
+        per_group = triton.next_power_of_2(group * bits // 8)
+        for bi, bg, nw in itertools.product([1, 2, 4, 8, 16], [4, 8, 16], [2, 4, 8]):
+            if bg > H // group:
+                continue
+            fn = lambda: moe_kernels._moe_gate_up_kernel[(K, -(-I // bi))](  # noqa: E731
+                x, w1, s1, slots, act, w1, slots, w1.stride(0), s1.stride(0), H=H, I=I, HOST=False, BITS=bits,
+                GROUP=group, BLOCK_I=bi, BLOCK_H=1, BLOCK_G=bg, BLOCK_J=per_group, num_warps=nw, PDL=False)
+            sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_G": bg, "num_warps": nw, "us": bench_graph(fn) * 1e6})
+        tuned = dict(moe_kernels.QUANT_DOWN_BLOCKS[bits])
+        for bh, nw in itertools.product([1, 2, 4, 8, 16, 32], [1, 2, 4, 8]):
+            moe_kernels.QUANT_DOWN_BLOCKS[bits] = dict(BLOCK_H=bh, num_warps=nw)
+            sweep["moe_by_down_tiles"].append({"BLOCK_H": bh, "num_warps": nw, "us": bench_graph(fused) * 1e6})
+        moe_kernels.QUANT_DOWN_BLOCKS[bits] = tuned
+        read = {"gate_up": K * (w1[0].nbytes + s1[0].nbytes), "moe_by_down_tiles": nbytes}
+        for k in sweep:
+            for r in sweep[k]:
+                r["fraction_of_bound"] = read[k] / hbm / (r["us"] / 1e6)
+            sweep[k].sort(key=lambda r: r["us"])
+        row["tile_sweep_top5"] = {k: v[:5] for k, v in sweep.items()}
+        moe_kernels.QUANT_GATE_UP_BLOCKS[bits] = {k: sweep["gate_up"][0][k] for k in ("BLOCK_I", "BLOCK_G", "num_warps")}
+        moe_kernels.QUANT_DOWN_BLOCKS[bits] = {k: sweep["moe_by_down_tiles"][0][k] for k in ("BLOCK_H", "num_warps")}
+        s = bench_graph(fused)
+        row["moe_fused_best_tiles"] = {"gate_up": moe_kernels.QUANT_GATE_UP_BLOCKS[bits],
+                                       "down": moe_kernels.QUANT_DOWN_BLOCKS[bits], "us": s * 1e6, "bytes": nbytes,
+                                       "bound_us": nbytes / hbm * 1e6, "fraction_of_bound": nbytes / hbm / s}
+        row["prefill_grouped"] = prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt)
+        del w1, w2, s1, s2
+        torch.cuda.empty_cache()
+
+
+def prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt):
+    """A prompt chunk's experts as MoE._grouped runs them: `tokens` x K pairs sorted by slot, the gate/up
+    and down grouped GEMMs through moe_kernels.grouped_linear on the quantized slabs (tiles swept) and
+    through torch's grouped GEMM after dequantizing the slabs (the path without the kernel)."""
+    n_slots, dev = w1.shape[0], w1.device
+    key = torch.randint(0, n_slots, (tokens * K,), device=dev).sort().values
+    offs = torch.bincount(key, minlength=n_slots).cumsum(0).to(torch.int32)
+    xs = torch.randn(tokens * K, H, dtype=dt, device=dev)
+
+    def kernel():
+        gate, up = moe_kernels.grouped_linear(xs, w1, offs, (s1, bits, group)).chunk(2, dim=-1)
+        return moe_kernels.grouped_linear(F.silu(gate) * up, w2, offs, (s2, bits, group))
+
+    def dequantized():
+        d1, d2 = dequantize(w1, s1, bits, group, dt), dequantize(w2, s2, bits, group, dt)
+        gate, up = torch._grouped_mm(xs, d1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, d2.transpose(1, 2), offs=offs)
+    nbytes = w1.nbytes + w2.nbytes + s1.nbytes + s2.nbytes  # every slot has pairs
+    flops = 2 * tokens * K * 3 * H * I
+    out = {"tokens": tokens, "pairs": tokens * K, "slots": n_slots, "bytes": nbytes, "bound_us": nbytes / hbm * 1e6,
+           "flop": flops, "sweep_top5": []}
+    tuned = dict(moe_kernels.GROUPED_QUANT_BLOCKS)
+    for bm, bn, bk, nw in itertools.product([16, 32, 64, 128], [64, 128], [32, 64, 128], [4, 8]):
+        moe_kernels.GROUPED_QUANT_BLOCKS = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+        us = bench_graph(kernel) * 1e6
+        out["sweep_top5"].append({**moe_kernels.GROUPED_QUANT_BLOCKS, "us": us, "tflops": flops / us / 1e6})
+    out["sweep_top5"] = sorted(out["sweep_top5"], key=lambda r: r["us"])[:5]
+    moe_kernels.GROUPED_QUANT_BLOCKS = tuned
+    s = bench_graph(dequantized)
+    out["dequantize_then_torch_grouped_mm"] = {"us": s * 1e6, "tflops": flops / s / 1e12}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--slots", type=int, default=64, help="experts resident in the slab (past L2 at 64)")
     p.add_argument("--seq", type=int, default=128, help="KV cache length attention reads")
+    p.add_argument("--group", type=int, default=128, help="quantized experts' group size")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="a prompt chunk, for the quantized grouped GEMM")
+    p.add_argument("--quantized-only", action="store_true", help="the HBM probe and the quantized experts only")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -140,6 +251,10 @@ def main():
     }
     result = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_bytes_per_second": hbm,
               "dims": dict(H=H, I=I, E=E, K=K, heads=HEADS, kv=KV, D=D, seq=a.seq, slots=a.slots), "steps": {}}
+    quantized(result, hbm, x, slots, weights, a.slots, a.group, a.prefill_tokens)
+    if a.quantized_only:
+        emit(result, a.out)
+        return
     for name, (fn, nbytes) in steps.items():
         s = bench_graph(fn)
         result["steps"][name] = {"us": s * 1e6, "bytes": nbytes, "bound_us": nbytes / hbm * 1e6,
@@ -150,8 +265,8 @@ def main():
     i_act = torch.randn(K, I, dtype=dt, device=dev)
     for bi, bh, nw in itertools.product([1, 2, 4, 8], [1024, 2048], [2, 4, 8]):
         fn = lambda: moe_kernels._moe_gate_up_kernel[(K, -(-I // bi))](  # noqa: E731
-            x, w1, slots, i_act, w1, slots, w1.stride(0), H=H, I=I, HOST=False, BLOCK_I=bi, BLOCK_H=bh, num_warps=nw,
-            PDL=False)
+            x, w1, w1, slots, i_act, w1, slots, w1.stride(0), 0, H=H, I=I, HOST=False, BITS=16, GROUP=1, BLOCK_I=bi,
+            BLOCK_H=bh, BLOCK_G=1, BLOCK_J=1, num_warps=nw, PDL=False)
         sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_H": bh, "num_warps": nw, "us": bench_graph(fn) * 1e6})
     for bh, nw in itertools.product([1, 2, 4, 8, 16], [1, 2, 4, 8]):
         moe_kernels.DOWN_BLOCKS = dict(BLOCK_H=bh, num_warps=nw)

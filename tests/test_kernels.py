@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_offload.runtime import kernels, moe_kernels
+from moe_offload.checkpoint.quantize import dequantize, pack, quantize
+from moe_offload.runtime import kernels, moe_kernels, torch_ops
 from moe_offload.runtime.model import rms_norm, rotate_half, swiglu
 
 pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cpu")),
@@ -79,6 +80,61 @@ def test_moe_down_adds_the_experts_in_order_across_row_blocks(dtype, monkeypatch
         got = moe_kernels.moe(x, w1, w2, slots, weights, resid)
         assert (got.float() - want.float()).abs().max() <= TOL[dtype]
         assert int(kernels._counter_buffers[(x.device, "moe_down")].abs().sum()) == 0
+
+
+def quantized_slabs(shape, slots_n, bits, group):
+    """Random weights [slots_n, *shape] quantized as checkpoint.quantize stores them in slots: (qweights, scales)."""
+    out, cols = shape
+    ws = torch.randn(slots_n, out, cols) / cols ** 0.5
+    qs = [quantize(w, bits, group) for w in ws]
+    return torch.stack([pack(q, bits) for q, _ in qs]), torch.stack([s for _, s in qs])
+
+
+@pytest.mark.parametrize("bits, group", [(8, 8), (8, 12), (4, 8), (4, 12), (4, 24)])
+@pytest.mark.parametrize("tiles", ["whole", "small"])
+def test_quantized_moe_dequantizes_in_registers(dtype, bits, group, tiles, monkeypatch):
+    """int8 and int4 experts read from their slots as stored, against the PyTorch path that dequantizes
+    the gathered experts: dims and groups no tile is a power of two of, and (small) tiles of a few rows
+    and groups, so that the loops over groups, their masked tails and several row blocks of the down
+    kernel run."""
+    if tiles == "small":
+        import triton
+        monkeypatch.setattr(moe_kernels, "_blocks",
+                            lambda tuned, **dims: {k: min(4, triton.next_power_of_2(n)) for k, n in dims.items()})
+    h, i, slots_n, k = 48, 24, 7, 3
+    w1, s1 = quantized_slabs((2 * i, h), slots_n, bits, group)
+    w2, s2 = quantized_slabs((h, i), slots_n, bits, group)
+    assert w1.shape[-1] == h * bits // 8 and w2.shape[-1] == i * bits // 8
+    quant = (s1, s2, bits, group)
+    x, resid = torch.randn(h, dtype=dtype), torch.randn(h, dtype=dtype)
+    slots, weights = torch.tensor([5, 0, 3]), torch.rand(k, dtype=dtype)
+    for r in (resid, None):
+        got = moe_kernels.moe(x, w1, w2, slots, weights, r, quant=quant)
+        want = torch_ops.moe(x, w1, w2, slots, weights, r, quant=quant)
+        assert (got.float() - want.float()).abs().max() <= TOL[dtype]
+    if dtype == torch.float32:  # the 16-bit kernel on the dequantized slabs: the same sums, to float32 rounding
+        d1, d2 = dequantize(w1, s1, bits), dequantize(w2, s2, bits)
+        assert (got - moe_kernels.moe(x, d1, d2, slots, weights)).abs().max() <= TOL[dtype]
+    assert int(kernels._counter_buffers[(x.device, "moe_down")].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("bits, group", [(8, 8), (4, 12)])
+@pytest.mark.parametrize("tiles", ["whole", "small"])
+def test_grouped_linear_dequantizes_tiles_in_registers(dtype, bits, group, tiles, monkeypatch):
+    """The prompt's grouped GEMM over quantized slabs (rows sorted by slot, an empty slot among them) against
+    torch's grouped GEMM over the dequantized slabs, the path MoE._grouped takes without it; small tiles
+    loop over row tiles, column tiles and input steps with masked tails."""
+    if tiles == "small":
+        import triton
+        monkeypatch.setattr(moe_kernels, "_blocks",
+                            lambda tuned, **dims: {k: min(16, triton.next_power_of_2(n)) for k, n in dims.items()})
+    n_in, n_out = 48, 40
+    w, s = quantized_slabs((n_out, n_in), 5, bits, group)
+    ends = torch.tensor([3, 3, 23, 24, 41], dtype=torch.int32)
+    x = torch.randn(41, n_in, dtype=dtype)
+    got = moe_kernels.grouped_linear(x, w, ends, (s, bits, group))
+    want = torch._grouped_mm(x, dequantize(w, s, bits, dtype).transpose(1, 2), offs=ends)
+    assert (got.float() - want.float()).abs().max() <= TOL[dtype]
 
 
 def test_linear_is_f_linear(dtype):

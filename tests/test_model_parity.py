@@ -392,3 +392,55 @@ def test_long_prompt_through_chunked_prefill_and_split_kv_decode(model, kernels,
     assert simulate(accesses, "lru", "per_layer", 6) == {"hits": s["hits"], "misses": s["misses"]}
     forced = teacher_forced_logits(rt, ids[0].tolist(), gen.tokens[0])  # chunked too, logits only at the end
     assert (forced - torch.stack([l[0] for l in want.logits])).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("bits, group, spec", [(8, 8, "qwen3_omni_thinker"), (4, 12, "odd_dims")])
+def test_quantized_experts_match_transformers_on_the_dequantized_weights(tmp_path, bits, group, spec, monkeypatch):
+    """Layer files quantized (checkpoint.quantize) and decoded through the fused kernels, which read the
+    experts from their slots as stored (under the interpreter: one prompt, a few tokens; capacity 6 misses
+    and redoes), the prompt through the Triton grouped GEMM as on CUDA: the greedy tokens and logits of
+    transformers' model whose experts are the dequantized weights. The PyTorch ops' path (the prompt
+    through torch's grouped GEMM on dequantized slabs), the same."""
+    from safetensors import safe_open
+
+    from moe_offload.checkpoint.quantize import dequantize, qweight_name, quantize_layer, scales_name
+    from moe_offload.runtime import model as model_module
+
+    serves = model_module.quant_kernel_serves
+
+    spec, cls = SPECS[spec]
+    spec = dict(spec, num_layers=3)
+    ckpt = build_synthetic(tmp_path / "ckpt", spec)
+    layout, cfg = detect_checkpoint(ckpt)
+    extract_dense(ckpt, tmp_path / "dense.safetensors")
+    ref = load_reference(cls, ckpt)
+    decoder = ref.get_decoder()
+    for layer in cfg.expert_layers:
+        extract_layer(ckpt, layer, tmp_path / f"layer_{layer}.safetensors")
+        quantize_layer(tmp_path / f"layer_{layer}.safetensors", tmp_path / "q" / f"layer_{layer}.safetensors", bits,
+                       group)
+        with safe_open(tmp_path / "q" / f"layer_{layer}.safetensors", "pt") as f:
+            w = [[dequantize(f.get_tensor(qweight_name(name)), f.get_tensor(scales_name(name)), bits)
+                  for name in (layout.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj"))]
+                 for e in range(cfg.num_experts)]
+        experts = decoder.layers[layer].mlp.experts
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(torch.stack([torch.cat(ws[:2]) for ws in w]))
+            experts.down_proj.copy_(torch.stack([ws[2] for ws in w]))
+    enc = AutoTokenizer.from_pretrained(ckpt)(PROMPTS[0], return_tensors="pt")
+    steps = 5
+    with torch.inference_mode():
+        want = ref.generate(**enc, max_new_tokens=steps, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True)
+    for capacity, use_kernels in ((cfg.num_experts, True), (6, True), (6, False)):
+        monkeypatch.setattr(model_module, "quant_kernel_serves", (lambda device, x: True) if use_kernels else serves)
+        rt = load_runtime(tmp_path / "dense.safetensors", tmp_path / "q", ckpt, capacity=capacity,
+                          use_kernels=use_kernels)
+        assert rt.cache.quant_slabs(cfg.expert_layers[0])[2:] == (bits, group)
+        assert (rt.step.ops is TRITON_OPS) == use_kernels
+        gen = generate(rt, enc.input_ids, steps, return_logits=True, path="pipelined")
+        assert gen.tokens[0] == want.sequences[0, enc.input_ids.shape[1]:].tolist()
+        for ours, theirs in zip(gen.logits, want.logits):
+            assert (ours[0] - theirs[0]).abs().max().item() <= TOL
+        if capacity == 6:
+            assert gen.decode_stats["misses"] > 0  # the redo path ran

@@ -94,7 +94,7 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
     dense = load_dense(dense_path, layout, depth, device, dtype)
     model = Transformer(cfg, layout, dense, cache, depth)
     use_kernels = _use_kernels(use_kernels, device, kernels.unserved(cfg.hidden_size, cfg.head_dim,
-                                                                      cfg.moe_intermediate_size, cache.bits))
+                                                                      cfg.moe_intermediate_size))
     if unified and device.type == "cuda" and not use_kernels:
         raise InputError("unified memory needs the fused kernels (Triton) to read experts in place: "
                          "set cache.fused_kernels to null or true")

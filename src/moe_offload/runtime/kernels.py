@@ -33,11 +33,10 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 MAX_ROW = 16384  # elements: the GEMVs and the down projection hold whole rows of a weight in registers
 
 
-def unserved(hidden_size: int, head_dim: int, moe_intermediate_size: int, bits: int = 16) -> str | None:
-    """Why the kernels cannot serve a checkpoint of these dimensions (experts of `bits`), or None. Tiles are
-    masked, so any size up to MAX_ROW serves; RoPE's rotate-half needs an even head_dim."""
-    if bits != 16:
-        return f"{bits}-bit experts: the expert kernels read 16-bit slots only"
+def unserved(hidden_size: int, head_dim: int, moe_intermediate_size: int) -> str | None:
+    """Why the kernels cannot serve a checkpoint of these dimensions, or None. Tiles are masked, so any size
+    up to MAX_ROW serves, and any quantization scheme checkpoint.quantize builds (its group size divides
+    both dimensions); RoPE's rotate-half needs an even head_dim."""
     if head_dim % 2:
         return f"head_dim {head_dim} is odd (RoPE rotates halves)"
     for name, n in (("hidden_size", hidden_size), ("moe_intermediate_size", moe_intermediate_size)):

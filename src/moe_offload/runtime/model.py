@@ -22,6 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 from ..checkpoint.layouts import Layout, TextConfig
 from ..checkpoint.quantize import dequantize
 from ..errors import InputError
+from . import kernels, moe_kernels
 from .expert_cache import ExpertCache
 from .kv_cache import KVCache
 from .trace import RouterTrace
@@ -116,6 +117,12 @@ def grouped_mm_serves(shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     return dtype in (torch.bfloat16, torch.float16) if device.type == "cuda" else True
 
 
+def quant_kernel_serves(device: torch.device, x: torch.Tensor) -> bool:
+    """Whether the Triton grouped GEMM (moe_kernels.grouped_linear) runs a prompt's quantized experts: on
+    CUDA, slabs on x's device. (Under Triton's interpreter it would run on the CPU too, slowly: tests ask.)"""
+    return device.type == "cuda" and device == x.device and kernels.available(device)
+
+
 class MoE(nn.Module):
     """Router exactly as transformers' TopKRouter. The (token, choice) pairs are grouped by expert on the
     device; the routed experts are made resident a wave at a time (all at once when the cache holds them,
@@ -146,9 +153,11 @@ class MoE(nn.Module):
         # then each token's k added up
         products = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device)
         w1 = self.cache.slabs(self.layer)[0]
-        # quantized experts are dequantized (slabs) to the compute dtype before the grouped GEMM
-        dtype = w1.dtype if self.cache.quant is None else flat.dtype
-        grouped = grouped_mm_serves((w1.shape[0], w1.shape[1], h), dtype, w1.device, flat)
+        if self.cache.quant is not None and quant_kernel_serves(w1.device, flat):
+            grouped = True  # the Triton grouped GEMM reads quantized slabs as stored; any shape
+        else:  # quantized experts are dequantized (slabs) to the compute dtype before torch's grouped GEMM
+            dtype = w1.dtype if self.cache.quant is None else flat.dtype
+            grouped = grouped_mm_serves((w1.shape[0], w1.shape[1], h), dtype, w1.device, flat)
         if deferred is not None and grouped:
             deferred.append((self.layer, top_i, top_w))
             self._grouped(flat, top_i, top_w, list(range(self.cfg.num_experts)), b * t * k, products)
@@ -181,20 +190,27 @@ class MoE(nn.Module):
         """The experts of `wave` (resident together: LRU evicts none of them for another) on their pairs:
         pairs sorted by slot, a grouped GEMM for gate and up and one for down over the slabs, each slot's
         rows one group."""
-        w1, w2, table = self.slabs(flat.dtype)
+        quant = self.cache.quant_slabs(self.layer)
+        in_registers = quant is not None and quant_kernel_serves(self.cache.slabs(self.layer)[0].device, flat)
+        w1, w2, table = self.cache.slabs(self.layer) if in_registers else self.slabs(flat.dtype)
         k, slots = self.cfg.experts_per_token, w1.shape[0]
         ids = top_i.view(-1)
         in_wave = (ids >= wave[0]) & (ids <= wave[-1])  # a wave is a run of ascending experts
         key = torch.where(in_wave, table[ids], slots)  # pairs of other waves sort last, past every group
         order = key.argsort(stable=True)[:pairs]
         offs = torch.bincount(key, minlength=slots + 1)[:slots].cumsum(0).to(torch.int32)
-        gate, up = torch._grouped_mm(flat[order // k], w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+        if in_registers:  # quantized slabs read as stored, dequantized a tile at a time
+            s1, s2, bits, group = quant
+            gate, up = moe_kernels.grouped_linear(flat[order // k], w1, offs, (s1, bits, group)).chunk(2, dim=-1)
+            y = moe_kernels.grouped_linear(F.silu(gate) * up, w2, offs, (s2, bits, group))
+        else:
+            gate, up = torch._grouped_mm(flat[order // k], w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
         products[order] = y * top_w.view(-1)[order, None]
 
     def slabs(self, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The cache's slabs and table; quantized experts dequantized here, for the grouped GEMM (the CPU's
-        path: correct, not fast; a GPU wants a kernel that dequantizes in registers)."""
+        """The cache's slabs and table; quantized experts dequantized here, for torch's grouped GEMM (where
+        the Triton one does not run: the CPU's path, correct, not fast)."""
         w1, w2, table = self.cache.slabs(self.layer)
         quant = self.cache.quant_slabs(self.layer)
         if quant is not None:

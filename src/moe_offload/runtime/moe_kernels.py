@@ -5,13 +5,16 @@ misses are read in place) and the k routed experts read in place from the cache'
                             the cache's LRU on the device, slots for the absent experts too
   moe_gate_up, moe_down     the k experts' SwiGLU straight from the slabs (no `w1[slots]` copies), weighted
                             and added to the residual; an absent expert read from pinned host RAM in place
-                            and written into its slot
+                            and written into its slot; int8 or int4 experts dequantized in registers,
+                            a group at a time (no 16-bit copy of them is ever made)
 
 They round as transformers rounds (the routing weights, each expert's product) and run where kernels.py's
 do, under the same programmatic dependent launch.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -104,33 +107,83 @@ if triton is not None:
         return tl.where(from_host, w_host, w_slot)
 
     @triton.jit
-    def _moe_gate_up_kernel(x_ptr, w1_ptr, slots_ptr, act_ptr, host_ptr, src_ptr, slot_stride, H: tl.constexpr,
-                            I: tl.constexpr, HOST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
-                            PDL: tl.constexpr):
+    def _quant_load(w_ptr, s_ptr, rows, row_mask, g0, N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+        """Rows `rows` of a quantized weight [rows, N] (checkpoint.quantize's form) over groups g0 .. g0 +
+        BLOCK_G, as stored: (bytes [rows, groups, BLOCK_J] (a group's GROUP * BITS / 8 bytes, padded to
+        BLOCK_J), scales [rows, groups] in float32). Tiles are whole groups, so each scale multiplies one
+        group's sum, not each weight."""
+        BYTES: tl.constexpr = GROUP * BITS // 8  # per group
+        groups = g0 + tl.arange(0, BLOCK_G)
+        j = tl.arange(0, BLOCK_J)
+        m = row_mask[:, None] & (groups < N // GROUP)[None, :]
+        cols = groups[:, None] * BYTES + j[None, :]
+        q = tl.load(w_ptr + rows[:, None, None] * (N * BITS // 8) + cols[None, :, :],
+                    mask=m[:, :, None] & (j < BYTES)[None, None, :], other=0)
+        s = tl.load(s_ptr + rows[:, None] * (N // GROUP) + groups[None, :], mask=m, other=0.0)
+        return q, s.to(tl.float32)
+
+    @triton.jit
+    def _quant_dot(q, s, x_ptr, g0, N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_J: tl.constexpr):
+        """_quant_load's tile times x [N] -> [rows] in float32: w = q * scale, each group's products summed
+        in float32 and then scaled (w is never rounded to the compute dtype, as torch's 16-bit copy is)."""
+        BYTES: tl.constexpr = GROUP * BITS // 8
+        groups = g0 + tl.arange(0, BLOCK_G)
+        j = tl.arange(0, BLOCK_J)
+        m = (groups < N // GROUP)[:, None] & (j < BYTES)[None, :]
+        cols = groups[:, None] * BYTES + j[None, :]
+        if BITS == 8:
+            x = tl.load(x_ptr + cols, mask=m, other=0.0).to(tl.float32)
+            part = tl.sum(q.to(tl.float32) * x[None, :, :], axis=2)
+        else:  # a byte holds input columns 2c (low nibble) and 2c + 1 (high), each as q + 8
+            x_even = tl.load(x_ptr + 2 * cols, mask=m, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + 2 * cols + 1, mask=m, other=0.0).to(tl.float32)
+            b = q.to(tl.int32)
+            part = tl.sum(((b & 15) - 8).to(tl.float32) * x_even[None, :, :]
+                          + ((b >> 4) - 8).to(tl.float32) * x_odd[None, :, :], axis=2)
+        return tl.sum(part * s, axis=1)
+
+    @triton.jit
+    def _moe_gate_up_kernel(x_ptr, w1_ptr, s1_ptr, slots_ptr, act_ptr, host_ptr, src_ptr, slot_stride, scale_stride,
+                            H: tl.constexpr, I: tl.constexpr, HOST: tl.constexpr, BITS: tl.constexpr,
+                            GROUP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+                            BLOCK_J: tl.constexpr, PDL: tl.constexpr):
+        # BITS 16: w1 in the compute dtype, tiles of BLOCK_H columns; 8 or 4: w1 quantized (s1 its scales),
+        # tiles of BLOCK_G groups of GROUP columns, dequantized in registers
         _wait_for_inputs(PDL)  # the slots come from the route kernel, just before
         e = tl.program_id(0)  # which of the token's k experts
         rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         row_mask = rows < I
-        base = w1_ptr + tl.load(slots_ptr + e) * slot_stride
-        if HOST:  # an expert absent from the slots is read from the host tier in place and written through
-            src = tl.load(src_ptr + e)
-            host_base = host_ptr + tl.multiple_of(tl.maximum(src, 0), 16)
+        slot = tl.load(slots_ptr + e)
+        base = w1_ptr + slot * slot_stride
         gate = tl.zeros([BLOCK_I], dtype=tl.float32)
         up = tl.zeros([BLOCK_I], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            col_mask = cols < H
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            m = row_mask[:, None] & col_mask[None, :]
-            g_off, u_off = rows[:, None] * H + cols[None, :], (rows[:, None] + I) * H + cols[None, :]
-            if HOST:
-                wg = _read_through(base, host_base, g_off, m, src >= 0)
-                wu = _read_through(base, host_base, u_off, m, src >= 0)
-            else:
-                wg = tl.load(base + g_off, mask=m, other=0.0)
-                wu = tl.load(base + u_off, mask=m, other=0.0)
-            gate += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
-            up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+        if BITS == 16:
+            if HOST:  # an expert absent from the slots is read from the host tier in place and written through
+                src = tl.load(src_ptr + e)
+                host_base = host_ptr + tl.multiple_of(tl.maximum(src, 0), 16)
+            for h0 in range(0, H, BLOCK_H):
+                cols = h0 + tl.arange(0, BLOCK_H)
+                col_mask = cols < H
+                x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                m = row_mask[:, None] & col_mask[None, :]
+                g_off, u_off = rows[:, None] * H + cols[None, :], (rows[:, None] + I) * H + cols[None, :]
+                if HOST:
+                    wg = _read_through(base, host_base, g_off, m, src >= 0)
+                    wu = _read_through(base, host_base, u_off, m, src >= 0)
+                else:
+                    wg = tl.load(base + g_off, mask=m, other=0.0)
+                    wu = tl.load(base + u_off, mask=m, other=0.0)
+                gate += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
+                up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+        else:
+            s_base = s1_ptr + slot * scale_stride
+            for g0 in range(0, H // GROUP, BLOCK_G):
+                qg, sg = _quant_load(base, s_base, rows, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                qu, su = _quant_load(base, s_base, rows + I, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
         dt = act_ptr.dtype.element_ty
         gate = gate.to(dt).to(tl.float32)
         up = up.to(dt).to(tl.float32)
@@ -138,13 +191,15 @@ if triton is not None:
         tl.store(act_ptr + e * I + rows, (silu * up).to(dt), mask=row_mask)
 
     @triton.jit
-    def _moe_down_kernel(act_ptr, w2_ptr, slots_ptr, weights_ptr, resid_ptr, out_ptr, host_ptr, src_ptr, part_ptr,
-                         count_ptr, slot_stride, K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
-                         HAS_RESID: tl.constexpr, HOST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
-                         PDL: tl.constexpr):
+    def _moe_down_kernel(act_ptr, w2_ptr, s2_ptr, slots_ptr, weights_ptr, resid_ptr, out_ptr, host_ptr, src_ptr,
+                         part_ptr, count_ptr, slot_stride, scale_stride, K: tl.constexpr, H: tl.constexpr,
+                         I: tl.constexpr, HAS_RESID: tl.constexpr, HOST: tl.constexpr, BITS: tl.constexpr,
+                         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_J: tl.constexpr, PDL: tl.constexpr):
         # One program per (row block, expert), so all k experts' reads are in flight at once; the last
         # program of a row block to finish adds the k products up, in expert order as transformers does
         # (an atomic counter per row block; no atomics on the values, so the rounding is the same).
+        # BITS 8 or 4: w2 quantized (s2 its scales), whole rows of BLOCK_G groups.
         block = tl.program_id(0)
         e = tl.program_id(1)
         rows = block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -154,16 +209,22 @@ if triton is not None:
         m = row_mask[:, None] & col_mask[None, :]
         dt = out_ptr.dtype.element_ty
         # The weights before the wait: the slots (and src) come from the route kernel, two launches back
-        base = w2_ptr + tl.load(slots_ptr + e) * slot_stride
-        if HOST:  # as in the gate/up kernel; down follows gate and up in the host tier (2I x H elements)
-            src = tl.load(src_ptr + e)
-            host_base = host_ptr + tl.multiple_of(tl.maximum(src, 0) + 2 * I * H, 16)
-            w = _read_through(base, host_base, rows[:, None] * I + cols[None, :], m, src >= 0)
+        slot = tl.load(slots_ptr + e)
+        base = w2_ptr + slot * slot_stride
+        if BITS == 16:
+            if HOST:  # as in the gate/up kernel; down follows gate and up in the host tier (2I x H elements)
+                src = tl.load(src_ptr + e)
+                host_base = host_ptr + tl.multiple_of(tl.maximum(src, 0) + 2 * I * H, 16)
+                w = _read_through(base, host_base, rows[:, None] * I + cols[None, :], m, src >= 0)
+            else:
+                w = tl.load(base + rows[:, None] * I + cols[None, :], mask=m, other=0.0)
+            _wait_for_inputs(PDL)
+            a = tl.load(act_ptr + e * I + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
         else:
-            w = tl.load(base + rows[:, None] * I + cols[None, :], mask=m, other=0.0)
-        _wait_for_inputs(PDL)
-        a = tl.load(act_ptr + e * I + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            q, s = _quant_load(base, s2_ptr + slot * scale_stride, rows, row_mask, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J)
+            _wait_for_inputs(PDL)
+            y = _quant_dot(q, s, act_ptr + e * I, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J)
         tl.store(part_ptr + e * H + rows, y.to(dt), mask=row_mask)
         tl.debug_barrier()  # every thread's part stored before the release below publishes it
         if tl.atomic_add(count_ptr + block, 1, sem="acq_rel") == K - 1:
@@ -179,10 +240,67 @@ if triton is not None:
             tl.atomic_xchg(count_ptr + block, 0)  # ready for the next launch (graph replays reuse the counters)
 
 
+    @triton.jit
+    def _grouped_quant_kernel(x_ptr, w_ptr, s_ptr, ends_ptr, tile_ends_ptr, out_ptr, n_groups, slot_stride,
+                              scale_stride, N_IN: tl.constexpr, N_OUT: tl.constexpr, BITS: tl.constexpr,
+                              GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+        # Program (row tile, column tile): row tile t of the rows sorted by slot belongs to the group (slot)
+        # whose cumulative count of row tiles first passes t; tiles past the last group do nothing.
+        t = tl.program_id(0)
+        g_offs = tl.arange(0, BLOCK_S)
+        tile_ends = tl.load(tile_ends_ptr + g_offs, mask=g_offs < n_groups, other=1 << 30)
+        g = tl.sum((tile_ends <= t).to(tl.int32), axis=0)
+        if g < n_groups:
+            first_tile = tl.load(tile_ends_ptr + g - 1, mask=g > 0, other=0)
+            row_start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0)
+            rows = row_start + (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < tl.load(ends_ptr + g)
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = n < N_OUT
+            w_base = w_ptr + g.to(tl.int64) * slot_stride
+            s_base = s_ptr + g.to(tl.int64) * scale_stride
+            dt = out_ptr.dtype.element_ty
+            tdt = tl.float32 if IEEE else dt  # the interpreter's products: float32 (it has no bf16 dot)
+            precision: tl.constexpr = "ieee" if IEEE else "tf32"
+            ROW_BYTES: tl.constexpr = N_IN * BITS // 8
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, ROW_BYTES, BLOCK_K):  # BLOCK_K bytes of each weight row a step
+                c = k0 + tl.arange(0, BLOCK_K)
+                c_mask = c < ROW_BYTES
+                wm = n_mask[:, None] & c_mask[None, :]
+                xm = row_mask[:, None] & c_mask[None, :]
+                q = tl.load(w_base + n[:, None] * ROW_BYTES + c[None, :], mask=wm, other=0)
+                # w = q * scale in float32, rounded to the compute dtype as torch's dequantize rounds
+                if BITS == 8:
+                    s = tl.load(s_base + n[:, None] * (N_IN // GROUP) + (c // GROUP)[None, :], mask=wm, other=0.0)
+                    w = (q.to(tl.float32) * s.to(tl.float32)).to(dt).to(tdt)
+                    x = tl.load(x_ptr + rows[:, None] * N_IN + c[None, :], mask=xm, other=0.0).to(tdt)
+                    acc = tl.dot(x, tl.trans(w), acc, input_precision=precision)
+                else:  # byte c holds input columns 2c (low nibble) and 2c + 1 (high): two products
+                    s = tl.load(s_base + n[:, None] * (N_IN // GROUP) + (2 * c // GROUP)[None, :], mask=wm,
+                                other=0.0).to(tl.float32)
+                    b = q.to(tl.int32)
+                    w_even = (((b & 15) - 8).to(tl.float32) * s).to(dt).to(tdt)
+                    w_odd = (((b >> 4) - 8).to(tl.float32) * s).to(dt).to(tdt)
+                    x_even = tl.load(x_ptr + rows[:, None] * N_IN + 2 * c[None, :], mask=xm, other=0.0).to(tdt)
+                    x_odd = tl.load(x_ptr + rows[:, None] * N_IN + 2 * c[None, :] + 1, mask=xm, other=0.0).to(tdt)
+                    acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=precision)
+                    acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=precision)
+            tl.store(out_ptr + rows[:, None] * N_OUT + n[None, :], acc.to(dt),
+                     mask=row_mask[:, None] & n_mask[None, :])
+
+
 # Tile shapes, [rows, cols] with cols contiguous: the fastest of a sweep on an H100 at the real model's
 # dims, each kernel timed inside a CUDA graph with its weights out of L2 (benchmarks/kernel_speed.py).
 GATE_UP_BLOCKS = dict(BLOCK_I=2, BLOCK_H=2048, num_warps=8)
 DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the intermediate size
+# Quantized experts, by bits: tiles of whole groups (BLOCK_G of them), about the 16-bit tiles' bytes a
+# program (not yet swept on a GPU; kernel_speed.py sweeps them)
+QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=4, BLOCK_G=16, num_warps=8), 4: dict(BLOCK_I=8, BLOCK_G=16, num_warps=8)}
+QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=8, num_warps=2), 4: dict(BLOCK_H=16, num_warps=2)}  # whole rows
+GROUPED_QUANT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)  # a guess: not swept yet
+
 
 def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None,
           policy=None):
@@ -207,24 +325,58 @@ def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: boo
 
 
 def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-        resid: torch.Tensor | None = None, host: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        resid: torch.Tensor | None = None, host: tuple[torch.Tensor, torch.Tensor] | None = None,
+        quant: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """[resid +] sum_j weights[j] * down_j(silu(gate_j x) * up_j x) for one token, the experts read in place
     from the slabs w1 [S, 2I, H] and w2 [S, H, I] at `slots`. host: (the layer's host tier as elements,
     src [k]): expert j with src[j] >= 0 is read there instead (gate, up, down back to back from element
-    src[j]) and written into its slot as it is read."""
-    k, (_, two_i, h) = slots.numel(), w1.shape
+    src[j]) and written into its slot as it is read. quant: (s1, s2, bits, group_size) of quantized slabs
+    (w1 [S, 2I, H * bits / 8], w2 [S, H, I * bits / 8]; slots.py), dequantized in registers."""
+    bits, group = (16, 1) if quant is None else quant[2:]
+    s1, s2 = (w1, w2) if quant is None else quant[:2]
+    if host is not None and bits != 16:
+        raise ValueError("the host tier is read in place for 16-bit experts only")
+    k, two_i, h = slots.numel(), w1.shape[1], w2.shape[1]
     i = two_i // 2
     host_buf, src = host if host is not None else (w1, slots)
     act = torch.empty(k, i, dtype=x.dtype, device=x.device)
-    gu = _blocks(GATE_UP_BLOCKS, BLOCK_I=i, BLOCK_H=h)
-    _moe_gate_up_kernel[(k, triton.cdiv(i, gu["BLOCK_I"]))](x, w1, slots, act, host_buf, src, w1.stride(0), H=h, I=i,
-                                                            HOST=host is not None, **gu, **_launch(x.device))
+    if bits == 16:
+        gu = dict(_blocks(GATE_UP_BLOCKS, BLOCK_I=i, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1)
+        dn = dict(_blocks(DOWN_BLOCKS, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1)
+    else:  # BLOCK_J: a group's bytes; the down kernel takes whole rows (all I / G groups)
+        per_group = triton.next_power_of_2(group * bits // 8)
+        gu = dict(_blocks(QUANT_GATE_UP_BLOCKS[bits], BLOCK_I=i, BLOCK_G=h // group), BLOCK_H=1, BLOCK_J=per_group)
+        dn = dict(_blocks(QUANT_DOWN_BLOCKS[bits], BLOCK_H=h), BLOCK_G=triton.next_power_of_2(i // group),
+                  BLOCK_J=per_group)
+    _moe_gate_up_kernel[(k, triton.cdiv(i, gu["BLOCK_I"]))](x, w1, s1, slots, act, host_buf, src, w1.stride(0),
+                                                            s1.stride(0), H=h, I=i, HOST=host is not None, BITS=bits,
+                                                            GROUP=group, **gu, **_launch(x.device))
     out = torch.empty_like(x)
-    dn = _blocks(DOWN_BLOCKS, BLOCK_H=h)
     n_blocks = triton.cdiv(h, dn["BLOCK_H"])
     part = torch.empty(k, h, dtype=x.dtype, device=x.device)
-    _moe_down_kernel[(n_blocks, k)](act, w2, slots, weights, x if resid is None else resid, out, host_buf, src, part,
-                                    _counters(x.device, "moe_down", n_blocks), w2.stride(0), K=k, H=h, I=i,
-                                    HAS_RESID=resid is not None, HOST=host is not None,
-                                    BLOCK_I=triton.next_power_of_2(i), **dn, **_launch(x.device))
+    _moe_down_kernel[(n_blocks, k)](act, w2, s2, slots, weights, x if resid is None else resid, out, host_buf, src,
+                                    part, _counters(x.device, "moe_down", n_blocks), w2.stride(0), s2.stride(0), K=k,
+                                    H=h, I=i, HAS_RESID=resid is not None, HOST=host is not None, BITS=bits,
+                                    GROUP=group, BLOCK_I=triton.next_power_of_2(i), **dn, **_launch(x.device))
+    return out
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: tuple[torch.Tensor, int, int]):
+    """x [P, N_in] (rows sorted by slot) -> [P, N_out]: row p of slot g's rows (ends [S]: the cumulative row
+    count per slot, as torch._grouped_mm's offs) times quantized slab w [S, N_out, N_in * bits / 8]
+    (quant: scales [S, N_out, N_in / G], bits, group_size) transposed, dequantized a tile at a time (no
+    16-bit copy of the slab). P is ends[-1]."""
+    scales, bits, group = quant
+    p, n_in = x.shape
+    n_groups, n_out = w.shape[0], w.shape[1]
+    out = torch.empty(p, n_out, dtype=x.dtype, device=x.device)
+    b = _blocks(GROUPED_QUANT_BLOCKS, BLOCK_M=p, BLOCK_N=n_out, BLOCK_K=n_in * bits // 8)
+    b = {k: max(16, v) if k.startswith("BLOCK") else v for k, v in b.items()}  # tl.dot's least tile
+    counts = torch.diff(ends.long(), prepend=ends.new_zeros(1).long())
+    tile_ends = torch.cumsum(triton.cdiv(counts, b["BLOCK_M"]), 0).to(torch.int32)
+    grid = (triton.cdiv(p, b["BLOCK_M"]) + n_groups, triton.cdiv(n_out, b["BLOCK_N"]))  # enough for any split
+    _grouped_quant_kernel[grid](x.contiguous(), w, scales, ends, tile_ends, out, n_groups, w.stride(0),
+                                scales.stride(0), N_IN=n_in, N_OUT=n_out, BITS=bits, GROUP=group,
+                                BLOCK_S=triton.next_power_of_2(n_groups),
+                                IEEE=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", **b)
     return out

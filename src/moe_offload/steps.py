@@ -276,7 +276,7 @@ def generate_depth(smk) -> None:
     with progress_bar(smk, len(files), "file", "verifying extracted files") as bar:
         verify_files(files, bar)
     with progress_bar(smk, len(native["prompts"]), "prompt", f"depth {depth} generation") as bar:
-        heldout = (Path(smk.input.heldout[0]), smk.params.heldout_tokens) if smk.input.get("heldout") else None
+        heldout = (Path(smk.input.heldout[0]), *smk.params.heldout) if smk.input.get("heldout") else None
         result = run_depth(checkpoint, smk.input.dense, layer_files, depth, dict(smk.params.cache),
                            run["device"], run["dtype"], run["max_new_tokens"], native, smk.input.native_logits,
                            smk.output.json, smk.output.trace, bar, start_rss=START_RSS, heldout=heldout)

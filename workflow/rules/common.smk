@@ -170,6 +170,12 @@ def heldout_input():
     return heldout
 
 
+def heldout_params():
+    """(tokens, window) of fidelity.heldout, as plain values (Snakemake's params trigger tracks them)."""
+    heldout = config["fidelity"]["heldout"] or {}
+    return [heldout.get("tokens", 2048), heldout.get("window", 256)]
+
+
 def gpu_count():
     return 1 if ON_GPU else 0
 

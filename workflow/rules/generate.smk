@@ -80,7 +80,7 @@ rule generate_depth:
     params:
         run=generate_params(),
         cache=canonical(config["cache"]),
-        heldout_tokens=(config["fidelity"]["heldout"] or {}).get("tokens", 1024),
+        heldout=heldout_params(),
         code=code_version("generate_depth"),
     script:
         "../scripts/generate_depth.py"

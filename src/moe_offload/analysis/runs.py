@@ -42,8 +42,9 @@ def host_tier_on(setting, layer_files: dict[int, Path]) -> bool:
 
 def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: int, cache: dict, device: str,
               dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace,
-              progress=None, start_rss: int | None = None, heldout: tuple[Path, int] | None = None) -> dict:
-    """heldout: (a text file, tokens): also the perplexity of its first `tokens` tokens, teacher-forced."""
+              progress=None, start_rss: int | None = None, heldout: tuple[Path, int, int] | None = None) -> dict:
+    """heldout: (a text file, tokens, window): also the perplexity of its first `tokens` tokens in windows
+    of `window`, teacher-forced."""
     from ..runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
     from ..runtime.trace import TRACE_COLUMNS
 
@@ -123,17 +124,23 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     return result
 
 
-def heldout_perplexity(rt, tok, path: Path, tokens: int) -> float:
-    """exp(mean negative log-likelihood) of the text's first `tokens` tokens, each predicted from those
-    before it (one chunked teacher-forced forward)."""
+def heldout_perplexity(rt, tok, path: Path, tokens: int, window: int) -> float:
+    """exp(mean negative log-likelihood) over the text's first `tokens` tokens, cut into windows of `window`
+    (a model is scored at the context lengths it was trained on: the default's 256), each token predicted
+    from those before it in its window (one teacher-forced forward per window)."""
     from ..runtime.generate import teacher_forced_logits
 
     ids = tok(Path(path).read_text(encoding="utf-8"))["input_ids"][:tokens]
-    if len(ids) < 2:
+    windows = [ids[i: i + window] for i in range(0, len(ids), window) if len(ids[i: i + window]) >= 2]
+    if not windows:
         raise InputError(f"{path}: fewer than 2 tokens, no perplexity to measure")
-    logits = teacher_forced_logits(rt, ids[:1], ids[1:])
-    check_finite(logits, f"held-out text {path}")
-    return math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
+    nll, count = 0.0, 0
+    for part in windows:
+        logits = teacher_forced_logits(rt, part[:1], part[1:])
+        check_finite(logits, f"held-out text {path}")
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(part[1:]), reduction="sum").item()
+        count += len(part) - 1
+    return math.exp(nll / count)
 
 
 def _sum(stats: list[dict]) -> dict:

@@ -62,8 +62,9 @@ def notes(report: dict) -> list[str]:
              "(its weights and the KV it attends over)."]
     heldout = [d["fidelity"].get("heldout_perplexity") for d in report["depths"]]
     if any(heldout):
-        lines.append("Held-out ppl: each full-depth run's perplexity on fidelity.heldout's text (teacher-forced), the "
-                     "model's own quality rather than its agreement with native.")
+        lines.append("Held-out ppl: each full-depth run's perplexity on fidelity.heldout's text (teacher-forced, in "
+                     "windows of fidelity.heldout.window tokens), the model's own quality rather than its agreement "
+                     "with native.")
     quant = report.get("quantization")
     if quant:
         lines.append(f"Quantized experts (int{quant['bits']} rows): group {quant['group_size']}, {quant['scales']} scales, "

@@ -132,10 +132,11 @@ def _header(entries: list[tuple[str, str, tuple, int]], metadata: dict[str, str]
 
 
 def quantize_layer(layer_file: str | Path, out_path: str | Path, bits: int, group_size: int,
-                   search: bool = True, progress=None) -> dict:
+                   search: bool = True, progress=None, device: str = "cpu") -> dict:
     """The experts of one extracted 16-bit layer file into a quantized layer file at out_path (atomically).
     Returns the record kept beside it: the file's xxh3-128, the scheme, and each expert's reconstruction
-    error (the searched scales' and round-to-nearest's)."""
+    error (the searched scales' and round-to-nearest's). device: where the rounding is computed (the
+    same bytes either way; a GPU makes a real-size model's layers quick)."""
     layer_file = Path(layer_file)
     if not layer_file.is_file():
         raise InputError(f"layer file {layer_file} does not exist")
@@ -155,17 +156,17 @@ def quantize_layer(layer_file: str | Path, out_path: str | Path, bits: int, grou
                                         "expert intermediate size": shape["down_proj"][1]})
         entries, blobs, per_expert = [], [], []
         for e in range(experts):
-            ws = [f.get_tensor(layout.expert(layer, e, p)) for p in PROJECTIONS]
+            ws = [f.get_tensor(layout.expert(layer, e, p)).to(device) for p in PROJECTIONS]
             qs = [quantize(w, bits, group_size, search) for w in ws]
             rtn = [quantize(w, bits, group_size, False) for w in ws] if search else qs
             names_e = [layout.expert(layer, e, p) for p in PROJECTIONS]
             for name, (q, _) in zip(names_e, qs):
-                packed = pack(q, bits)
+                packed = pack(q, bits).cpu()
                 entries.append((qweight_name(name), QWEIGHT_DTYPE[bits], tuple(packed.shape), packed.nbytes))
                 blobs.append(packed)
             for name, (_, s) in zip(names_e, qs):
                 entries.append((scales_name(name), "F16", tuple(s.shape), s.nbytes))
-                blobs.append(s)
+                blobs.append(s.cpu())
             searched = _errors([(w, q.float() * s.float().repeat_interleave(group_size, 1)) for w, (q, s) in zip(ws, qs)])
             nearest = _errors([(w, q.float() * s.float().repeat_interleave(group_size, 1)) for w, (q, s) in zip(ws, rtn)])
             per_expert.append({"expert": e, **searched, "rel_frobenius_round_to_nearest": nearest["rel_frobenius"]})

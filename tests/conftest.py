@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moe_offload.checkpoint.extract import extract_all
 from moe_offload.checkpoint.synthetic import build_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,18 @@ def omni_ckpt(tmp_path_factory) -> Path:
 def qwen3_moe_ckpt(tmp_path_factory) -> Path:
     # layer 2 has no experts: its MLP is dense and belongs to the dense file
     return build_synthetic(tmp_path_factory.mktemp("qwen3moe") / "ckpt", small_spec("qwen3_moe", mlp_only_layers=[2]))
+
+
+# Every layer and the dense file of each checkpoint above, extracted once for the session: tests that
+# only read them share these (a test that damages a file copies it first).
+@pytest.fixture(scope="session")
+def omni_extracted(omni_ckpt, tmp_path_factory):
+    return extract_all(omni_ckpt, tmp_path_factory.mktemp("omni_extracted"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_extracted(qwen3_moe_ckpt, tmp_path_factory):
+    return extract_all(qwen3_moe_ckpt, tmp_path_factory.mktemp("qwen3moe_extracted"))
 
 
 @pytest.fixture

@@ -14,9 +14,8 @@ from moe_offload.runtime.cache_policy import Scoped
 from moe_offload.checkpoint.shards import Checkpoint, read_bytes
 from moe_offload.errors import InputError
 from moe_offload.runtime.expert_cache import CacheOptions, ExpertCache
-from moe_offload.checkpoint.extract import extract_layer
-from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
-from moe_offload.checkpoint.synthetic import build_synthetic
+from moe_offload.checkpoint.layouts import PROJECTIONS
+from moe_offload.checkpoint.synthetic import build_and_extract
 
 SPEC = dict(layout="qwen3_omni_thinker", num_layers=3, num_experts=8, experts_per_token=2, hidden_size=32,
             moe_intermediate_size=16, num_heads=2, num_kv_heads=1, head_dim=16, seed=0, max_shard_size="200KB")
@@ -24,13 +23,8 @@ SPEC = dict(layout="qwen3_omni_thinker", num_layers=3, num_experts=8, experts_pe
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    ckpt = build_synthetic(root / "ckpt", SPEC)
-    layout, cfg = detect_checkpoint(ckpt)
-    files = {L: root / f"layer_{L}.safetensors" for L in cfg.expert_layers}
-    for L, path in files.items():
-        extract_layer(ckpt, L, path)
-    return ckpt, layout, cfg, files
+    ex = build_and_extract(SPEC, tmp_path_factory.mktemp("cache"))
+    return ex.ckpt, ex.layout, ex.config, ex.layers
 
 
 def make(setup, capacity=4, dtype=torch.float32, experts_per_token=None, **options):

@@ -12,21 +12,15 @@ from safetensors.torch import load_file
 
 from moe_offload.checkpoint.shards import Checkpoint, header_tensors
 from moe_offload.errors import InputError
-from moe_offload.checkpoint.extract import extract_dense, extract_layer
+from moe_offload.checkpoint.extract import extract_layer
 from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
 from moe_offload.checkpoint.validate import validate_all, validate_dense, validate_layer
 
 
 @pytest.fixture(scope="module", params=["omni", "qwen3_moe"])
-def extracted(request, tmp_path_factory):
-    ckpt = request.getfixturevalue("omni_ckpt" if request.param == "omni" else "qwen3_moe_ckpt")
-    out = tmp_path_factory.mktemp(f"extracted_{request.param}")
-    layout, cfg = detect_checkpoint(ckpt)
-    layers = {layer: out / f"layer_{layer}.safetensors" for layer in cfg.expert_layers}
-    for layer, path in layers.items():
-        extract_layer(ckpt, layer, path)
-    extract_dense(ckpt, out / "dense.safetensors")
-    return ckpt, layout, cfg, layers, out / "dense.safetensors"
+def extracted(request):
+    ex = request.getfixturevalue("omni_extracted" if request.param == "omni" else "qwen3_moe_extracted")
+    return ex.ckpt, ex.layout, ex.config, ex.layers, ex.dense
 
 
 def test_some_layers_straddle_shards(omni_ckpt):

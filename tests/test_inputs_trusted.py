@@ -96,14 +96,6 @@ def _rewrite_header(path, edit) -> None:
     path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
 
 
-@pytest.fixture(scope="module")
-def extracted(omni_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("extracted")
-    extract_layer(omni_ckpt, 1, out / "layer_1.safetensors")
-    extract_dense(omni_ckpt, out / "dense.safetensors")
-    return omni_ckpt, out
-
-
 EXPERT = "thinker.model.layers.1.mlp.experts.2.gate_proj.weight"
 NEXT = "thinker.model.layers.1.mlp.experts.2.up_proj.weight"
 
@@ -128,10 +120,10 @@ def _past_end(h):
     (_overlap, "overlap"), (_negative_dim, "negative or non-integer"), (_float_dim, "negative or non-integer"),
     (_past_end, "past the file"),
 ])
-def test_validation_refuses_headers_the_loader_rejects(extracted, tmp_path, edit, message):
-    ckpt, out = extracted
+def test_validation_refuses_headers_the_loader_rejects(omni_extracted, tmp_path, edit, message):
+    ckpt = omni_extracted.ckpt
     bad = tmp_path / "layer_1.safetensors"
-    shutil.copy(out / "layer_1.safetensors", bad)
+    shutil.copy(omni_extracted.layers[1], bad)
     _rewrite_header(bad, edit)
     with pytest.raises(InputError, match=message) as err:
         validate_layer(ckpt, 1, bad)

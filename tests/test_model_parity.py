@@ -13,10 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM, Qwen3OmniMoeThinkerForConditionalGeneration
 
-from moe_offload.checkpoint.extract import extract_dense, extract_layer
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
-from moe_offload.checkpoint.layouts import detect_checkpoint
-from moe_offload.checkpoint.synthetic import build_synthetic
+from moe_offload.checkpoint.synthetic import build_and_extract
 from moe_offload.analysis.cache_sim import access_sequence, simulate
 from moe_offload.runtime.cache_policy import Scoped
 from moe_offload.runtime.fused_step import TRITON_OPS
@@ -48,12 +46,8 @@ def load_reference(cls, ckpt):
 @pytest.fixture(scope="module", params=sorted(SPECS))
 def model(request, tmp_path_factory):
     spec, cls = SPECS[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    ckpt = build_synthetic(root / "ckpt", spec)
-    layout, cfg = detect_checkpoint(ckpt)
-    extract_dense(ckpt, root / "dense.safetensors")
-    for layer in cfg.expert_layers:
-        extract_layer(ckpt, layer, root / f"layer_{layer}.safetensors")
+    ex = build_and_extract(spec, tmp_path_factory.mktemp(request.param))
+    ckpt, cfg = ex.ckpt, ex.config
     ref, tok = load_reference(cls, ckpt), AutoTokenizer.from_pretrained(ckpt)
     cases = []
     with torch.inference_mode():
@@ -65,7 +59,7 @@ def model(request, tmp_path_factory):
             cases.append(dict(ids=enc.input_ids, mask=enc.attention_mask, full=full,
                               tokens=out.sequences[0, enc.input_ids.shape[1]:].tolist(),
                               step_logits=[l[0] for l in out.logits]))
-    runtime = lambda **kw: load_runtime(root / "dense.safetensors", root, ckpt, **kw)
+    runtime = lambda **kw: load_runtime(ex.dense, ex.dir, ckpt, **kw)
     return dict(name=request.param, ckpt=ckpt, cfg=cfg, ref=ref, cases=cases, runtime=runtime)
 
 
@@ -348,15 +342,13 @@ def test_checkpoint_stored_in_any_float_dtype(tmp_path, storage):
     from moe_offload.checkpoint.validate import validate_dense, validate_layer
 
     spec = dict(BASE, layout="qwen3_omni_thinker", num_layers=2, storage_dtype=storage)
-    ckpt = build_synthetic(tmp_path / "ckpt", spec)
-    _, cfg = detect_checkpoint(ckpt)
-    extract_dense(ckpt, tmp_path / "dense.safetensors")
-    validate_dense(ckpt, tmp_path / "dense.safetensors")
-    for layer in cfg.expert_layers:
-        extract_layer(ckpt, layer, tmp_path / f"layer_{layer}.safetensors")
-        validate_layer(ckpt, layer, tmp_path / f"layer_{layer}.safetensors")
+    ex = build_and_extract(spec, tmp_path)
+    ckpt, cfg = ex.ckpt, ex.config
+    validate_dense(ckpt, ex.dense)
+    for layer, path in ex.layers.items():
+        validate_layer(ckpt, layer, path)
     ref, tok = load_reference(Qwen3OmniMoeThinkerForConditionalGeneration, ckpt), AutoTokenizer.from_pretrained(ckpt)
-    rt = load_runtime(tmp_path / "dense.safetensors", tmp_path, ckpt, capacity=cfg.experts_per_token)
+    rt = load_runtime(ex.dense, ex.dir, ckpt, capacity=cfg.experts_per_token)
     assert {s.dtype for spans in rt.cache.spans.values() for s in spans} == {getattr(torch, storage)}
     enc = tok(PROMPTS[0], return_tensors="pt")
     with torch.inference_mode():

@@ -7,23 +7,16 @@ import pytest
 from transformers import AutoTokenizer
 
 from moe_offload.analysis.cache_sim import access_sequence, simulate
-from moe_offload.checkpoint.extract import extract_dense, extract_layer
 from moe_offload.runtime.generate import generate, load_runtime
 from moe_offload.runtime.trace import TRACE_COLUMNS
-from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.analysis.profile import default_capacities, profile_cache
 
 PROMPTS = ["The capital of France is", "Once upon a time there was a small robot", "Write a short poem about the moon"]
 
 
 @pytest.fixture(scope="module")
-def extracted(omni_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runtime_files")
-    _, cfg = detect_checkpoint(omni_ckpt)
-    for layer in cfg.expert_layers:
-        extract_layer(omni_ckpt, layer, out / f"layer_{layer}.safetensors")
-    extract_dense(omni_ckpt, out / "dense.safetensors")
-    return omni_ckpt, out, cfg
+def extracted(omni_extracted):
+    return omni_extracted.ckpt, omni_extracted.dir, omni_extracted.config
 
 
 def _run(extracted, capacity, scope, policy="lru", path=None):

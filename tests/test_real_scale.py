@@ -5,6 +5,7 @@ headers, the tensor data left as holes in sparse files (a few MB on disk)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from moe_offload import resources as res
 from moe_offload.checkpoint import source
+from moe_offload.checkpoint.dims import THINKER_TEXT
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.source import build_manifest
 from moe_offload.checkpoint.shards import INDEX_NAME, Checkpoint
@@ -24,12 +26,6 @@ from moe_offload.checkpoint.validate import validate_layer
 from conftest import error_lines, set_config, snakemake
 
 SHARD_BYTES = 5 * 10**9  # save_pretrained's default max_shard_size, as the hub checkpoint was saved
-THINKER_TEXT = dict(
-    vocab_size=152064, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, tie_word_embeddings=False,
-    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [24, 20, 20],
-                     "mrope_interleaved": True})
 TALKER_TEXT = dict(vocab_size=3072, hidden_size=1024, intermediate_size=2048, num_hidden_layers=20,
                    num_attention_heads=16, num_key_value_heads=2, head_dim=128, moe_intermediate_size=384,
                    num_experts=128, num_experts_per_tok=6, shared_expert_intermediate_size=768)
@@ -43,7 +39,7 @@ def build_skeleton(out: Path) -> Path:
     from transformers.core_model_loading import revert_weight_conversion
 
     cfg = Qwen3OmniMoeConfig(
-        thinker_config=dict(text_config=THINKER_TEXT, vision_start_token_id=151652),
+        thinker_config=dict(text_config=copy.deepcopy(THINKER_TEXT), vision_start_token_id=151652),
         talker_config=dict(text_config=TALKER_TEXT, spatial_merge_size=2, speaker_id={"ethan": 0}),
         enable_audio_output=True)
     with torch.device("meta"):

@@ -9,19 +9,15 @@ import pytest
 import torch
 
 from moe_offload import disk, resources as res
-from moe_offload.checkpoint.extract import extract_dense, extract_layer
-from moe_offload.checkpoint.layouts import detect_checkpoint, text_config_from_dict
+from moe_offload.checkpoint.dims import THINKER_TEXT
+from moe_offload.checkpoint.layouts import text_config_from_dict
 from moe_offload.checkpoint.synthetic import _qwen3_moe_model, text_config
 from moe_offload.errors import InputError
 from moe_offload.runtime.generate import load_runtime
 
 from conftest import small_spec
 
-# Qwen3-Omni-30B-A3B's thinker text model (BACKGROUND.md section 2)
-REAL = text_config_from_dict(dict(
-    vocab_size=152064, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6))
+REAL = text_config_from_dict(THINKER_TEXT)  # Qwen3-Omni-30B-A3B's thinker text model
 GiB = 2**30
 
 
@@ -33,16 +29,12 @@ def test_model_bytes_equal_transformers_parameters():
 
 
 @pytest.mark.parametrize("capacity, scope", [(6, "per_layer"), (None, "per_layer"), (20, "global")])
-def test_depth_bytes_equal_what_the_runtime_holds(omni_ckpt, tmp_path, capacity, scope):
-    depth = 3
-    files = {layer: extract_layer(omni_ckpt, layer, tmp_path / f"layer_{layer}.safetensors") and
-             tmp_path / f"layer_{layer}.safetensors" for layer in range(depth)}
-    extract_dense(omni_ckpt, tmp_path / "dense.safetensors")
-    rt = load_runtime(tmp_path / "dense.safetensors", files, omni_ckpt, depth=depth, capacity=capacity, scope=scope,
-                      dtype=torch.float32)
+def test_depth_bytes_equal_what_the_runtime_holds(omni_extracted, capacity, scope):
+    depth, ex = 3, omni_extracted
+    rt = load_runtime(ex.dense, ex.dir, ex.ckpt, depth=depth, capacity=capacity, scope=scope, dtype=torch.float32)
     for layer in range(depth):  # the cache allocates a pool when a layer first asks for it
         rt.cache.slabs(layer)
-    _, cfg = detect_checkpoint(omni_ckpt)
+    cfg = ex.config
     need = res.depth_bytes(cfg, depth, capacity, scope, "float32", seq_len=40)
     assert need["dense_bytes"] == rt.dense_bytes
     assert need["expert_cache_bytes"] == rt.cache.slab_bytes
@@ -113,3 +105,4 @@ def test_check_disk(tmp_path, monkeypatch):
     disk.check_disk(tmp_path / "not" / "yet", 10 * 10**9, "x")  # exactly enough; a missing folder asks its parent
     with pytest.raises(InputError, match=r"not enough disk for layer 17 under .*: needs 12.1 GB, 10.0 GB free"):
         disk.check_disk(tmp_path, 12_100_000_000, "layer 17")
+

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from moe_offload.checkpoint.extract import extract_dense, extract_layer
+from moe_offload.checkpoint.extract import extract_all
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.shards import Checkpoint
 from moe_offload.checkpoint.validate import validate_all, validate_dense, validate_layer
@@ -69,12 +69,10 @@ def test_saved_checkpoint_is_the_trained_model_in_the_hub_layout(trained):
 @pytest.mark.slow
 def test_trained_checkpoint_extracts_validates_and_runs_truncated_like_transformers(trained, tmp_path):
     ckpt, _ = trained
-    reports = []
-    for layer in range(4):
-        extract_layer(ckpt, layer, tmp_path / f"layer_{layer}.safetensors")
-        reports.append(validate_layer(ckpt, layer, tmp_path / f"layer_{layer}.safetensors"))
-    extract_dense(ckpt, tmp_path / "dense.safetensors")
-    assert validate_all(ckpt, validate_dense(ckpt, tmp_path / "dense.safetensors"), reports)["valid"]
+    ex = extract_all(ckpt, tmp_path)
+    assert sorted(ex.layers) == [0, 1, 2, 3]
+    reports = [validate_layer(ckpt, layer, path) for layer, path in ex.layers.items()]
+    assert validate_all(ckpt, validate_dense(ckpt, ex.dense), reports)["valid"]
     # evaluate.py's depth-N figure (transformers, final norm and lm_head after layer N) is what the
     # runtime computes when it loads N layers
     window = heldout_windows(ckpt, n=1)[0].tolist()
@@ -83,7 +81,7 @@ def test_trained_checkpoint_extracts_validates_and_runs_truncated_like_transform
         out = thinker(input_ids=torch.tensor([window]), output_hidden_states=True)
         lm = thinker.model.language_model
         for depth in (1, 4):
-            ours = teacher_forced_logits(load_runtime(tmp_path / "dense.safetensors", tmp_path, ckpt, depth=depth),
+            ours = teacher_forced_logits(load_runtime(ex.dense, ex.dir, ckpt, depth=depth),
                                          window[:1], window[1:])
             native = (out.logits if depth == 4 else thinker.lm_head(lm.norm(out.hidden_states[depth])))[0, :-1]
             assert (ours - native).abs().max().item() < 1e-3, depth

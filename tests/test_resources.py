@@ -106,3 +106,24 @@ def test_check_disk(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"not enough disk for layer 17 under .*: needs 12.1 GB, 10.0 GB free"):
         disk.check_disk(tmp_path, 12_100_000_000, "layer 17")
 
+
+@pytest.mark.parametrize("extracted", ["omni_extracted", "qwen3_moe_extracted"])
+def test_bytes_read_per_token_are_the_tensors_a_runtime_token_reads(extracted, request):
+    """The decode bound's bytes, from the model's dimensions, against the runtime's own tensors: every
+    dense weight of the layers run (the embedding only its row), each MoE layer's top-k experts."""
+    ex = request.getfixturevalue(extracted)
+    depth = ex.config.num_layers
+    rt = load_runtime(ex.dense, ex.dir, ex.ckpt, depth=depth, capacity=ex.config.experts_per_token,
+                      dtype=torch.float32)
+    m, k = rt.model, ex.config.experts_per_token
+    read = m.norm.nbytes + m.lm_head.nbytes + m.embed[0].nbytes
+    for block in m.layers:
+        a = block.attn
+        read += sum(t.nbytes for t in (a.wqkv, a.wo, a.q_norm, a.k_norm, block.ln1, block.ln2))
+        if block.moe is not None:
+            w1, w2, _ = rt.cache.slabs(block.mlp.layer)
+            read += block.mlp.router.nbytes + k * (w1[0].nbytes + w2[0].nbytes)
+        else:
+            read += block.mlp.gate.nbytes + block.mlp.up.nbytes + block.mlp.down.nbytes
+    assert res.bytes_read_per_token(ex.config, depth, torch.float32) == read
+    assert res.bytes_read_per_token(ex.config, depth, "bfloat16") == read // 2

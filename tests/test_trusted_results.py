@@ -20,14 +20,14 @@ import yaml
 
 from conftest import REPO, error_lines, set_config, snakemake, use_small_synthetic
 from moe_offload import steps
-from moe_offload.analysis.run_info import (active_params, bytes_read_per_token, decode_rate, encode_prompt,
-                                          prefill_rate, probe, speed_bound)
+from moe_offload.analysis.run_info import decode_rate, encode_prompt, prefill_rate, probe, speed_bound
 from moe_offload.atomic import write_json
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.shards import Checkpoint
 from moe_offload.checkpoint.synthetic import build_synthetic, build_tokenizer
 from moe_offload.config import reference
 from moe_offload.errors import InputError
+from moe_offload.resources import active_params, bytes_read_per_token
 from moe_offload.runtime.generate import fidelity
 
 

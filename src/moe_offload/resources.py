@@ -32,14 +32,50 @@ def expert_layers(cfg: TextConfig, depth: int | None = None) -> list[int]:
     return [layer for layer in cfg.expert_layers if depth is None or layer < depth]
 
 
+def dtype_size(dtype) -> int:
+    """Bytes of one element of `dtype`, a name ("bfloat16") or a torch dtype (this module imports no torch:
+    the workflow plans with it)."""
+    return DTYPE_BYTES[str(dtype).removeprefix("torch.")]
+
+
 def model_bytes(cfg: TextConfig, dtype: str) -> int:
     """The whole text model's weights at `dtype` (what transformers' native model holds)."""
     experts = len(cfg.expert_layers) * cfg.num_experts * cfg.expert_params
-    return (dense_params(cfg) + experts) * DTYPE_BYTES[dtype]
+    return (dense_params(cfg) + experts) * dtype_size(dtype)
 
 
-def kv_bytes(cfg: TextConfig, layers: int, seq_len: int, dtype: str) -> int:
-    return 2 * layers * cfg.num_kv_heads * seq_len * cfg.head_dim * DTYPE_BYTES[dtype]
+def kv_bytes(cfg: TextConfig, layers: int, seq_len: int, dtype) -> int:
+    return 2 * layers * cfg.num_kv_heads * seq_len * cfg.head_dim * dtype_size(dtype)
+
+
+def active_params(cfg: TextConfig, depth: int) -> int:
+    """Parameters one prompt token is multiplied by at `depth` layers: attention's projections, the router,
+    the top-k experts (or the dense MLP). Norms do no matmul, the embedding is a lookup and lm_head runs
+    once per prompt, so prefill's work grows with these alone."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    attention = h * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    params = 0
+    for layer in range(depth):
+        if cfg.has_experts(layer):
+            params += attention + cfg.num_experts * h + cfg.experts_per_token * cfg.expert_params
+        else:
+            params += attention + 3 * h * cfg.intermediate_size
+    return params
+
+
+def bytes_read_per_token(cfg: TextConfig, depth: int, dtype, expert_bytes: float | None = None) -> int:
+    """Weights one decoded token must read at `depth` layers, at `dtype`: attention, norms and routers of
+    each layer, top-k experts (or the dense MLP) per layer, the final norm, lm_head and one embedding row.
+    expert_bytes: one expert as the cache holds it (quantized: its qweights and scales), if not its
+    parameters in dtype. The KV it attends over comes on top (kv_bytes). Every decode bound divides a read
+    rate by this."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    norms = depth * (2 * hd + 2 * h) + h
+    total = (active_params(cfg, depth) + norms + cfg.vocab_size * h + h) * dtype_size(dtype)
+    if expert_bytes is not None:
+        routed = cfg.experts_per_token * sum(cfg.has_experts(layer) for layer in range(depth))
+        total += routed * (expert_bytes - cfg.expert_params * dtype_size(dtype))
+    return int(total)
 
 
 def cache_slots(cfg: TextConfig, depth: int, capacity: int | None, scope: str) -> int:
@@ -55,7 +91,7 @@ def depth_bytes(cfg: TextConfig, depth: int, capacity: int | None, scope: str, d
                 pinned_staging: bool = False, unified: bool = False) -> dict:
     """A selective run through `depth` layers: dense + capacity x expert + KV, plus (CUDA, pin_memory) the
     host's pinned staging buffers, one expert per routed slot of a step. unified: every expert is held."""
-    size = DTYPE_BYTES[dtype]
+    size = dtype_size(dtype)
     slots = cache_slots(cfg, depth, None if unified else capacity, "per_layer" if unified else scope)
     parts = {"dense_bytes": dense_params(cfg, depth) * size,
              "expert_cache_bytes": slots * cfg.expert_params * size,

@@ -27,10 +27,11 @@ from transformers import AutoTokenizer
 
 from ..atomic import atomic_path, write_json
 from ..checkpoint.layouts import detect_checkpoint
+from ..resources import kv_bytes
 from ..runtime.memory import MemoryMeter
 from ..runtime.native import (load_native, load_native_offloaded, native_generate, native_teacher_forced_logits,
                               offload_memory_map)
-from .run_info import (check_finite, decode_rate, device_of, encode_prompt, environment, kv_bytes, prefill_rate, probe,
+from .run_info import (check_finite, decode_rate, device_of, encode_prompt, environment, prefill_rate, probe,
                        speed_bound)
 
 

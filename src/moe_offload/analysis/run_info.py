@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..runtime.memory import dtype_bytes
+from ..resources import active_params, bytes_read_per_token, kv_bytes
 
 
 def device_of(name: str) -> torch.device:
@@ -39,10 +39,6 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
-
-
-def kv_bytes(cfg, layers: int, seq_len: int, dtype: torch.dtype) -> int:
-    return 2 * layers * cfg.num_kv_heads * seq_len * cfg.head_dim * dtype_bytes(dtype)
 
 
 def decode_rate(runs: list[dict]) -> float:
@@ -122,34 +118,6 @@ def probe(device: torch.device, dtype: torch.dtype) -> dict:
     if bandwidth_bytes_per_s(device) is None:
         probes["read"] = read_bandwidth_probe(device)
     return probes
-
-
-def active_params(cfg, depth: int) -> int:
-    """Parameters one prompt token is multiplied by at `depth` layers: attention's projections, the router,
-    the top-k experts (or the dense MLP). Norms do no matmul, the embedding is a lookup and lm_head runs
-    once per prompt, so prefill's work grows with these alone."""
-    h, hd = cfg.hidden_size, cfg.head_dim
-    attention = h * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    params = 0
-    for layer in range(depth):
-        if cfg.has_experts(layer):
-            params += attention + cfg.num_experts * h + cfg.experts_per_token * cfg.expert_params
-        else:
-            params += attention + 3 * h * cfg.intermediate_size
-    return params
-
-
-def bytes_read_per_token(cfg, depth: int, dtype: torch.dtype, expert_bytes: float | None = None) -> int:
-    """Weights one decoded token must read at `depth` layers: attention, norms and routers of each layer,
-    top-k experts (or the dense MLP) per layer, the final norm, lm_head and one embedding row. expert_bytes:
-    one expert as the cache holds it (quantized: its qweights and scales), if not its parameters in dtype."""
-    h, hd = cfg.hidden_size, cfg.head_dim
-    norms = depth * (2 * hd + 2 * h) + h
-    total = (active_params(cfg, depth) + norms + cfg.vocab_size * h + h) * dtype_bytes(dtype)
-    if expert_bytes is not None:
-        routed = cfg.experts_per_token * sum(cfg.has_experts(layer) for layer in range(depth))
-        total += routed * (expert_bytes - cfg.expert_params * dtype_bytes(dtype))
-    return int(total)
 
 
 def kv_read_per_token(cfg, depth: int, runs: list[dict], dtype: torch.dtype) -> float:

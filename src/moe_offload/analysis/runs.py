@@ -19,10 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ..atomic import atomic_path, write_json
-from ..errors import InputError
-from ..runtime.memory import MemoryMeter, dtype_bytes
-from .run_info import (check_finite, decode_rate, device_of, environment, kv_bytes, prefill_rate, probe, speed_bound,
-                       verify_files)
+from ..resources import kv_bytes
+from ..runtime.memory import MemoryMeter
+from .run_info import check_finite, decode_rate, device_of, environment, prefill_rate, probe, speed_bound
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:

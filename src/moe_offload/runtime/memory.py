@@ -6,6 +6,7 @@ the generation peak is not the loading peak. GPU: torch's max allocated bytes, r
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import psutil
@@ -31,13 +32,17 @@ def _warm_up() -> None:
 
 class MemoryMeter:
     """start_rss: the process's RSS before torch and transformers were imported (steps.run_step measures
-    it); the baseline is taken after imports and a warm-up, and the model's memory is measured from it."""
+    it); the baseline is taken after imports and a warm-up, and the model's memory is measured from it.
+    On a GPU the baseline is what torch has allocated there when the meter starts: a benchmark that
+    measures several runs in one process starts a meter per run, after freeing the last one's tensors."""
 
     def __init__(self, device: torch.device, start_rss: int | None = None):
         self.device = device
         self.start_rss = start_rss
         _warm_up()
+        gc.collect()  # a previous run's tensors, unreachable but not yet freed, are not this baseline's
         self.baseline_rss = psutil.Process().memory_info().rss
+        self.baseline_cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         self.phases: dict[str, dict] = {}
         self._reset()
 
@@ -51,17 +56,21 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def end_phase(self, name: str) -> None:
-        """Record the peak since the last phase ended (or since the process started, where the kernel
-        cannot reset its high-water mark: `peak_is_since_start` says so)."""
+    def end_phase(self, name: str) -> dict:
+        """Record and return the peak since the last phase ended (or since the process started, where the
+        kernel cannot reset its high-water mark: `peak_is_since_start` says so). peak_over_baseline_bytes
+        is the device's: torch's max allocated on a GPU, the RSS on the CPU."""
         rss = psutil.Process().memory_info().rss
         phase = {"peak_rss_bytes": max(_hwm() or rss, rss), "rss_bytes": rss,
                  "peak_is_since_start": not self._hwm_resets}
+        phase["peak_over_baseline_bytes"] = phase["peak_rss_bytes"] - self.baseline_rss
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             phase["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            phase["peak_over_baseline_bytes"] = phase["cuda_max_allocated_bytes"] - self.baseline_cuda
         self.phases[name] = phase
         self._reset()
+        return phase
 
     def report(self, bound: dict | None = None) -> dict:
         overhead = self.baseline_rss - self.start_rss if self.start_rss is not None else None
@@ -69,12 +78,7 @@ class MemoryMeter:
                "framework_overhead_bytes": overhead, **{f"{k}": v for k, v in self.phases.items()}}
         if bound is not None:
             out["bound"] = bound
-            gen = self.phases.get("generate", {})
-            used = gen.get("cuda_max_allocated_bytes", gen.get("peak_rss_bytes", 0) - self.baseline_rss)
+            used = self.phases.get("generate", {}).get("peak_over_baseline_bytes", 0)
             out["generate_peak_over_baseline_bytes"] = used
             out["ratio_to_bound"] = used / bound["total_bytes"] if bound.get("total_bytes") else None
         return out
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -29,6 +29,7 @@ from moe_offload.config import reference
 from moe_offload.errors import InputError
 from moe_offload.resources import active_params, bytes_read_per_token
 from moe_offload.runtime.generate import fidelity
+from moe_offload.runtime.memory import MemoryMeter
 
 
 # --- 2. nothing unverified is used -------------------------------------------------------------------
@@ -128,6 +129,20 @@ def test_killed_synthetic_build_leaves_no_temporary_forever(tmp_path):
 
 
 # --- 4. honest numbers -------------------------------------------------------------------------------
+
+def test_memory_meter_phases_measure_over_the_baseline():
+    """A phase's peak is what it allocated over the meter's baseline, and the next phase starts afresh
+    (where the kernel can reset its high-water mark): the benchmarks' peak memory and the report's."""
+    meter = MemoryMeter(torch.device("cpu"))
+    held = torch.ones(2**26)  # 256 MiB, every page touched
+    del held
+    first = meter.end_phase("generate")
+    second = meter.end_phase("after")
+    assert first["peak_over_baseline_bytes"] >= 250 * 2**20
+    assert meter.report({"total_bytes": 2**28})["generate_peak_over_baseline_bytes"] == first["peak_over_baseline_bytes"]
+    if not second["peak_is_since_start"]:
+        assert second["peak_over_baseline_bytes"] < 100 * 2**20
+
 
 def test_bytes_read_per_token_counts_the_text_model(omni_ckpt):
     """With every expert routed, one token reads every weight of the text model but the embedding table,

@@ -35,11 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from moe_offload.analysis.run_info import active_params, kv_bytes, matmul_probe  # noqa: E402
+from moe_offload.analysis.run_info import matmul_probe  # noqa: E402
+from moe_offload.checkpoint.dims import DIMS, spec as dims_spec  # noqa: E402
+from moe_offload.checkpoint.synthetic import build_and_extract  # noqa: E402
+from moe_offload.resources import active_params, bytes_read_per_token, dtype_size, kv_bytes  # noqa: E402
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
-from common import DIMS, build_and_extract, emit  # noqa: E402
-from probes import bytes_per_token, h2d_probe, hbm_probe, sync  # noqa: E402
+from common import emit  # noqa: E402
+from probes import h2d_probe, hbm_probe, sync  # noqa: E402
 
 
 def main():
@@ -68,7 +71,7 @@ def main():
     torch.set_grad_enabled(False)
     if a.threads:
         torch.set_num_threads(a.threads)
-    spec = dict(DIMS[a.dims], layout=a.layout, num_layers=a.layers, seed=0, mlp_only_layers=[])
+    spec = dims_spec(a.dims, a.layers, a.layout)
     if a.experts:
         spec["num_experts"] = a.experts
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sweep."))
@@ -78,7 +81,8 @@ def main():
               "spec": spec, "new_tokens": a.new_tokens, "capacity": a.capacity, "lengths": {}}
     try:
         t0 = time.perf_counter()
-        files, cfg = build_and_extract(spec, work)
+        ex = build_and_extract(spec, work)
+        cfg = ex.config
         result["build_and_extract_seconds"] = time.perf_counter() - t0
         print(f"# built and extracted in {result['build_and_extract_seconds']:.0f} s", file=sys.stderr, flush=True)
         probes = {"matmul": matmul_probe(device, dtype)}
@@ -86,16 +90,16 @@ def main():
             probes["hbm"] = hbm_probe(device)
             probes["h2d"] = h2d_probe(device, cfg.expert_bytes)
         result["probes"] = probes
-        rt = load_runtime(files["dense"], files["dir"], files["ckpt"], capacity=a.capacity, device=a.device, dtype=dtype,
-                          pin_memory=True, host_tier=a.capacity is not None)
+        rt = load_runtime(ex.dense, ex.dir, ex.ckpt, capacity=a.capacity, device=a.device, dtype=dtype, pin_memory=True,
+                          host_tier=a.capacity is not None)
         if a.capacity is None:  # resident: every expert loaded before timing
             for layer, spans in rt.cache.spans.items():
                 rt.cache.get_many(layer, list(range(len(spans))))
         rt.model.trace.enabled = False
-        weights_per_token = bytes_per_token(rt)
-        native = None if a.no_native else load_native(files["ckpt"], device, dtype)
+        weights_per_token = bytes_read_per_token(cfg, a.layers, dtype)
+        native = None if a.no_native else load_native(ex.ckpt, device, dtype)
         flops_per_token = 2 * active_params(cfg, a.layers)
-        expert_bytes = cfg.expert_bytes // 2 * torch.empty((), dtype=dtype).element_size()
+        expert_bytes = cfg.expert_params * dtype_size(dtype)
         for n in lengths:
             ids = torch.randint(16, cfg.vocab_size - 16, (n,), generator=torch.Generator().manual_seed(n)).tolist()
             row = {}

@@ -37,9 +37,6 @@ sys.path.insert(0, str(ROOT / "src"))
 from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
 GiB = 1024 ** 3
-REAL = dict(num_experts=128, experts_per_token=8, hidden_size=2048, moe_intermediate_size=768, num_heads=32,
-            num_kv_heads=4, head_dim=128, initializer_range=0.02)
-
 # The job, run in a fresh interpreter: the extraction call alone is timed (the imports are not: they are
 # import_seconds, and in gb_per_s_including_process_start); a thread samples RSS.
 CHILD = r"""
@@ -253,6 +250,7 @@ def main():
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
+    from moe_offload.checkpoint.dims import spec as dims_spec
     from moe_offload.checkpoint.layouts import detect_checkpoint
     from moe_offload.checkpoint.synthetic import build_synthetic
 
@@ -265,8 +263,8 @@ def main():
     try:
         t = time.perf_counter()
         if not (ckpt / "config.json").exists():
-            spec = dict(REAL, layout=a.layout, num_layers=a.layers, vocab_size=a.vocab_size, seed=0,
-                        max_shard_size=a.max_shard_size, mlp_only_layers=[])
+            # the experts at the real dims; the vocab small by default (this times the experts, not the dense)
+            spec = dims_spec("real", a.layers, a.layout, vocab_size=a.vocab_size, max_shard_size=a.max_shard_size)
             build_synthetic(ckpt, spec)
             built_here = True
             result["build_seconds"] = time.perf_counter() - t

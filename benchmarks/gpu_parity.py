@@ -21,13 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa: E402
 from moe_offload.runtime import cache_policy  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
-from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
-from moe_offload.runtime.native import load_native  # noqa: E402
-from moe_offload.checkpoint.synthetic import build_synthetic  # noqa: E402
+from moe_offload.checkpoint.synthetic import build_and_extract  # noqa: E402
 from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
+from speed_runs import load_native_model  # noqa: E402
 
 BASE = dict(num_layers=6, num_experts=32, experts_per_token=4, hidden_size=128, moe_intermediate_size=64,
             num_heads=4, num_kv_heads=2, head_dim=32, seed=1, max_shard_size="1MB")
@@ -44,18 +42,13 @@ LONG_PROMPT = 2100  # random token ids: chunked prefill (chunks of 1024 here) an
 def check_layout(name, spec, work, device, new_tokens):
     from transformers import AutoTokenizer
 
-    ckpt = build_synthetic(work / "ckpt", spec)
-    _, cfg = detect_checkpoint(ckpt)
-    extract_dense(ckpt, work / "dense.safetensors")
-    for L in cfg.expert_layers:
-        extract_layer(ckpt, L, work / f"layer_{L}.safetensors")
+    ex = build_and_extract(spec, work)
+    ckpt, cfg = ex.ckpt, ex.config
     tok = AutoTokenizer.from_pretrained(ckpt)
     refs = {}
     for impl in ("default", "eager"):
         try:
-            m = load_native(ckpt, torch.device(device), torch.float32, None if impl == "default" else impl)
-            if not hasattr(m.config, "vision_start_token_id"):
-                m.config.vision_start_token_id = 151652
+            m = load_native_model(ckpt, torch.device(device), torch.float32, None if impl == "default" else impl)
             cases = []
             long = torch.randint(16, cfg.vocab_size - 16, (1, LONG_PROMPT), generator=torch.Generator().manual_seed(2))
             for ids in [tok(text, return_tensors="pt").input_ids for text in PROMPTS] + [long]:
@@ -80,7 +73,7 @@ def check_layout(name, spec, work, device, new_tokens):
                  ("between_kernels_host_copy", 6, True, dict(host_tier=True, in_place_misses=False), None),
                  ("unified_kernels", None, True, dict(unified=True), None)]
     for cap_name, cap, kern, settings, path in variants:
-        rt = load_runtime(work / "dense.safetensors", work, ckpt, capacity=cap, device=device, dtype=torch.float32,
+        rt = load_runtime(ex.dense, ex.dir, ckpt, capacity=cap, device=device, dtype=torch.float32,
                           use_kernels=kern, pin_memory=True, **settings)
         for impl, ref in refs.items():
             if "cases" not in ref:

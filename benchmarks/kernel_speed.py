@@ -1,6 +1,6 @@
 """Where one decoded layer's time goes, at the real Qwen3-Omni thinker's dims, on a GPU: each step of the
 fused decode path timed alone inside a CUDA graph, its weights evicted from L2 first, next to the bytes it
-must read and the HBM bandwidth measured in the same run (the faster of cuBLAS's and our GEMV on 4.3 GB);
+must read and the HBM bandwidth measured in the same run (probes.hbm_probe on 8.6 GB);
 the kernels' tile shapes swept; the whole layer as one CUDA graph against its byte bound; and a profile of
 that graph, kernel by kernel. Then the same expert kernels reading int8 and int4 experts (checkpoint.quantize's
 form, group --group) in place, against the bytes of their qweights and scales, their tiles swept too, and
@@ -9,7 +9,7 @@ a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) 
   python3 benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json
   python3 benchmarks/kernel_speed.py --quantized-only --out benchmarks/results/kernel_speed_quantized.json
 
-Only torch and triton are imported: it runs on the GPU machine's stock python3.
+Only torch and triton (and the package, from src/) are imported: it runs on the GPU machine's stock python3.
 """
 
 from __future__ import annotations
@@ -24,16 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
+from moe_offload.checkpoint.dims import DIMS  # noqa: E402
 from moe_offload.runtime import kernels, moe_kernels  # noqa: E402
 from common import emit  # noqa: E402
+from probes import hbm_probe, median_seconds as bench  # noqa: E402
 
-H, I, E, K, HEADS, KV, D, V = 2048, 768, 128, 8, 32, 4, 128, 152064
-
-
-def bench(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") / 1000  # seconds
+H, I, E, K, HEADS, KV, D, V = (DIMS["real"][key] for key in (
+    "hidden_size", "moe_intermediate_size", "num_experts", "experts_per_token", "num_heads", "num_kv_heads",
+    "head_dim", "vocab_size"))
 
 
 _FLUSH = None
@@ -195,11 +194,7 @@ def main():
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
-    w = torch.randn(1 << 20, 4096, dtype=dt, device=dev)  # 8.6 GB; rows short enough for our GEMV's whole rows
-    v = torch.randn(4096, dtype=dt, device=dev)
-    hbm = max(w.nbytes / bench(lambda: torch.mv(w, v)), w.nbytes / bench(lambda: kernels.linear(v, w)))  # the stricter
-    del w
-    torch.cuda.empty_cache()
+    hbm = hbm_probe(dev, rows=1 << 20)["bytes_per_second"]  # 8.6 GB read; the faster of cuBLAS and our GEMV
 
     x = torch.randn(H, dtype=dt, device=dev)
     wqkv = torch.randn((HEADS + 2 * KV) * D, H, dtype=dt, device=dev) / H ** 0.5

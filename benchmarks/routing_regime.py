@@ -21,14 +21,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import emit  # noqa: E402
-from generate_speed import DIMS, PROMPT  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import PROMPT, emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
 from moe_offload.analysis.cache_sim import access_sequence, hit_flags  # noqa: E402
-from moe_offload.checkpoint.extract import extract_dense, extract_layer  # noqa: E402
-from moe_offload.checkpoint.layouts import detect_checkpoint  # noqa: E402
-from moe_offload.checkpoint.synthetic import build_synthetic  # noqa: E402
+from moe_offload.checkpoint.dims import DIMS, spec as dims_spec  # noqa: E402
+from moe_offload.checkpoint.synthetic import build_and_extract  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
 from moe_offload.runtime.trace import TRACE_COLUMNS  # noqa: E402
 
@@ -55,15 +53,11 @@ def main():
     torch.set_grad_enabled(False)
     work = Path(tempfile.mkdtemp(prefix="routing."))
     try:
-        spec = dict(DIMS[a.dims], layout="qwen3_omni_thinker", num_layers=a.layers, seed=0, mlp_only_layers=[])
-        ckpt = build_synthetic(work / "ckpt", spec)
-        _, cfg = detect_checkpoint(ckpt)
-        extract_dense(ckpt, work / "dense.safetensors")
-        for layer in cfg.expert_layers:
-            extract_layer(ckpt, layer, work / f"layer_{layer}.safetensors")
+        ex = build_and_extract(dims_spec(a.dims, a.layers), work)
+        ckpt, cfg = ex.ckpt, ex.config
         e = cfg.num_experts
         capacities = [int(c) for c in a.capacities.split(",")] if a.capacities else [e // 16, e // 8, e // 4, e // 2]
-        rt = load_runtime(work / "dense.safetensors", work, ckpt, device=a.device)
+        rt = load_runtime(ex.dense, ex.dir, ckpt, device=a.device)
         from transformers import AutoTokenizer
         ids = AutoTokenizer.from_pretrained(ckpt)(PROMPT).input_ids
         base, rows = rt.model.embed.clone(), []

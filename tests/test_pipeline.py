@@ -101,6 +101,24 @@ def _numbers_are_like_for_like(workdir, report):
     assert report["cache_profile"]["dtype"] == "float32"
 
 
+def test_benchmark_files_read_as_one_row_per_job(tmp_path):
+    """benchmarks/stage_times.py names each job by its benchmark file; a repeated benchmark is its mean."""
+    from moe_offload.analysis.stages import read_benchmarks
+
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    paths = []
+    for rule, job, lines in (("extract_layer", "layer_3", ["2.0\t0:00:02\t30.5", "4.0\t0:00:04\t31.5"]),
+                             ("generate_depth", "depth_8", ["7.5\t0:00:07\tNA"])):
+        path = tmp_path / rule / f"{job}.tsv"
+        path.parent.mkdir()
+        path.write_text(header + "".join(line + "\t-" * 7 + "\n" for line in lines))
+        paths.append(str(path))
+    rows = read_benchmarks(paths).to_dict("records")
+    assert [(r["rule"], r["job"], r["s"]) for r in rows] == [("extract_layer", "layer_3", 3.0),
+                                                           ("generate_depth", "depth_8", 7.5)]
+    assert rows[0]["max_rss"] == 31.5 and pd.isna(rows[1]["max_rss"])
+
+
 @pytest.mark.slow
 def test_stage_times_come_from_snakemakes_benchmark_files(workdir):
     """Every job that ran left Snakemake's benchmark file under results/benchmarks/<rule>/; the report's

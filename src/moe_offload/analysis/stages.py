@@ -11,16 +11,18 @@ from ..errors import InputError
 
 
 def read_benchmarks(paths: list[str]) -> pd.DataFrame:
-    """One row per job: its rule (the file's folder), seconds and max RSS in MiB (NaN where Snakemake wrote
-    NA: the job ended before its first memory sample)."""
+    """One row per job: its rule (the file's folder), the job (the file's name: layer_3, depth_8, ...),
+    seconds and max RSS in MiB (NaN where Snakemake wrote NA: the job ended before its first memory
+    sample)."""
     rows = []
     for path in map(Path, paths):
         table = pd.read_csv(path, sep="\t", na_values=["NA", "-"])
         if table.empty or not {"s", "max_rss"} <= set(table.columns):
             raise InputError(f"{path} is not a Snakemake benchmark file (no s and max_rss columns)")
         # a `repeat(...)` benchmark has one line per repetition: the job's time is their mean
-        rows.append({"rule": path.parent.name, "s": table["s"].mean(), "max_rss": table["max_rss"].max()})
-    return pd.DataFrame(rows, columns=["rule", "s", "max_rss"])
+        rows.append({"rule": path.parent.name, "job": path.stem, "s": table["s"].mean(),
+                     "max_rss": table["max_rss"].max()})
+    return pd.DataFrame(rows, columns=["rule", "job", "s", "max_rss"])
 
 
 def stage_times(paths: list[str]) -> list[dict]:

@@ -16,11 +16,10 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM
 
 from moe_offload.analysis.run_info import verify_files
-from moe_offload.checkpoint.extract import extract_dense, extract_layer
 from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
 from moe_offload.checkpoint.quantize import (check_scheme, dequantize, pack, qweight_name, quantize, quantize_layer,
                                              scales_name, unpack)
-from moe_offload.checkpoint.synthetic import build_synthetic
+from moe_offload.checkpoint.synthetic import build_and_extract
 from moe_offload.errors import InputError
 from moe_offload.hashing import hash_file
 from moe_offload.runtime.generate import generate, load_runtime
@@ -98,14 +97,9 @@ def test_impossible_schemes_are_one_line(bits, group, dims, message):
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
     spec = small_spec("qwen3_moe", num_layers=4, mlp_only_layers=[1], max_shard_size="1MB")
-    ckpt = build_synthetic(root / "ckpt", spec)
-    _, cfg = detect_checkpoint(ckpt)
-    extract_dense(ckpt, root / "dense.safetensors")
-    for layer in cfg.expert_layers:
-        extract_layer(ckpt, layer, root / f"layer_{layer}.safetensors")
-    return root, ckpt, cfg
+    ex = build_and_extract(spec, tmp_path_factory.mktemp("quant"))
+    return ex.dir, ex.ckpt, ex.config
 
 
 def _quantized(extracted, bits, group=16):

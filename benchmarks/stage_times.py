@@ -142,7 +142,8 @@ def figures(rule: str, job: str, s: float, work: Path) -> dict:
         if nbytes:
             out.update(bytes=nbytes, gb_per_s=nbytes / s / GB)
     elif rule.startswith("generate_"):
-        res = _read_json(r / "generate" / f"{job}.json")
+        # generate_depth_quantized's job q8_depth_4 writes generate/q8/depth_4.json
+        res = _read_json(r / "generate" / f"{job.replace('_depth_', '/depth_', 1)}.json")
         mem, prompts = res.get("memory", {}), res.get("prompts", [])
         out.update(tok_s=res.get("tok_s"), load_s=res.get("load_s"), prefill_s=res.get("prefill_s"),
                    decode_s=sum(p.get("decode_s", 0) for p in prompts),
@@ -153,7 +154,7 @@ def figures(rule: str, job: str, s: float, work: Path) -> dict:
                    memory_ratio_to_bound=mem.get("ratio_to_bound"), speed_bound=res.get("speed_bound"))
         if res.get("tok_s"):
             out["decode_ms_per_token"] = 1000 / res["tok_s"]
-        if rule == "generate_depth":
+        if rule.startswith("generate_depth"):
             cache, fid = res.get("cache", {}), res.get("fidelity", {})
             out.update(depth=res.get("depth"), cache_capacity=cache.get("capacity"),
                        host_tier_bytes=cache.get("host_tier_bytes"), hit_rate=cache.get("hit_rate"),

@@ -1,6 +1,6 @@
 """What every benchmark script shares: the prompt the speed runs decode from, and printing one JSON object.
 The model dimensions and building a checkpoint are the package's (moe_offload.checkpoint.dims,
-moe_offload.checkpoint.synthetic.build_and_extract), shared with the tests."""
+moe_offload.checkpoint.extracted.build_and_extract), shared with the tests."""
 
 from __future__ import annotations
 

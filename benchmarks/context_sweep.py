@@ -37,7 +37,7 @@ import transformers  # noqa: E402
 
 from moe_offload.analysis.run_info import matmul_probe  # noqa: E402
 from moe_offload.checkpoint.dims import DIMS, spec as dims_spec  # noqa: E402
-from moe_offload.checkpoint.synthetic import build_and_extract  # noqa: E402
+from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
 from moe_offload.resources import active_params, bytes_read_per_token, dtype_size, kv_bytes  # noqa: E402
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from moe_offload.checkpoint.dims import DIMS, REAL_LAYERS, spec as dims_spec  # noqa: E402
-from moe_offload.checkpoint.synthetic import build_and_extract  # noqa: E402
+from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
 from common import PROMPT, emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 from probes import free, h2d_probe, hbm_probe, zero_copy_probe  # noqa: E402
 from speed_bounds import bounds  # noqa: E402

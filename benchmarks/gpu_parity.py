@@ -23,7 +23,7 @@ import transformers  # noqa: E402
 
 from moe_offload.runtime import cache_policy  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
-from moe_offload.checkpoint.synthetic import build_and_extract  # noqa: E402
+from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
 from common import emit  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 from speed_runs import load_native_model  # noqa: E402
 

@@ -26,7 +26,7 @@ from common import PROMPT, emit  # noqa: E402 (benchmarks/ is on sys.path when a
 
 from moe_offload.analysis.cache_sim import access_sequence, hit_flags  # noqa: E402
 from moe_offload.checkpoint.dims import DIMS, spec as dims_spec  # noqa: E402
-from moe_offload.checkpoint.synthetic import build_and_extract  # noqa: E402
+from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
 from moe_offload.runtime.trace import TRACE_COLUMNS  # noqa: E402
 

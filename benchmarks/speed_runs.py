@@ -21,7 +21,7 @@ from probes import free
 
 def run_ours(a, ex, ids, capacity, label, pin=False, trace=True, keep_logits=False, kernels=None,
              host_tier=False, path=None, unified=False, prefetch=False, in_place=None):
-    """One setting of our runtime over ex (moe_offload.checkpoint.extract.Extracted): (the run's figures,
+    """One setting of our runtime over ex (moe_offload.checkpoint.extracted.Extracted): (the run's figures,
     its tokens and, with keep_logits, logits for the parity check)."""
     device, cfg = torch.device(a.device), ex.config
     meter = MemoryMeter(device)

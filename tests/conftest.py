@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_offload.checkpoint.extract import extract_all
+from moe_offload.checkpoint.extracted import extract_all
 from moe_offload.checkpoint.synthetic import build_synthetic
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from moe_offload.checkpoint.shards import Checkpoint, read_bytes
 from moe_offload.errors import InputError
 from moe_offload.runtime.expert_cache import CacheOptions, ExpertCache
 from moe_offload.checkpoint.layouts import PROJECTIONS
-from moe_offload.checkpoint.synthetic import build_and_extract
+from moe_offload.checkpoint.extracted import build_and_extract
 
 SPEC = dict(layout="qwen3_omni_thinker", num_layers=3, num_experts=8, experts_per_token=2, hidden_size=32,
             moe_intermediate_size=16, num_heads=2, num_kv_heads=1, head_dim=16, seed=0, max_shard_size="200KB")

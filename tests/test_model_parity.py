@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM, Qwen3OmniMoeThinkerForConditionalGeneration
 
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
-from moe_offload.checkpoint.synthetic import build_and_extract
+from moe_offload.checkpoint.extracted import build_and_extract
 from moe_offload.analysis.cache_sim import access_sequence, simulate
 from moe_offload.runtime.cache_policy import Scoped
 from moe_offload.runtime.fused_step import TRITON_OPS

@@ -19,7 +19,7 @@ from moe_offload.analysis.run_info import verify_files
 from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
 from moe_offload.checkpoint.quantize import (check_scheme, dequantize, pack, qweight_name, quantize, quantize_layer,
                                              scales_name, unpack)
-from moe_offload.checkpoint.synthetic import build_and_extract
+from moe_offload.checkpoint.extracted import build_and_extract
 from moe_offload.errors import InputError
 from moe_offload.hashing import hash_file
 from moe_offload.runtime.generate import generate, load_runtime

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from moe_offload.checkpoint.extract import extract_all
+from moe_offload.checkpoint.extracted import extract_all
 from moe_offload.checkpoint.layouts import detect_checkpoint
 from moe_offload.checkpoint.shards import Checkpoint
 from moe_offload.checkpoint.validate import validate_all, validate_dense, validate_layer

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -23,7 +22,7 @@ from ..hashing import hash_file
 from ..disk import check_disk
 from .shards import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
 from ..errors import InputError
-from .layouts import PROJECTIONS, Layout, TextConfig, detect_checkpoint
+from .layouts import PROJECTIONS, Layout, detect_checkpoint
 
 log = logging.getLogger(__name__)
 COPY_CHUNK = 16 * 1024 * 1024
@@ -115,28 +114,3 @@ def extract_dense(checkpoint_dir: str | Path, out_path: str | Path, progress=Non
     log.info("dense: %d tensors", len(names))
     return write_tensors(ckpt, names, out_path, _metadata(ckpt, layout, num_layers=cfg.num_layers), progress)
 
-
-@dataclass(frozen=True)
-class Extracted:
-    """A checkpoint and every file extracted from it, in one directory (what load_runtime reads)."""
-
-    ckpt: Path
-    dir: Path
-    dense: Path
-    layers: dict[int, Path]
-    layout: Layout
-    config: TextConfig
-
-
-def extract_all(checkpoint_dir: str | Path, out_dir: str | Path) -> Extracted:
-    """Every expert layer's file and the dense file under out_dir, named as load_runtime looks for them.
-    A file already there is kept: each is written atomically, so one that exists is whole."""
-    ckpt, out = Path(checkpoint_dir), Path(out_dir)
-    layout, cfg = detect_checkpoint(ckpt)
-    layers = {layer: out / f"layer_{layer}.safetensors" for layer in cfg.expert_layers}
-    for layer, path in layers.items():
-        if not path.exists():
-            extract_layer(ckpt, layer, path)
-    if not (out / "dense.safetensors").exists():
-        extract_dense(ckpt, out / "dense.safetensors")
-    return Extracted(ckpt, out, out / "dense.safetensors", layers, layout, cfg)

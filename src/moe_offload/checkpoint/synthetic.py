@@ -173,14 +173,3 @@ def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
         raise
     return out_dir
 
-
-def build_and_extract(spec: dict, workdir: str | Path):
-    """The checkpoint of `spec` at workdir/ckpt (built only if absent: a kept workdir is reused) and its
-    files extracted beside it: the one way benchmarks and tests get a runtime's inputs. Returns
-    extract.Extracted."""
-    from .extract import extract_all
-
-    ckpt = Path(workdir) / "ckpt"
-    if not (ckpt / "config.json").exists():  # built in a sibling and renamed: config.json means whole
-        build_synthetic(ckpt, spec)
-    return extract_all(ckpt, workdir)

@@ -20,10 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from moe_offload.analysis.run_info import active_params, matmul_probe  # noqa: E402
+from moe_offload.analysis.run_info import matmul_probe  # noqa: E402
+from moe_offload.checkpoint.dims import spec as dims_spec  # noqa: E402
+from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
+from moe_offload.resources import active_params  # noqa: E402
 from moe_offload.runtime.generate import load_runtime, prefill  # noqa: E402
 from moe_offload.runtime.native import load_native  # noqa: E402
-from common import DIMS, build_and_extract, emit  # noqa: E402
+from common import emit  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -63,16 +66,16 @@ def main():
     a = p.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.set_grad_enabled(False)
-    spec = dict(DIMS["real"], layout="qwen3_moe", num_layers=a.layers, num_experts=a.experts, seed=0,
-                mlp_only_layers=[])
+    spec = dims_spec("real", a.layers, "qwen3_moe", num_experts=a.experts)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="prefill."))
     try:
-        files, cfg = build_and_extract(spec, work)
-        rt = load_runtime(files["dense"], files["dir"], files["ckpt"], device="cuda", dtype=dtype, pin_memory=True)
+        ex = build_and_extract(spec, work)
+        cfg = ex.config
+        rt = load_runtime(ex.dense, ex.dir, ex.ckpt, device="cuda", dtype=dtype, pin_memory=True)
         for layer, spans in rt.cache.spans.items():  # resident: every expert loaded before timing
             rt.cache.get_many(layer, list(range(len(spans))))
         rt.model.trace.enabled = False
-        native = load_native(files["ckpt"], device, dtype)
+        native = load_native(ex.ckpt, device, dtype)
         ids = torch.randint(16, cfg.vocab_size - 16, (1, a.length), generator=torch.Generator().manual_seed(0))
         ids = ids.to(device)
 

@@ -61,8 +61,11 @@ def write_workflow(work: Path, a, spec: dict) -> dict:
     for name in WORKFLOW_FILES:
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    if (ROOT / "models").is_dir():  # the embedded default, unused by a synthetic model but planned around
-        (work / "models").symlink_to(ROOT / "models")
+    # read in place, not copied: the embedded default (unused by a synthetic model but planned around) and
+    # training/data, whose held-out text the config's fidelity.heldout names relative to config/
+    for name in ("models", "training"):
+        if (ROOT / name).is_dir():
+            (work / name).symlink_to(ROOT / name)
     path = work / "config" / "config.yaml"
     config = yaml.safe_load(path.read_text())
     config["model"].update(source="synthetic", synthetic=spec)

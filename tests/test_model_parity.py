@@ -402,15 +402,12 @@ def test_quantized_experts_match_transformers_on_the_dequantized_weights(tmp_pat
 
     spec, cls = SPECS[spec]
     spec = dict(spec, num_layers=3)
-    ckpt = build_synthetic(tmp_path / "ckpt", spec)
-    layout, cfg = detect_checkpoint(ckpt)
-    extract_dense(ckpt, tmp_path / "dense.safetensors")
+    ex = build_and_extract(spec, tmp_path)
+    ckpt, layout, cfg = ex.ckpt, ex.layout, ex.config
     ref = load_reference(cls, ckpt)
     decoder = ref.get_decoder()
     for layer in cfg.expert_layers:
-        extract_layer(ckpt, layer, tmp_path / f"layer_{layer}.safetensors")
-        quantize_layer(tmp_path / f"layer_{layer}.safetensors", tmp_path / "q" / f"layer_{layer}.safetensors", bits,
-                       group)
+        quantize_layer(ex.layers[layer], tmp_path / "q" / f"layer_{layer}.safetensors", bits, group)
         with safe_open(tmp_path / "q" / f"layer_{layer}.safetensors", "pt") as f:
             w = [[dequantize(f.get_tensor(qweight_name(name)), f.get_tensor(scales_name(name)), bits)
                   for name in (layout.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj"))]
@@ -426,7 +423,7 @@ def test_quantized_experts_match_transformers_on_the_dequantized_weights(tmp_pat
                             return_dict_in_generate=True)
     for capacity, use_kernels in ((cfg.num_experts, True), (6, True), (6, False)):
         monkeypatch.setattr(model_module, "quant_kernel_serves", (lambda device, x: True) if use_kernels else serves)
-        rt = load_runtime(tmp_path / "dense.safetensors", tmp_path / "q", ckpt, capacity=capacity,
+        rt = load_runtime(ex.dense, tmp_path / "q", ckpt, capacity=capacity,
                           use_kernels=use_kernels)
         assert rt.cache.quant_slabs(cfg.expert_layers[0])[2:] == (bits, group)
         assert (rt.step.ops is TRITON_OPS) == use_kernels

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ..atomic import atomic_path, write_json
+from ..errors import InputError
 from ..resources import kv_bytes
 from ..runtime.memory import MemoryMeter
 from .run_info import check_finite, decode_rate, device_of, environment, prefill_rate, probe, speed_bound

@@ -63,8 +63,9 @@ def workdir(tmp_path) -> Path:
     for name in WORKFLOW_FILES:
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / name)
-    if (REPO / "models").is_dir():  # the embedded default (tens of MB), read only: linked, not copied
-        (wd / "models").symlink_to(REPO / "models")
+    for shared in ("models", "training"):  # the embedded default (tens of MB) and its held-out text: linked
+        if (REPO / shared).is_dir():
+            (wd / shared).symlink_to(REPO / shared)
     return wd
 
 

@@ -80,6 +80,7 @@ VALIDATION = {"validate_layer", "validate_dense", "validate_all"}
     # code several stages share changes each of them
     ("hashing.py", None, None, set(STEPS) - {"hub_metadata", "profile_cache", "plots", "compare"}),
     ("analysis/memory_summary.py", None, None, {"plots", "compare"}),
+    ("analysis/run_fields.py", None, None, {"plots", "compare"}),
     # in steps.py, by what each step reaches: a helper, a constant, the runner (logging only: none)
     ("steps.py", "    recorded = [json.loads", "    unused = 1\n    recorded = [json.loads", {"generate_depth"}),
     ("steps.py", "    prefix = layout_by_name", "    unused = 1\n    prefix = layout_by_name", NATIVE),

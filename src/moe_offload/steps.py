@@ -311,7 +311,8 @@ def plots(smk) -> None:
     import pandas as pd
 
     from .analysis.memory_summary import memory_summary
-    from .analysis.plots import expert_bits, plot_fidelity, plot_hit_rate, plot_memory_speed, plot_quality_bytes
+    from .analysis.plots import plot_fidelity, plot_hit_rate, plot_memory_speed, plot_quality_bytes
+    from .analysis.run_fields import expert_bits
 
     native = json.loads(Path(smk.input.native).read_text())
     runs = [json.loads(Path(p).read_text()) for p in smk.input.depths]

@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import InputError
 from .memory_summary import memory_summary
-from .plots import expert_bits
+from .run_fields import expert_bits
 
 PACKAGES = ["torch", "transformers", "safetensors", "huggingface_hub", "snakemake", "xxhash", "pandas", "moe-offload"]
 SAMPLE_CHARS = 160

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
+from .run_fields import expert_bits  # noqa: E402
 
 STYLE = {"belady": dict(color="black", linestyle="--", marker="", label="Belady (optimal, ceiling)"),
          "lru": dict(color="tab:blue", marker="o", label="LRU"),
@@ -64,11 +65,6 @@ def plot_quality_bytes(depths: list[dict], path) -> None:
         ax.legend(loc="best")
     fig.suptitle("Quality against bytes read per token (labels: depth)")
     _save(fig, path)
-
-
-def expert_bits(run: dict) -> int:
-    """The bits of the experts a depth run read (16 for runs recorded before quantization)."""
-    return run.get("experts", {}).get("bits", 16)
 
 
 def plot_hit_rate(profile_csv: pd.DataFrame, path, target: float | None = None,

@@ -219,3 +219,28 @@ def test_main_job_at_4_bits_reports_fidelity_per_bit_width(workdir):
     plan = snakemake(workdir, "-n", "results/compare.json").stdout
     assert "quantize_layer" in plan and "generate_depth_quantized" in plan
     assert "extract_layer" not in plan and "rule generate_depth:" not in plan
+
+
+def test_memory_plan_of_the_real_thinker_per_bit_width():
+    from moe_offload.analysis.device_fit import MACHINES, Scheme, fit, table
+    from moe_offload.checkpoint.dims import THINKER_TEXT
+    from moe_offload.checkpoint.layouts import text_config_from_dict
+    from moe_offload.resources import quantized_expert_bytes
+
+    cfg = text_config_from_dict(THINKER_TEXT)
+    weights = 3 * 2048 * 768  # one expert's gate, up and down
+    assert quantized_expert_bytes(cfg, 16, 128) == 2 * weights
+    assert quantized_expert_bytes(cfg, 8, 128) == weights + weights // 128 * 2
+    assert quantized_expert_bytes(cfg, 4, 128) == weights // 2 + weights // 128 * 2
+    nano, desktop, thor = MACHINES
+    rows = {(s.bits, s.hot_bits, m.name): fit(cfg, s, m) for s in (Scheme(16), Scheme(8), Scheme(4)) for m in MACHINES}
+    # all 48 x 128 experts: 58 GB in bf16, a quarter of that plus scales in int4
+    assert abs(rows[(16, None, thor.name)]["experts_bytes"] - 48 * 128 * 2 * weights) < 1
+    assert rows[(16, None, thor.name)]["resident"] and rows[(4, None, desktop.name)]["resident"]
+    assert not rows[(16, None, desktop.name)]["resident"] and rows[(16, None, desktop.name)]["capacity"] >= 8
+    assert rows[(16, None, nano.name)]["capacity"] is None  # not even 8 experts a layer beside the dense weights
+    resident = rows[(4, None, desktop.name)]
+    assert resident["tok_s_bound"] == desktop.read_bytes_per_s / resident["token_bytes"]
+    cached = rows[(8, None, desktop.name)]  # its misses' bytes over the link slow it below the resident bound
+    assert cached["tok_s_bound"] < desktop.read_bytes_per_s / cached["token_bytes"]
+    assert "mixed: 25% int8, rest int4" in table(cfg) and "Jetson AGX Thor" in table(cfg)

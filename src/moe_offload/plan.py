@@ -132,14 +132,17 @@ class Plan:
         whole = res.native_bytes(self.text, self.dtype, self.seq_len)["total_bytes"]
         return self._needs(whole, whole)
 
-    def depth(self, depth: int) -> dict[str, int]:
+    def depth(self, depth: int, bits: int = 16) -> dict[str, int]:
         """dense + capacity x expert + KV (+ pinned host staging on a GPU); unified memory: every expert,
-        in host RAM."""
+        in host RAM. bits 8 or 4: the experts as the quantized files hold them."""
         cache = self.config["cache"]
         unified = cache["unified_memory"]
+        expert = None
+        if bits != 16:
+            expert = res.quantized_expert_bytes(self.text, bits, self.config["quantize"]["group_size"])
         need = res.depth_bytes(self.text, depth, cache["capacity"], cache["scope"], self.dtype, self.seq_len,
                                pinned_staging=self.on_gpu and cache["pin_memory"] and not unified,
-                               unified=unified)
+                               unified=unified, expert_bytes=expert)
         host = device = need["total_bytes"]
         if self.on_gpu:  # the dense file passes through the host; the staging buffers stay there
             host = need["dense_bytes"] + need["host_staging_bytes"]
@@ -156,8 +159,10 @@ class Plan:
             return self.native_reference()
         if rule == "generate_native_timing":
             return self.native_timing()
-        if rule in ("generate_depth", "generate_depth_quantized"):
-            return self.depth(int(wildcards["depth"]))  # quantized: 16-bit slots bound them from above
+        if rule == "generate_depth":
+            return self.depth(int(wildcards["depth"]))
+        if rule == "generate_depth_quantized":
+            return self.depth(int(wildcards["depth"]), int(wildcards["bits"]))
         return {}
 
     # -- the checks that stop a plan --------------------------------------------------------------------

@@ -87,16 +87,27 @@ def cache_slots(cfg: TextConfig, depth: int, capacity: int | None, scope: str) -
     return min(capacity, cfg.num_experts) * len(layers) if scope == "per_layer" else min(capacity, every)
 
 
+def quantized_expert_bytes(cfg: TextConfig, bits: int, group_size: int, dtype="bfloat16") -> int:
+    """One expert as a slot holds it: its parameters at `dtype` (bits 16), or quantized (checkpoint.quantize):
+    bits / 8 bytes a weight and a float16 scale per group of group_size weights."""
+    if bits == 16:
+        return cfg.expert_params * dtype_size(dtype)
+    return cfg.expert_params * bits // 8 + cfg.expert_params // group_size * 2
+
+
 def depth_bytes(cfg: TextConfig, depth: int, capacity: int | None, scope: str, dtype: str, seq_len: int,
-                pinned_staging: bool = False, unified: bool = False) -> dict:
+                pinned_staging: bool = False, unified: bool = False, expert_bytes: int | None = None) -> dict:
     """A selective run through `depth` layers: dense + capacity x expert + KV, plus (CUDA, pin_memory) the
-    host's pinned staging buffers, one expert per routed slot of a step. unified: every expert is held."""
+    host's pinned staging buffers, one expert per routed slot of a step. unified: every expert is held.
+    expert_bytes: one expert as stored and held (quantized_expert_bytes), if not its parameters at dtype."""
     size = dtype_size(dtype)
+    held = cfg.expert_params * size if expert_bytes is None else expert_bytes
+    stored = cfg.expert_bytes if expert_bytes is None else expert_bytes
     slots = cache_slots(cfg, depth, None if unified else capacity, "per_layer" if unified else scope)
     parts = {"dense_bytes": dense_params(cfg, depth) * size,
-             "expert_cache_bytes": slots * cfg.expert_params * size,
+             "expert_cache_bytes": slots * held,
              "kv_cache_bytes": kv_bytes(cfg, depth, seq_len, dtype),
-             "host_staging_bytes": (cfg.experts_per_token * len(expert_layers(cfg, depth)) * cfg.expert_bytes
+             "host_staging_bytes": (cfg.experts_per_token * len(expert_layers(cfg, depth)) * stored
                                     if pinned_staging else 0)}
     return {**parts, "total_bytes": sum(parts.values())}
 

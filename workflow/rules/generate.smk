@@ -107,6 +107,6 @@ use rule generate_depth as generate_depth_quantized with:
         depth=r"\d+",
         bits="8|4",
     resources:
-        mem_mb=needs("generate_depth", "mem_mb"),
-        gpu_mem_mb=needs("generate_depth", "gpu_mem_mb"),
+        mem_mb=needs("generate_depth_quantized", "mem_mb"),
+        gpu_mem_mb=needs("generate_depth_quantized", "gpu_mem_mb"),
         gpu=gpu_count(),

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .layouts import layout_by_name
+from .processor import add_media_files
 
 # Fixed training text for the tokenizer: deterministic, and covers the default prompts' words.
 CORPUS = """\
@@ -165,6 +166,8 @@ def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
     try:
         model.save_pretrained(tmp, max_shard_size=spec["max_shard_size"])
         build_tokenizer(tmp)
+        if layout.towers:  # the thinker's placeholder tokens and preprocessor config, as the hub's has them
+            add_media_files(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -22,7 +22,8 @@ from moe_offload.errors import InputError
 from moe_offload.runtime import cache_policy
 from moe_offload.runtime.fused_step import TRITON_OPS
 from moe_offload.runtime.generate import generate, load_runtime, teacher_forced_logits
-from moe_offload.runtime.media import MediaProcessor, check_audio, check_image, rope_positions
+from moe_offload.media_files import check_audio, check_image
+from moe_offload.runtime.media import MediaProcessor, rope_positions
 from moe_offload.sample_media import gradient, noise, noise_image, tone, write_image, write_wav
 
 REPO = Path(__file__).resolve().parents[1]

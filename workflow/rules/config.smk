@@ -5,7 +5,13 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from moe_offload.code_version import code_version
-from moe_offload.config import canonical, check_integers, prompt_texts, prompts_folder
+from moe_offload.config import (
+    canonical,
+    check_integers,
+    media_files,
+    prompt_texts,
+    prompts_folder,
+)
 from moe_offload.errors import InputError, config_error_line
 from moe_offload.checkpoint.hub import hub_metadata_dir, missing_metadata
 
@@ -27,6 +33,7 @@ try:
         config["generate"]["prompts"],
         prompts_folder(workflow.configfiles, workflow.overwrite_configfiles or []),
     )
+    MEDIA_FILES = media_files(config["generate"]["prompts"])
     HUB_METADATA_DIR = (
         hub_metadata_dir(config["model"]) if config["model"]["source"] == "hf" else None
     )

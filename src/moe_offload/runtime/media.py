@@ -1,103 +1,23 @@
-"""A prompt's audio and images: read and checked, prepared by the checkpoint's own feature extractor
-(WhisperFeatureExtractor) and image processor (Qwen2-VL's), placeholders expanded in its token ids, and
-the thinker's multimodal RoPE positions.
+"""A prompt's audio and images (read and checked by media_files) prepared by the checkpoint's own feature
+extractor (WhisperFeatureExtractor) and image processor (Qwen2-VL's), placeholders expanded in its token
+ids, and the thinker's multimodal RoPE positions.
 
 Qwen3OmniMoeProcessor would do the same expansion but will not build without its video processor (which
 needs torchvision); the steps here are its replace_audio_token / replace_image_token, and its audio
-token count (_get_feat_extract_output_lengths). Nothing is resampled, mixed down or cut: audio at another
-rate or with more than one channel, and an image that does not open, stop with one line.
+token count (_get_feat_extract_output_lengths).
 """
 
 from __future__ import annotations
 
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..checkpoint.layouts import read_config
 from ..checkpoint.processor import MEDIA_TOKENS, SAMPLING_RATE
 from ..errors import InputError
-
-AUDIO_SUFFIXES, IMAGE_SUFFIXES = (".wav", ".flac"), (".png", ".jpg", ".jpeg")
-
-
-def audio_header(path: str | Path) -> tuple[int, int, int]:
-    """(sample rate, channels, frames) from the file's header; one line if it is missing or unreadable."""
-    path = Path(path)
-    if path.suffix.lower() not in AUDIO_SUFFIXES:
-        raise InputError(f"audio file {path}: not a .wav or .flac file")
-    if not path.is_file():
-        raise InputError(f"audio file {path} does not exist")
-    try:
-        if path.suffix.lower() == ".wav":
-            with wave.open(str(path), "rb") as f:
-                return f.getframerate(), f.getnchannels(), f.getnframes()
-        import soundfile
-
-        info = soundfile.info(str(path))
-        return info.samplerate, info.channels, info.frames
-    except ImportError:
-        raise InputError(f"audio file {path}: reading flac needs the soundfile package (pip install soundfile)") from None
-    except (wave.Error, EOFError, RuntimeError, OSError) as err:
-        raise InputError(f"audio file {path} cannot be read ({str(err).strip() or type(err).__name__})") from None
-
-
-def check_audio(path: str | Path) -> None:
-    rate, channels, frames = audio_header(path)
-    if rate != SAMPLING_RATE:
-        raise InputError(f"audio file {path}: sample rate {rate} Hz, the model's feature extractor takes "
-                         f"{SAMPLING_RATE} Hz (resample it first; nothing is resampled here)")
-    if channels != 1:
-        raise InputError(f"audio file {path}: {channels} channels, the model takes mono (mix it down first)")
-    if frames == 0:
-        raise InputError(f"audio file {path} holds no samples")
-
-
-def read_audio(path: str | Path) -> np.ndarray:
-    """Mono float32 samples in [-1, 1] at SAMPLING_RATE (checked first)."""
-    check_audio(path)
-    path = Path(path)
-    if path.suffix.lower() == ".flac":
-        import soundfile
-
-        return soundfile.read(str(path), dtype="float32")[0]
-    with wave.open(str(path), "rb") as f:
-        width, raw = f.getsampwidth(), f.readframes(f.getnframes())
-    if width == 1:  # 8-bit wav is unsigned
-        return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
-    if width not in (2, 4):
-        raise InputError(f"audio file {path}: {8 * width}-bit samples; 8-, 16- or 32-bit PCM wav only")
-    kind = np.int16 if width == 2 else np.int32
-    return np.frombuffer(raw, kind).astype(np.float32) / -np.iinfo(kind).min
-
-
-def check_image(path: str | Path) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise InputError(f"image file {path}: not a .png or .jpeg file")
-    if not path.is_file():
-        raise InputError(f"image file {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            img.verify()
-            if img.format not in ("PNG", "JPEG"):
-                raise InputError(f"image file {path} is {img.format}, not PNG or JPEG")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise InputError(f"image file {path} cannot be read ({str(err).strip() or type(err).__name__})") from None
-
-
-def read_image(path: str | Path):
-    from PIL import Image
-
-    check_image(path)
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
+from ..media_files import read_audio, read_image
 
 @dataclass
 class MediaPrompt:
@@ -152,12 +72,10 @@ class MediaProcessor:
                 raise InputError(f"{ckpt}: the tokenizer's {self.token[attr]} is id {tid}, config.json's {key} is "
                                  f"{self.thinker.get(key)}")
 
-    def __call__(self, text: str, audio: list[str | Path] = (), images: list[str | Path] = (),
-                 chat_template: bool | None = None) -> MediaPrompt:
-        """The prompt's audio, then its images, then its text, as one user turn (the chat template's
-        content parts when the tokenizer has one and chat_template is not false)."""
-        out, t = MediaPrompt(input_ids=[]), self.token
-        audio_counts, image_counts = [], []
+    def inputs(self, audio: list = (), images: list = ()) -> tuple[MediaPrompt, list[int], list[int]]:
+        """What the feature extractor and the image processor make of the files (no token ids yet), and the
+        number of tokens each audio clip and each image takes."""
+        out, audio_counts, image_counts = MediaPrompt(input_ids=[]), [], []
         if audio:
             a = self.features([read_audio(p) for p in audio], sampling_rate=SAMPLING_RATE, padding=True,
                               truncation=False, return_attention_mask=True, return_tensors="pt")
@@ -169,6 +87,13 @@ class MediaProcessor:
             out.pixel_values, out.image_grid_thw = v["pixel_values"], v["image_grid_thw"]
             merge = self.thinker["vision_config"]["spatial_merge_size"]
             image_counts = (v["image_grid_thw"].prod(-1) // merge ** 2).tolist()
+        return out, audio_counts, image_counts
+
+    def __call__(self, text: str, audio: list = (), images: list = (), chat_template: bool | None = None) -> MediaPrompt:
+        """The prompt's audio, then its images, then its text, as one user turn (the chat template's
+        content parts when the tokenizer has one and chat_template is not false)."""
+        out, audio_counts, image_counts = self.inputs(audio, images)
+        t = self.token
         has_template = bool(getattr(self.tok, "chat_template", None))
         if chat_template and not has_template:
             raise InputError("generate.chat_template is true but the checkpoint's tokenizer has no chat template")

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 ODD = dict(layout="qwen3_omni_thinker", num_layers=3, num_experts=10, experts_per_token=3, hidden_size=48,
            moe_intermediate_size=24, num_heads=4, num_kv_heads=2, head_dim=12, mlp_only_layers=[1], seed=1,
            max_shard_size="256KB")
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 TOL = 1e-4
 
 
@@ -101,8 +101,7 @@ def test_rope_positions_match_get_rope_index(model):
             assert our_delta < 0  # an image's rows and columns share positions: decode positions move back
 
 
-@pytest.mark.parametrize("path", ["careful", "graph", "pipelined"])
-@pytest.mark.parametrize("capacity", ["all", "between"])
+@pytest.mark.parametrize("path,capacity", [("careful", "between"), ("graph", "all"), ("pipelined", "between")])
 def test_greedy_tokens_and_logits_match_transformers(model, path, capacity):
     """Every decode path after the prompt (positions offset by the rope delta), through an expert cache
     holding all experts or fewer (misses, evictions)."""
@@ -171,6 +170,8 @@ def test_positions_and_deepstack_matter(model, monkeypatch):
 def test_fused_kernels_after_media_match_transformers(model):
     """The decode step CUDA runs (the Triton kernels, here under the interpreter: a few tokens) after an
     image prompt, whose decode positions are offset by the rope delta."""
+    if model["name"] == "default":
+        pytest.skip("48 layers under Triton's interpreter: the odd-dims checkpoint covers the kernels")
     case = model["cases"]["text+audio+image"]
     rt = model["runtime"](capacity=model["cfg"].experts_per_token + 2, use_kernels=True)
     assert rt.step.ops is TRITON_OPS
@@ -194,3 +195,30 @@ def test_bad_media_files_are_one_line_errors(tmp_path):
         with pytest.raises(InputError, match=words) as err:
             check(tmp_path / name)
         assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_tower_params_count_transformers_modules():
+    """resources.tower_params (the plan's memory bound) against the modules' own parameter count, at the
+    default's tiny dims and at the real thinker's (transformers' config defaults, built on the meta device)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (Qwen3OmniMoeAudioEncoder,
+                                                                            Qwen3OmniMoeVisionEncoder)
+
+    from moe_offload.resources import tower_params
+
+    def count(cfg):
+        with init_empty_weights():
+            modules = (Qwen3OmniMoeAudioEncoder._from_config(cfg.audio_config),
+                       Qwen3OmniMoeVisionEncoder._from_config(cfg.vision_config))
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    default = REPO / "models" / "default"
+    assert tower_params(json.loads((default / "config.json").read_text())["thinker_config"]) == \
+        count(AutoConfig.from_pretrained(default).thinker_config)
+    real = Qwen3OmniMoeThinkerConfig()
+    assert tower_params(real.to_dict()) == count(real) > 10**9
+    assert tower_params(None) == 0

@@ -306,12 +306,10 @@ def profile_cache(smk) -> None:
                              params["hit_rate_target"])
     if "depth" in smk.input.keys():  # media prompts: which experts each modality's tokens use
         from .analysis.profile import modality_experts
-        from .checkpoint.layouts import read_config
 
-        thinker = read_config(_checkpoint(smk))["thinker_config"]
-        kinds = {thinker["audio_token_id"]: "audio", thinker["image_token_id"]: "image"}
-        prompts = [p["input_ids"] for p in json.loads(Path(smk.input.depth).read_text())["prompts"]]
-        summary["modalities"] = modality_experts(trace, prompts, kinds)
+        run = json.loads(Path(smk.input.depth).read_text())
+        kinds = {token: kind for kind, token in run["media_token_ids"].items()}
+        summary["modalities"] = modality_experts(trace, [p["input_ids"] for p in run["prompts"]], kinds)
     with atomic_path(smk.output.csv) as tmp:
         table.to_csv(tmp, index=False)
     write_json(smk.output.json, {"trace": str(smk.input.trace), "dtype": dtype, "hit_rate_target": params["hit_rate_target"],

@@ -128,6 +128,9 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
                            "perplexity": _mean(scores, "perplexity"), "max_abs_logit_diff": max_diff,
                            "tokens_identical": all(r["tokens_identical_to_native"] for r in runs)},
               "trace": str(out_trace), "prompts": runs}
+    if rt.towers is not None:  # which prompt tokens are the towers' (the profile splits experts by modality)
+        result["media_token_ids"] = {"audio": rt.towers.thinker["audio_token_id"],
+                                     "image": rt.towers.thinker["image_token_id"]}
     write_json(out_json, result)
     return result
 

@@ -55,18 +55,23 @@ def qwen3_moe_extracted(qwen3_moe_ckpt, tmp_path_factory):
     return extract_all(qwen3_moe_ckpt, tmp_path_factory.mktemp("qwen3moe_extracted"))
 
 
-@pytest.fixture
-def workdir(tmp_path) -> Path:
-    """A copy of the workflow, so each test has its own results/, logs/ and .snakemake/."""
-    wd = tmp_path / "wf"
-    wd.mkdir()
+def copy_workflow(wd: Path) -> Path:
+    """The workflow's files copied into wd; the embedded default (tens of MB) and its held-out text
+    (training/, which the default config names), read only, linked."""
+    wd.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / name)
-    for shared in ("models", "training"):  # the embedded default (tens of MB) and its held-out text: linked
+    for shared in ("models", "training"):
         if (REPO / shared).is_dir():
             (wd / shared).symlink_to(REPO / shared)
     return wd
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A copy of the workflow, so each test has its own results/, logs/ and .snakemake/."""
+    return copy_workflow(tmp_path / "wf")
 
 
 def set_config(workdir: Path, **sections) -> None:

@@ -297,3 +297,25 @@ def test_lfu_heap_matches_a_brute_force_lfu():
                 resident.remove(evicted)
             resident.append(key)
             assert fast.access(key) == (hit, evicted)
+
+
+def test_modality_expert_sets_and_their_overlap():
+    """Prompt tokens grouped by placeholder id (audio 7, image 8, else text); decode rows left out; the
+    overlap per layer is shared / either of the experts each modality used."""
+    import pandas as pd
+
+    from moe_offload.analysis.profile import modality_experts
+
+    ids = [[1, 7, 7, 2], [8, 8, 3]]
+    rows = [  # prompt, step, position, layer, experts, weights
+        (0, 0, 0, 0, [0, 1], [0.5, 0.5]), (0, 0, 1, 0, [1, 2], [0.5, 0.5]), (0, 0, 2, 0, [2, 3], [0.5, 0.5]),
+        (0, 0, 3, 0, [0, 1], [0.5, 0.5]), (1, 0, 0, 0, [4, 5], [0.5, 0.5]), (1, 0, 1, 0, [0, 5], [0.5, 0.5]),
+        (1, 0, 2, 0, [6, 7], [0.5, 0.5]), (0, 1, 4, 0, [9, 9], [0.5, 0.5]),  # a decode step: not counted
+    ]
+    trace = pd.DataFrame(rows, columns=["prompt", "step", "position", "layer", "experts", "weights"])
+    out = modality_experts(trace, ids, {7: "audio", 8: "image"})
+    assert out["tokens"] == {"text": 3, "audio": 2, "image": 2}
+    assert out["experts"] == {"text": {"0": [0, 1, 6, 7]}, "audio": {"0": [1, 2, 3]}, "image": {"0": [0, 4, 5]}}
+    assert out["overlap"]["audio~text"]["per_layer"] == {"0": 1 / 6}
+    assert out["overlap"]["audio~image"]["mean"] == 0.0
+    assert out["overlap"]["image~text"]["per_layer"] == {"0": 1 / 6}

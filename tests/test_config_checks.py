@@ -109,3 +109,29 @@ def test_prompt_files_are_relative_to_the_config_file_that_sets_the_prompts(tmp_
     # --configfile a/mine.yaml b/depths.yaml: the later one sets no prompts, so a/'s are used
     assert prompts_folder([override, other, default], [override, other]) == override.parent
     assert prompts_folder([other, default], [other]) == default.parent
+
+
+def test_media_prompts_are_resolved_and_checked_at_plan_time(tmp_path):
+    """{text, audio, image}: paths relative to the config folder, one or a list; each file checked from its
+    header, a bad one a line naming the prompt and the file; a text-only entry stays a string."""
+    from moe_offload.config import media_files
+    from moe_offload.sample_media import gradient, tone, write_image, write_wav
+
+    (tmp_path / "m").mkdir()
+    write_wav(tmp_path / "m/a.wav", tone(0.3))
+    write_image(tmp_path / "m/b.png", gradient(8, 8))
+    prompts = prompt_texts(["plain", {"text": "hear", "audio": "m/a.wav"},
+                            {"text": "both", "audio": ["m/a.wav"], "image": ["m/b.png"]}, {"text": "just text"}],
+                           tmp_path)
+    assert prompts == ["plain", {"text": "hear", "audio": [str(tmp_path / "m/a.wav")], "image": []},
+                       {"text": "both", "audio": [str(tmp_path / "m/a.wav")], "image": [str(tmp_path / "m/b.png")]},
+                       "just text"]
+    assert media_files(prompts) == [str(tmp_path / "m/a.wav"), str(tmp_path / "m/b.png")]
+    write_wav(tmp_path / "m/fast.wav", tone(0.3, rate=44100), rate=44100)
+    for entry, words in (({"text": "x", "audio": "m/fast.wav"}, "m/fast.wav: sample rate 44100 Hz"),
+                         ({"text": "x", "image": "m/gone.png"}, "m/gone.png does not exist"),
+                         ({"text": "x", "image": "m/a.wav"}, "m/a.wav: not a .png or .jpeg")):
+        with pytest.raises(InputError) as err:
+            prompt_texts(["fine", entry], tmp_path)
+        assert str(err.value).startswith("generate.prompts.1: ") and words in str(err.value)
+        assert "\n" not in str(err.value)

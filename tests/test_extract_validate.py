@@ -138,3 +138,24 @@ def test_index_is_followed_not_shard_order(omni_ckpt, tmp_path):
     assert len(experts) == cfg.num_experts
     assert json.loads((omni_ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     assert all(p in PROJECTIONS for p in cfg.expert_shapes())
+
+
+def test_towers_extracted_and_validated_byte_for_byte(omni_ckpt, qwen3_moe_ckpt, tmp_path):
+    """The thinker's audio and vision towers into a file of their own, proven against the source like the
+    dense file; a flipped byte is named; a text-only layout has no towers to extract."""
+    from moe_offload.checkpoint.extract import extract_towers
+    from moe_offload.checkpoint.validate import validate_towers
+
+    out = tmp_path / "towers.safetensors"
+    extract_towers(omni_ckpt, out)
+    report = validate_towers(omni_ckpt, out)
+    names = list(report["tensors"])
+    assert names and all(n.startswith(("thinker.audio_tower.", "thinker.visual.")) for n in names)
+    assert any(n.startswith("thinker.visual.") for n in names) and any("audio_tower" in n for n in names)
+    assert set(names) == {n for n in Checkpoint(omni_ckpt).weight_map if n.startswith(("thinker.audio_tower.",
+                                                                                       "thinker.visual."))}
+    _flip_byte(out, header_tensors(out)[names[-1]].offset + 1)
+    with pytest.raises(InputError, match=rf"tower tensor {names[-1]}: extracted bytes differ from source"):
+        validate_towers(omni_ckpt, out)
+    with pytest.raises(InputError, match="no audio or vision tower"):
+        extract_towers(qwen3_moe_ckpt, tmp_path / "none.safetensors")

@@ -56,16 +56,16 @@ def test_each_step_runs_only_its_own_modules():
     assert "moe_offload.resources" not in modules_of("extract_layer")  # resource math changes no output
 
 
-STEPS = ["hub_metadata", "download", "extract_layer", "extract_dense", "validate_layer", "validate_dense",
-         "validate_all", "generate_native_reference", "generate_native_timing", "generate_depth", "profile_cache",
+STEPS = ["hub_metadata", "download", "extract_layer", "extract_dense", "extract_towers", "validate_layer",
+         "validate_dense", "validate_towers", "validate_all", "generate_native_reference", "generate_native_timing", "generate_depth", "profile_cache",
          "plots", "compare"]
-VALIDATION = {"validate_layer", "validate_dense", "validate_all"}
+VALIDATION = {"validate_layer", "validate_dense", "validate_towers", "validate_all"}
 
 
 @pytest.mark.parametrize("rel, old, new, changed", [
     # each stage's own module changes that stage's version only
     ("checkpoint/validate.py", None, None, VALIDATION),
-    ("checkpoint/extract.py", None, None, {"extract_layer", "extract_dense"}),
+    ("checkpoint/extract.py", None, None, {"extract_layer", "extract_dense", "extract_towers"}),
     ("checkpoint/source.py", None, None, {"download"}),
     ("checkpoint/synthetic.py", None, None, {"download"}),
     ("checkpoint/hub.py", None, None, {"hub_metadata", "download"}),

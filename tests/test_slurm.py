@@ -10,7 +10,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from moe_offload import cluster, resources as res
 
-from conftest import REPO, SMALL, WORKFLOW_FILES, error_lines, set_config
+from conftest import REPO, SMALL, copy_workflow, error_lines, set_config
 
 NODE_CPUS = os.cpu_count()
 # the plugin's first status check after 2 s instead of 40 (the cluster's MinJobAge keeps squeue usable)
@@ -63,10 +62,7 @@ HOST_MEM_MB = psutil.virtual_memory().total // 2**20
 def slurm_workdir(path: Path, node_mem_mb: int = NODE_MEM_MB) -> Path:
     """A copy of the workflow on a 2-layer synthetic model, with the profile edited as the README says:
     account and partition set, cores = the node's CPUs, node_mem_mb = the node's memory."""
-    path.mkdir()
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, path / name)
+    copy_workflow(path)
     set_config(path, model={"source": "synthetic", "synthetic": {**SMALL, "num_layers": 2, "layout": "qwen3_omni_thinker"}},
                generate={"prompts": ["The capital of France is"], "max_new_tokens": 4, "depths": []})
     profile = path / "profiles/slurm/config.yaml"

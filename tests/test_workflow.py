@@ -37,7 +37,13 @@ def test_named_layer_target_extracts_that_layer_only(workdir):
 @pytest.mark.slow
 def test_qwen3_moe_local_checkpoint(workdir, qwen3_moe_ckpt):
     set_config(workdir, model={"source": "local", "path": str(qwen3_moe_ckpt)})
+    media = snakemake(workdir, "-n")  # the default config's audio and image prompts need a thinker's towers
+    assert media.returncode != 0 and error_lines(media) == [
+        "error: generate.prompts hold audio or images, but the model's layout (qwen3_moe) has no audio or vision "
+        "tower: media prompts need a Qwen3-Omni thinker"]
+    set_config(workdir, generate={"prompts": ["The capital of France is", "Once upon a time"]})
     plan = snakemake(workdir, "-n")
+    assert "extract_towers" not in plan.stdout  # text only: no towers
     assert "extract_layer_2" not in plan.stdout  # layer 2 is dense: no expert file
     proc = snakemake(workdir, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -103,15 +103,32 @@ def prompts_folder(config_files: list, cli_files: list, section: str = "generate
     return Path(".")
 
 
-def prompt_texts(prompts: list, folder: Path) -> list[str]:
-    """generate.prompts as the text each job generates from: a string as given, `{file: path}` the UTF-8
+def prompt_texts(prompts: list, folder: Path) -> list:
+    """generate.prompts as each job generates from them: a string as given, `{file: path}` the UTF-8
     text of that file (path relative to `folder`), less one trailing newline (editors add it; it would be
-    a token of the prompt). A file that is missing, unreadable, not UTF-8 or empty stops the plan with
-    one line naming it."""
+    a token of the prompt); `{text, audio, image}` with media as {text, audio: [paths], image: [paths]},
+    paths relative to `folder`, each file checked from its header (media_files). A file that is missing,
+    unreadable, not UTF-8 or empty, or audio at another rate than the model's, stops the plan with one
+    line naming it."""
+    from .media_files import check_audio, check_image
+
     texts = []
     for index, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             texts.append(prompt)
+            continue
+        if "text" in prompt:
+            media = {kind: [str(Path(folder) / p) for p in ([prompt[kind]] if isinstance(prompt[kind], str)
+                                                            else prompt[kind])]
+                     for kind in ("audio", "image") if kind in prompt}
+            for kind, check in (("audio", check_audio), ("image", check_image)):
+                for path in media.get(kind, []):
+                    try:
+                        check(path)
+                    except InputError as err:
+                        raise InputError(f"generate.prompts.{index}: {err}") from None
+            texts.append({"text": prompt["text"], "audio": media.get("audio", []), "image": media.get("image", [])}
+                         if media else prompt["text"])
             continue
         path = Path(folder) / prompt["file"]
         where = f"generate.prompts.{index}: prompt file {path}"
@@ -206,5 +223,12 @@ def _allowed(sub: dict) -> str:
     return "; ".join(parts).replace("|", "\\|")
 
 
+def media_files(prompts: list) -> list[str]:
+    """Every audio and image file the (resolved) prompts name, once, in order."""
+    files = [p for prompt in prompts if isinstance(prompt, dict) for kind in ("audio", "image") for p in prompt[kind]]
+    return list(dict.fromkeys(files))
+
+
 if __name__ == "__main__":
     sys.stdout.write(reference(yaml.safe_load(SCHEMA.read_text())))
+

@@ -63,15 +63,22 @@ def stated_machine(config: dict) -> Machine | None:
 class Plan:
     """The jobs' needs and the checks against the machine, from (config, text config, machine)."""
 
-    def __init__(self, config: dict, text, machine: Machine):
+    def __init__(self, config: dict, text, machine: Machine, tower_params: int = 0):
+        """tower_params: the thinker's audio and vision towers' parameters (resources.tower_params): the
+        native thinker always holds them, a depth run when a prompt has audio or images."""
+        from .config import media_files
+        from .media_files import prompt_token_bound
+
         self.config, self.text, self.machine = config, text, machine
         self.device = config["generate"]["device"]
         self.on_gpu = self.device.startswith("cuda")
         self.dtype = config["generate"]["dtype"]
         self.base_mb = config["resources"]["base_mem_mb"]
         # a byte-level tokenizer makes at most one token per byte: a bound on prompt plus new tokens
-        self.seq_len = (max(len(p.encode()) for p in config["generate"]["prompts"])
+        self.seq_len = (max(prompt_token_bound(p) for p in config["generate"]["prompts"])
                         + config["generate"]["max_new_tokens"])
+        self.towers_bytes = tower_params * res.DTYPE_BYTES[self.dtype]
+        self.depth_towers_bytes = self.towers_bytes if media_files(config["generate"]["prompts"]) else 0
         self.layer_bytes = text.num_experts * text.expert_bytes
         self.dense_bytes = res.extract_bytes(text)["dense_bytes"]
 
@@ -121,7 +128,7 @@ class Plan:
         if budget_mb is None and not self.on_gpu and self.machine.mem_mb:
             budget_mb = int(NATIVE_BUDGET_SHARE * self.machine.mem_mb)
         held = res.native_bytes(self.text, self.dtype, self.seq_len,
-                                None if budget_mb is None else budget_mb * 2**20)
+                                None if budget_mb is None else budget_mb * 2**20, self.towers_bytes)
         host = held["total_bytes"]
         if self.on_gpu:  # the host tier after the GPU's budget
             host = min(held["weights_bytes"], (native["cpu_memory_mb"] or 0) * 2**20)
@@ -129,7 +136,7 @@ class Plan:
 
     def native_timing(self) -> dict[str, int]:
         """The whole model; loaded on the host first, also when it then moves to a GPU."""
-        whole = res.native_bytes(self.text, self.dtype, self.seq_len)["total_bytes"]
+        whole = res.native_bytes(self.text, self.dtype, self.seq_len, towers_bytes=self.towers_bytes)["total_bytes"]
         return self._needs(whole, whole)
 
     def depth(self, depth: int, bits: int = 16) -> dict[str, int]:
@@ -143,9 +150,9 @@ class Plan:
         need = res.depth_bytes(self.text, depth, cache["capacity"], cache["scope"], self.dtype, self.seq_len,
                                pinned_staging=self.on_gpu and cache["pin_memory"] and not unified,
                                unified=unified, expert_bytes=expert)
-        host = device = need["total_bytes"]
-        if self.on_gpu:  # the dense file passes through the host; the staging buffers stay there
-            host = need["dense_bytes"] + need["host_staging_bytes"]
+        host = device = need["total_bytes"] + self.depth_towers_bytes  # the towers run where the model runs
+        if self.on_gpu:  # the dense file (and towers file) pass through the host; the staging buffers stay there
+            host = need["dense_bytes"] + need["host_staging_bytes"] + self.depth_towers_bytes
             if unified:  # the GPU reads the experts in host RAM
                 host += need["expert_cache_bytes"]
                 device -= need["expert_cache_bytes"]

@@ -28,6 +28,31 @@ def dense_params(cfg: TextConfig, depth: int | None = None) -> int:
     return total
 
 
+def tower_params(thinker: dict | None) -> int:
+    """Parameters of a Qwen3-Omni thinker's audio and vision towers, from config.json's thinker_config
+    (transformers' Qwen3OmniMoeAudioEncoder and Qwen3OmniMoeVisionEncoder, counted layer by layer; a test
+    checks the count against the modules). 0 without towers."""
+    if not thinker or "audio_config" not in thinker or "vision_config" not in thinker:
+        return 0
+    a, v = thinker["audio_config"], thinker["vision_config"]
+    d, ffn, ds, mel = a["d_model"], a["encoder_ffn_dim"], a["downsample_hidden_size"], a["num_mel_bins"]
+    freq = (((mel + 1) // 2 + 1) // 2 + 1) // 2  # mel bins left after three stride-2 convolutions
+    layer = 4 * (d * d + d) + 2 * 2 * d + (d * ffn + ffn) + (ffn * d + d)  # attention, two norms, MLP
+    audio = (a["encoder_layers"] * layer + 2 * d + (9 * ds + ds) + 2 * (9 * ds * ds + ds) + ds * freq * d
+             + (d * d + d) + (d * a["output_dim"] + a["output_dim"]))
+    h, inter, out = v["hidden_size"], v["intermediate_size"], v["out_hidden_size"]
+    merged = h * v["spatial_merge_size"] ** 2
+    block = 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inter + inter) + (inter * h + h)
+
+    def merger(post_norm: bool) -> int:
+        return 2 * (merged if post_norm else h) + (merged * merged + merged) + (merged * out + out)
+
+    patch = v.get("in_channels", 3) * v["temporal_patch_size"] * v["patch_size"] ** 2 * h + h
+    vision = (patch + v["num_position_embeddings"] * h + v["depth"] * block + merger(False)
+              + len(v.get("deepstack_visual_indexes") or []) * merger(True))
+    return audio + vision
+
+
 def expert_layers(cfg: TextConfig, depth: int | None = None) -> list[int]:
     return [layer for layer in cfg.expert_layers if depth is None or layer < depth]
 
@@ -112,10 +137,12 @@ def depth_bytes(cfg: TextConfig, depth: int, capacity: int | None, scope: str, d
     return {**parts, "total_bytes": sum(parts.values())}
 
 
-def native_bytes(cfg: TextConfig, dtype: str, seq_len: int, budget_bytes: int | None = None) -> dict:
-    """transformers' native model: every weight at `dtype` plus KV; with a budget (accelerate's max_memory),
-    only what fits in it is held, the rest offloaded to disk."""
-    weights = model_bytes(cfg, dtype)
+def native_bytes(cfg: TextConfig, dtype: str, seq_len: int, budget_bytes: int | None = None,
+                 towers_bytes: int = 0) -> dict:
+    """transformers' native model: every weight at `dtype` (a thinker's towers included: towers_bytes)
+    plus KV; with a budget (accelerate's max_memory), only what fits in it is held, the rest offloaded to
+    disk."""
+    weights = model_bytes(cfg, dtype) + towers_bytes
     held = weights if budget_bytes is None else min(weights, budget_bytes)
     kv = kv_bytes(cfg, cfg.num_layers, seq_len, dtype)
     return {"weights_bytes": weights, "held_bytes": held, "offloaded_bytes": weights - held,

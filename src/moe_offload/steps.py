@@ -159,6 +159,13 @@ def extract_dense(smk) -> None:
     log.info("dense: wrote %d bytes to %s", nbytes, smk.output[0])
 
 
+def extract_towers(smk) -> None:
+    from .checkpoint.extract import extract_towers as extract
+
+    nbytes = extract(_checkpoint(smk), smk.output[0])
+    log.info("towers: wrote %d bytes to %s", nbytes, smk.output[0])
+
+
 def _validated(validate, extracted: str, *args) -> dict:
     """validate(*args, extracted); an extracted file found faulty is removed, so that the next run extracts it
     again (Snakemake reruns a job whose output is missing): without it, every rerun would fail on the same
@@ -186,6 +193,14 @@ def validate_dense(smk) -> None:
 
     report = _validated(validate, smk.input.dense, _checkpoint(smk))
     log.info("dense: %d tensors match the source", len(report["tensors"]))
+    write_json(smk.output[0], report)
+
+
+def validate_towers(smk) -> None:
+    from .checkpoint.validate import validate_towers as validate
+
+    report = _validated(validate, smk.input.towers, _checkpoint(smk))
+    log.info("towers: %d tensors match the source", len(report["tensors"]))
     write_json(smk.output[0], report)
 
 
@@ -220,6 +235,9 @@ def _depth_files(smk) -> list[tuple[Path, str, str]]:
     for path in smk.input.layers:
         layer = int(Path(path).stem.split("_")[1])
         files.append((Path(path), by_layer[layer], str(path)))
+    if "towers" in smk.input.keys():
+        files.append((Path(smk.input.towers), json.loads(Path(smk.input.towers_checksum).read_text())["file_xxh3_128"],
+                      str(smk.input.towers)))
     return files
 
 
@@ -279,7 +297,8 @@ def generate_depth(smk) -> None:
         heldout = (Path(smk.input.heldout[0]), *smk.params.heldout) if smk.input.get("heldout") else None
         result = run_depth(checkpoint, smk.input.dense, layer_files, depth, dict(smk.params.cache),
                            run["device"], run["dtype"], run["max_new_tokens"], native, smk.input.native_logits,
-                           smk.output.json, smk.output.trace, bar, start_rss=START_RSS, heldout=heldout)
+                           smk.output.json, smk.output.trace, bar, start_rss=START_RSS, heldout=heldout,
+                           towers_path=smk.input.towers if "towers" in smk.input.keys() else None)
     log.info("depth %d: decode %.2f tok/s, hit rate %s, top-1 agreement %.3f", depth, result["tok_s"],
              result["cache"]["hit_rate"], result["fidelity"]["top1_agreement"])
 
@@ -300,6 +319,12 @@ def profile_cache(smk) -> None:
     expert_bytes = cfg.expert_params * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     table, summary = profile(trace, per_layer, [c * layers for c in per_layer], expert_bytes, experts, k,
                              params["hit_rate_target"])
+    if "depth" in smk.input.keys():  # media prompts: which experts each modality's tokens use
+        from .analysis.profile import modality_experts
+
+        run = json.loads(Path(smk.input.depth).read_text())
+        kinds = {token: kind for kind, token in run["media_token_ids"].items()}
+        summary["modalities"] = modality_experts(trace, [p["input_ids"] for p in run["prompts"]], kinds)
     with atomic_path(smk.output.csv) as tmp:
         table.to_csv(tmp, index=False)
     write_json(smk.output.json, {"trace": str(smk.input.trace), "dtype": dtype, "hit_rate_target": params["hit_rate_target"],

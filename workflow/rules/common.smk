@@ -6,15 +6,26 @@ from moe_offload.plan import Plan, detect_machine, stated_machine
 from moe_offload.code_version import code_version
 from moe_offload.config import canonical, check_config
 from moe_offload.errors import InputError
-from moe_offload.checkpoint.source import EMBEDDED_DIR, planned_text_config
+from moe_offload.checkpoint.source import (
+    EMBEDDED_DIR,
+    planned_text_config,
+    planned_thinker,
+)
+from moe_offload.resources import tower_params
 
 try:
     LAYOUT, TEXT = planned_text_config(config["model"])
     check_config(config, TEXT)
+    TOWER_PARAMS = tower_params(planned_thinker(config["model"]))
 except InputError as err:
     sys.exit(f"error: {err}")
 
 EXPERT_LAYERS = TEXT.expert_layers
+if MEDIA_FILES and not LAYOUT.towers:
+    sys.exit(
+        f"error: generate.prompts hold audio or images, but the model's layout ({LAYOUT.name}) has no audio "
+        "or vision tower: media prompts need a Qwen3-Omni thinker"
+    )
 ON_GPU = config["generate"]["device"].startswith("cuda")
 
 
@@ -31,7 +42,7 @@ MACHINE = stated_machine(config) or detect_machine(
     },
     ask_gpu=workflow.is_main_process,
 )
-PLAN = Plan(config, TEXT, MACHINE)
+PLAN = Plan(config, TEXT, MACHINE, TOWER_PARAMS)
 for name, value in PLAN.global_resources().items():
     if name not in workflow.global_resources:
         workflow.register_resource(name, value)
@@ -176,6 +187,23 @@ def heldout_params():
     return [heldout.get("tokens", 2048), heldout.get("window", 256)]
 
 
+def tower_files(wildcards):
+    """Media prompts need the towers extracted and validated (and their files, whose content reruns the
+    runs); text-only runs need neither."""
+    if not MEDIA_FILES:
+        return {}
+    return {
+        "towers": "results/experts/towers.safetensors",
+        "towers_checksum": "results/checksums/towers.json",
+        "media": MEDIA_FILES,
+    }
+
+
+def modality_inputs(wildcards):
+    """Media prompts: the full depth's prompts, whose token ids say which trace rows are audio or image."""
+    return {"depth": f"results/generate/depth_{FULL_DEPTH}.json"} if MEDIA_FILES else {}
+
+
 def gpu_count():
     return 1 if ON_GPU else 0
 
@@ -198,6 +226,7 @@ def stage_benchmarks(wildcards):
     a depth no longer configured). A missing one reruns its job, so hub_metadata's is
     left out: metadata kept from before would be fetched anew."""
     singles = ["download", "extract_dense", "validate_dense", "validate_all"]
+    singles += ["extract_towers", "validate_towers"] if MEDIA_FILES else []
     singles += ["generate_native_reference", "profile_cache", "plots"]
     if config["native"]["timing"]:
         singles.append("generate_native_timing")

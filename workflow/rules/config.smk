@@ -9,6 +9,7 @@ from moe_offload.config import (
     canonical,
     check_integers,
     heldout_path,
+    media_files,
     prompt_texts,
     prompts_folder,
 )
@@ -42,6 +43,7 @@ try:
             key="heldout",
         ),
     )
+    MEDIA_FILES = media_files(config["generate"]["prompts"])
     HUB_METADATA_DIR = (
         hub_metadata_dir(config["model"]) if config["model"]["source"] == "hf" else None
     )

@@ -38,6 +38,25 @@ rule extract_dense:
         "../scripts/extract_dense.py"
 
 
+rule extract_towers:
+    input:
+        manifest="results/model/manifest.json",
+    output:
+        "results/experts/towers.safetensors",
+    log:
+        "logs/extract/towers.log",
+    benchmark:
+        "results/benchmarks/extract_towers/towers.tsv"
+    conda:
+        "../envs/moe-offload.yaml"
+    resources:
+        mem_mb=needs("extract_dense", "mem_mb"),
+    params:
+        code=code_version("extract_towers"),
+    script:
+        "../scripts/extract_towers.py"
+
+
 # `snakemake extract_layer_17`: one named target per expert layer, extracted and validated.
 for layer in EXPERT_LAYERS:
 

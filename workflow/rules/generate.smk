@@ -1,6 +1,7 @@
 rule generate_native_reference:
     input:
         manifest="results/model/manifest.json",
+        media=MEDIA_FILES,
     output:
         json="results/generate/native_reference.json",
         logits="results/generate/native_logits.safetensors",
@@ -29,6 +30,7 @@ rule generate_native_reference:
 rule generate_native_timing:
     input:
         manifest="results/model/manifest.json",
+        media=MEDIA_FILES,
     output:
         json="results/generate/native_timing.json",
     log:
@@ -55,6 +57,7 @@ rule generate_native_timing:
 rule generate_depth:
     input:
         unpack(depth_layers),
+        unpack(tower_files),
         manifest="results/model/manifest.json",
         dense="results/experts/dense.safetensors",
         dense_checksum="results/checksums/dense.json",
@@ -90,6 +93,7 @@ rule generate_depth:
 use rule generate_depth as generate_depth_quantized with:
     input:
         unpack(quantized_depth_layers),
+        unpack(tower_files),
         manifest="results/model/manifest.json",
         dense="results/experts/dense.safetensors",
         dense_checksum="results/checksums/dense.json",

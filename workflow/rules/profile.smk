@@ -1,5 +1,6 @@
 rule profile_cache:
     input:
+        unpack(modality_inputs),
         manifest="results/model/manifest.json",
         trace=f"results/traces/depth_{FULL_DEPTH}.parquet",
     output:

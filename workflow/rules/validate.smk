@@ -36,6 +36,24 @@ rule validate_dense:
         "../scripts/validate_dense.py"
 
 
+rule validate_towers:
+    input:
+        manifest="results/model/manifest.json",
+        towers="results/experts/towers.safetensors",
+    output:
+        "results/checksums/towers.json",
+    log:
+        "logs/validate/towers.log",
+    benchmark:
+        "results/benchmarks/validate_towers/towers.tsv"
+    conda:
+        "../envs/moe-offload.yaml"
+    params:
+        code=code_version("validate_towers"),
+    script:
+        "../scripts/validate_towers.py"
+
+
 rule validate_all:
     input:
         manifest="results/model/manifest.json",

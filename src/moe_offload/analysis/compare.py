@@ -42,7 +42,24 @@ def _side(run: dict) -> dict:
             "prefill_tok_s": run["prefill_tok_s"], "prefill_tok_s_bound": bound["prefill_tok_s_bound"],
             "prefill_flops_per_token": bound["prefill_flops_per_token"],
             "matmul_flops_per_s": bound["matmul_flops_per_s"], "matmul_source": bound["matmul_source"],
-            "memory": memory_summary(run), "sample_text": run["prompts"][0]["text"][:SAMPLE_CHARS]}
+            "memory": memory_summary(run), "sample_text": run["prompts"][0]["text"][:SAMPLE_CHARS],
+            "by_kind": by_kind(run["prompts"])}
+
+
+def by_kind(prompts: list[dict]) -> dict:
+    """Per prompt kind: time to first token (towers included), the towers' part, decode tok/s, hit rate."""
+    kinds: dict[str, list[dict]] = {}
+    for p in prompts:
+        kinds.setdefault(p.get("kind", "text"), []).append(p)
+    out = {}
+    for kind, runs in kinds.items():
+        decoded, decode_s = sum(max(len(p["output_ids"]) - 1, 0) for p in runs), sum(p["decode_s"] for p in runs)
+        rates = [p["hit_rate"] for p in runs if p.get("hit_rate") is not None]
+        out[kind] = {"prompts": len(runs), "ttft_s": sum(p["prefill_s"] for p in runs) / len(runs),
+                     "towers_s": (sum(p["towers_s"] for p in runs) / len(runs)) if "towers_s" in runs[0] else None,
+                     "tok_s": decoded / decode_s if decode_s > 0 else 0.0,
+                     "hit_rate": sum(rates) / len(rates) if rates else None}
+    return out
 
 
 def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[dict], profile: dict,
@@ -102,7 +119,9 @@ def _quantization(settings: dict, records: list[dict]) -> dict | None:
 
 def _profile_summary(profile: dict) -> dict:
     summary = profile["summary"] if "summary" in profile else profile
-    return {"hit_rate_target": profile.get("hit_rate_target"),
+    modalities = summary.get("modalities")
+    overlap = {"modality_overlap": {pair: o["mean"] for pair, o in modalities["overlap"].items()}} if modalities else {}
+    return overlap | {"hit_rate_target": profile.get("hit_rate_target"),
             "dtype": profile.get("dtype"),
             "tokens": summary.get("tokens"),
             "smallest_capacity_for_target": summary["smallest_capacity_for_target"],

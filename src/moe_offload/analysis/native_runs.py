@@ -83,16 +83,27 @@ def _owner_alive(pid: int, folder: Path) -> bool:
     return started <= changed + 1  # create_time is rounded; a second of slack keeps a live owner
 
 
-def _generate_all(model, tok, prompts: list[str], max_new_tokens: int, progress, chat_template) -> list[dict]:
-    runs = []
+def _generate_all(model, tok, prompts: list, max_new_tokens: int, progress, chat_template,
+                  checkpoint_dir) -> tuple[list[dict], list[dict]]:
+    """Each prompt generated greedily; returns the runs and each one's media inputs (audio and images as
+    the thinker takes them; {} for text)."""
+    from ..runtime.media import MediaProcessor
+
+    runs, media, processor = [], [], None
     for prompt in prompts:
-        ids = encode_prompt(tok, prompt, chat_template)
-        run = native_generate(model, ids, max_new_tokens, tok.eos_token_id)
-        runs.append({"prompt": prompt, "input_ids": ids, **run,
+        if isinstance(prompt, dict):  # text with audio and images, through the checkpoint's own processor
+            processor = processor or MediaProcessor(checkpoint_dir, tok)
+            m = processor(prompt["text"], prompt["audio"], prompt["image"], chat_template)
+            ids, inputs, kind = m.input_ids, m.native_kwargs(), m.kind
+        else:
+            ids, inputs, kind = encode_prompt(tok, prompt, chat_template), {}, "text"
+        run = native_generate(model, ids, max_new_tokens, tok.eos_token_id, inputs)
+        runs.append({"prompt": prompt, "kind": kind, "input_ids": ids, **run,
                      "text": tok.decode(run["output_ids"], skip_special_tokens=True)})
+        media.append(inputs)
         if progress is not None:
             progress.update(1)
-    return runs
+    return runs, media
 
 
 def _result(kind: str, model, device, dtype, cfg, runs, load_s, meter, max_new_tokens, held_bytes: int,
@@ -108,7 +119,7 @@ def _result(kind: str, model, device, dtype, cfg, runs, load_s, meter, max_new_t
             "prompts": runs}
 
 
-def run_native_reference(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
+def run_native_reference(checkpoint_dir, prompts: list, max_new_tokens: int, device: str, dtype: str,
                          max_memory_mb: int | None, cpu_memory_mb: int | None, offload_dir, out_json, out_logits,
                          progress=None, chat_template: bool | None = None, start_rss: int | None = None) -> dict:
     """Greedy tokens and teacher-forced logits within a memory budget (max_memory_mb on the device; on
@@ -129,11 +140,11 @@ def run_native_reference(checkpoint_dir, prompts: list[str], max_new_tokens: int
         model, placement = load_native_offloaded(checkpoint_dir, device, torch_dtype, max_memory, folder)
         load_s = time.perf_counter() - start
         meter.end_phase("load")
-        runs = _generate_all(model, tok, prompts, max_new_tokens, progress, chat_template)
+        runs, media = _generate_all(model, tok, prompts, max_new_tokens, progress, chat_template, checkpoint_dir)
         meter.end_phase("generate")
         probes = probe(device, torch_dtype)  # after the timed generation and its memory peak
-        logits = {f"prompt_{i}": native_teacher_forced_logits(model, r["input_ids"], r["output_ids"]).contiguous()
-                  for i, r in enumerate(runs)}
+        logits = {f"prompt_{i}": native_teacher_forced_logits(model, r["input_ids"], r["output_ids"], m).contiguous()
+                  for i, (r, m) in enumerate(zip(runs, media))}
         for i, value in enumerate(logits.values()):
             check_finite(value, f"native, prompt {i}")
         # what stayed in memory: parameters not on the meta device (offloaded ones are placeholders there)
@@ -151,7 +162,7 @@ def run_native_reference(checkpoint_dir, prompts: list[str], max_new_tokens: int
     return result
 
 
-def run_native_timing(checkpoint_dir, prompts: list[str], max_new_tokens: int, device: str, dtype: str,
+def run_native_timing(checkpoint_dir, prompts: list, max_new_tokens: int, device: str, dtype: str,
                       out_json, experts_implementation: str | None = None, progress=None,
                       chat_template: bool | None = None, start_rss: int | None = None) -> dict:
     """Decode speed, load time and memory of the whole model loaded the ordinary way."""
@@ -163,7 +174,7 @@ def run_native_timing(checkpoint_dir, prompts: list[str], max_new_tokens: int, d
     model = load_native(checkpoint_dir, device, torch_dtype, experts_implementation)
     load_s = time.perf_counter() - start
     meter.end_phase("load")
-    runs = _generate_all(model, tok, prompts, max_new_tokens, progress, chat_template)
+    runs, _ = _generate_all(model, tok, prompts, max_new_tokens, progress, chat_template, checkpoint_dir)
     meter.end_phase("generate")
     probes = probe(device, torch_dtype)  # after the timed generation and its memory peak
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

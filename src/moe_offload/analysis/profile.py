@@ -154,3 +154,34 @@ def recommend(summary: dict, layers: int) -> dict:
             "text": f"{policy.upper()} with {best['capacity']} {unit} reaches hit rate {best['hit_rate']:.3f} "
                     f"holding {memory / 2**20:.1f} MiB of experts; Belady's optimum needs "
                     f"{floor['capacity'] if floor else '?'}"}
+
+
+def modality_experts(trace_df: pd.DataFrame, prompt_ids: list[list[int]], kind_of_token: dict[int, str]) -> dict:
+    """Which experts each modality's prompt tokens route to, per layer, and how far apart the sets are.
+
+    A prompt token is `audio` or `image` when its id is that placeholder (the towers' output sits there),
+    else `text`; generated tokens are left out (they are text whatever the prompt). Returns per modality
+    the tokens and, per layer, the experts used; per pair of modalities, each layer's overlap (Jaccard:
+    shared / either) and its mean over layers. A pair is there only when both modalities occur."""
+    prefill = trace_df[trace_df["step"] == 0]
+    used: dict[str, dict[int, set]] = {}
+    tokens: dict[str, set] = {}
+    for prompt, position, layer, experts in zip(prefill["prompt"], prefill["position"], prefill["layer"],
+                                                prefill["experts"]):
+        ids = prompt_ids[int(prompt)]
+        kind = kind_of_token.get(ids[int(position)], "text") if int(position) < len(ids) else "text"
+        used.setdefault(kind, {}).setdefault(int(layer), set()).update(int(e) for e in experts)
+        tokens.setdefault(kind, set()).add((int(prompt), int(position)))
+    kinds = sorted(used)
+    overlap = {}
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1:]:
+            layers = sorted(set(used[a]) & set(used[b]))
+            per_layer = {str(L): len(used[a][L] & used[b][L]) / len(used[a][L] | used[b][L]) for L in layers}
+            overlap[f"{a}~{b}"] = {"per_layer": per_layer,
+                                   "mean": float(np.mean(list(per_layer.values()))) if per_layer else None}
+    return {"what": "prompt tokens by modality (placeholder ids of the towers' output vs text); overlap = "
+                    "Jaccard of the experts each modality used, per layer",
+            "tokens": {k: len(v) for k, v in tokens.items()},
+            "experts": {k: {str(L): sorted(s) for L, s in sorted(v.items())} for k, v in used.items()},
+            "overlap": overlap}

@@ -42,10 +42,13 @@ def host_tier_on(setting, layer_files: dict[int, Path]) -> bool:
 
 def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: int, cache: dict, device: str,
               dtype: str, max_new_tokens: int, native_json: dict, native_logits_path, out_json, out_trace,
-              progress=None, start_rss: int | None = None, heldout: tuple[Path, int, int] | None = None) -> dict:
+              progress=None, start_rss: int | None = None, heldout: tuple[Path, int, int] | None = None,
+              towers_path=None) -> dict:
     """heldout: (a text file, tokens, window): also the perplexity of its first `tokens` tokens in windows
-    of `window`, teacher-forced."""
+    of `window`, teacher-forced. towers_path: the towers file, for prompts with audio or images (their
+    inputs are made again here from the same files by the same processor; the token ids are native's)."""
     from ..runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits
+    from ..runtime.media import MediaProcessor
     from ..runtime.trace import TRACE_COLUMNS
 
     device, torch_dtype = device_of(device), getattr(torch, dtype)
@@ -57,17 +60,28 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
                       pin_memory=cache.get("pin_memory", False), side_stream=cache.get("side_stream", False),
                       host_tier=host_tier_on(cache.get("host_tier", False), layer_files),
                       use_kernels=cache.get("fused_kernels"), unified=cache.get("unified_memory", False),
-                      prefetch=cache.get("prefetch", False))
+                      prefetch=cache.get("prefetch", False), towers_path=towers_path)
     load_s = time.perf_counter() - start
     meter.end_phase("load")
-    runs, prefill_stats, decode_stats = [], [], []
+    runs, prefill_stats, decode_stats, media = [], [], [], []
+    processor = None
     for i, ref in enumerate(native_json["prompts"]):
+        m = None
+        if isinstance(ref["prompt"], dict):
+            processor = processor or MediaProcessor(checkpoint_dir, tok)
+            m = processor.inputs(ref["prompt"]["audio"], ref["prompt"]["image"])[0]
+            m.input_ids = list(ref["input_ids"])
+        media.append(m)
         # the very input ids native used, so both sides see the same tokens
-        g = generate(rt, ref["input_ids"], max_new_tokens, eos_token_id=tok.eos_token_id, prompt=i)
+        g = generate(rt, ref["input_ids"], max_new_tokens, eos_token_id=tok.eos_token_id, prompt=i, media=m)
         out = g.tokens[0]
-        runs.append({"prompt": ref["prompt"], "input_ids": ref["input_ids"], "output_ids": out,
+        hits = g.prefill_stats["hits"] + g.decode_stats["hits"]
+        accesses = hits + g.prefill_stats["misses"] + g.decode_stats["misses"]
+        runs.append({"prompt": ref["prompt"], "kind": m.kind if m is not None else "text",
+                     "input_ids": ref["input_ids"], "output_ids": out,
                      "text": tok.decode(out, skip_special_tokens=True), "prefill_s": g.prefill_seconds,
-                     "decode_s": g.decode_seconds, "tok_s": g.decode_tokens_per_second,
+                     "towers_s": g.towers_seconds, "decode_s": g.decode_seconds, "tok_s": g.decode_tokens_per_second,
+                     "hit_rate": hits / accesses if accesses else None,
                      "tokens_identical_to_native": out == ref["output_ids"],
                      "first_difference": _first_difference(out, ref["output_ids"])})
         prefill_stats.append(g.prefill_stats)
@@ -85,7 +99,7 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
     native_logits = load_file(native_logits_path)
     scores, max_diff = [], 0.0
     for i, (run, ref) in enumerate(zip(runs, native_json["prompts"])):
-        ours = teacher_forced_logits(rt, ref["input_ids"], ref["output_ids"], prompt=i)
+        ours = teacher_forced_logits(rt, ref["input_ids"], ref["output_ids"], prompt=i, media=media[i])
         theirs = native_logits[f"prompt_{i}"]
         check_finite(theirs, f"native, prompt {i}")
         check_finite(ours, f"depth {depth}, prompt {i}")
@@ -101,8 +115,10 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
         experts = 0
     # on the CPU the host tier is in the memory measured (RSS); on a GPU it is host RAM, beside it
     host = rt.cache.host_tier_bytes if device.type == "cpu" else 0
+    towers = rt.towers.bytes if rt.towers is not None else 0  # on the device, in the compute dtype
     bound = {"dense_bytes": rt.dense_bytes, "expert_cache_bytes": experts, "experts_held": rt.cache.slot_count,
-             "kv_cache_bytes": kv, "host_tier_bytes": host, "total_bytes": rt.dense_bytes + experts + kv + host}
+             "kv_cache_bytes": kv, "host_tier_bytes": host, "towers_bytes": towers,
+             "total_bytes": rt.dense_bytes + experts + kv + host + towers}
     result = {"kind": "selective", "depth": depth, "num_layers": cfg.num_layers, **environment(device, torch_dtype),
               "load_s": load_s, "tok_s": decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
               "prefill_tok_s": prefill_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device, runs, probes,
@@ -120,6 +136,9 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
                            "heldout_perplexity": heldout_ppl, "heldout_tokens": heldout[1] if heldout else None,
                            "tokens_identical": all(r["tokens_identical_to_native"] for r in runs)},
               "trace": str(out_trace), "prompts": runs}
+    if rt.towers is not None:  # which prompt tokens are the towers' (the profile splits experts by modality)
+        result["media_token_ids"] = {"audio": rt.towers.thinker["audio_token_id"],
+                                     "image": rt.towers.thinker["image_token_id"]}
     write_json(out_json, result)
     return result
 

@@ -54,6 +54,9 @@ def notes(report: dict) -> list[str]:
              f"{'identical' if parity['tokens_identical'] else 'DIFFERENT'} to native, "
              f"max |logit difference| {parity['max_abs_logit_diff']:.3g}.",
              f"Cache profile ({profile.get('dtype') or 'checkpoint'} bytes): {profile['recommendation']['text']}.",
+             *([("Experts shared between modalities' prompt tokens (Jaccard, mean over layers): "
+                 + ", ".join(f"{pair} {_num(v, '.2f')}" for pair, v in profile["modality_overlap"].items()) + ".")]
+               if profile.get("modality_overlap") else []),
              "Memory is the model's own (peak during generation minus the process's baseline after imports), next "
              "to its bound (weights held + expert cache + KV cache); framework is what torch and transformers "
              "added before the model loaded. Truncated depths run fewer layers than native: their speed is not "
@@ -82,6 +85,24 @@ def notes(report: dict) -> list[str]:
     return lines
 
 
+KINDS_TITLE = "By prompt kind (native and the full depth)"
+KINDS_NOTE = ("Time to first token includes the audio and vision towers (ours: towers s of it, run once per prompt "
+              "outside the expert cache); decode tok/s after that prompt; hit rate over its prefill and decode.")
+
+
+def kind_table(report: dict) -> pd.DataFrame:
+    native = report["native"].get("by_kind") or {}
+    full = next((d for d in report["depths"] if not d["truncated"]), {}).get("by_kind") or {}
+    rows = []
+    for kind, ours in full.items():
+        theirs = native.get(kind, {})
+        rows.append([kind, ours["prompts"], _num(theirs.get("ttft_s"), ".3f"), _num(ours["ttft_s"], ".3f"),
+                     _num(ours["towers_s"], ".3f"), _num(theirs.get("tok_s"), ".1f"), _num(ours["tok_s"], ".1f"),
+                     _num(ours["hit_rate"], ".3f")])
+    return pd.DataFrame(rows, columns=["kind", "prompts", "native TTFT s", "ours TTFT s", "towers s",
+                                       "native decode tok/s", "ours decode tok/s", "hit rate"])
+
+
 STAGES_TITLE = "Where the time went"
 STAGES_NOTE = ("Every job before this report, per rule, from Snakemake's benchmark files (results/benchmarks/): "
                "wall seconds summed over its jobs, and the largest resident memory of one job as Snakemake samples "
@@ -101,6 +122,9 @@ def stage_table(report: dict) -> pd.DataFrame:
 
 def to_text(report: dict) -> str:
     text = table(report).to_string(index=False) + "\n\n" + "\n".join(notes(report)) + "\n"
+    kinds = kind_table(report)
+    if not kinds.empty:
+        text += f"\n{KINDS_TITLE}:\n{kinds.to_string(index=False)}\n{KINDS_NOTE}\n"
     stages = stage_table(report)
     if not stages.empty:
         text += f"\n{STAGES_TITLE}:\n{stages.to_string(index=False)}\n{STAGES_NOTE}\n"
@@ -110,6 +134,11 @@ def to_text(report: dict) -> str:
 def to_html(report: dict) -> str:
     body = table(report).to_html(index=False, border=0, classes="compare", escape=True)
     paragraphs = "\n".join(f"<p>{html.escape(line)}</p>" for line in notes(report))
+    kinds = kind_table(report)
+    if not kinds.empty:
+        paragraphs += (f"\n<h3>{KINDS_TITLE}</h3>\n"
+                       f"{kinds.to_html(index=False, border=0, classes='compare', escape=True)}\n"
+                       f"<p>{html.escape(KINDS_NOTE)}</p>")
     stages = stage_table(report)
     if not stages.empty:
         paragraphs += (f"\n<h3>{STAGES_TITLE}</h3>\n"

@@ -114,3 +114,14 @@ def extract_dense(checkpoint_dir: str | Path, out_path: str | Path, progress=Non
     log.info("dense: %d tensors", len(names))
     return write_tensors(ckpt, names, out_path, _metadata(ckpt, layout, num_layers=cfg.num_layers), progress)
 
+
+def extract_towers(checkpoint_dir: str | Path, out_path: str | Path, progress=None) -> int:
+    """The audio and vision towers' tensors (a multimodal thinker's), like the dense file."""
+    ckpt = Checkpoint(checkpoint_dir)
+    layout, _ = detect_checkpoint(checkpoint_dir)
+    names = layout.tower_names(ckpt.weight_map)
+    if not names:
+        raise InputError(f"{ckpt.path}: no audio or vision tower tensors (layout {layout.name}): the checkpoint "
+                         "takes text only")
+    log.info("towers: %d tensors", len(names))
+    return write_tensors(ckpt, names, out_path, _metadata(ckpt, layout, part="towers"), progress)

@@ -25,6 +25,7 @@ class Layout:
     component: tuple[str, ...]  # name prefixes of every tensor the text model owns
     native: str  # prefix of what transformers' native text-generation class loads (thinker: + audio, vision)
     native_class: str  # that class, in transformers
+    towers: tuple[str, ...] = ()  # name prefixes of the audio and vision towers' tensors (the thinker's)
 
     def layer(self, layer: int) -> str:
         return f"{self.prefix}layers.{layer}."
@@ -49,6 +50,10 @@ class Layout:
         """Every tensor of the text model that is not an expert, in index order."""
         return [name for name in weight_map if self.in_component(name) and ".mlp.experts." not in name]
 
+    def tower_names(self, weight_map: dict[str, str]) -> list[str]:
+        """Every tensor of the audio and vision towers, in index order (none for a text-only layout)."""
+        return [name for name in weight_map if self.towers and name.startswith(self.towers)]
+
 
 LAYOUTS = (
     Layout(
@@ -60,6 +65,7 @@ LAYOUTS = (
         component=("thinker.model.", "thinker.lm_head."),
         native="thinker.",
         native_class="Qwen3OmniMoeThinkerForConditionalGeneration",
+        towers=("thinker.audio_tower.", "thinker.visual."),
     ),
     Layout(
         name="qwen3_moe",

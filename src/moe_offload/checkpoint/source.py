@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .shards import INDEX_NAME, Checkpoint, read_header
 from ..errors import InputError
-from .layouts import Layout, TextConfig, detect, detect_checkpoint, layout_by_name, text_config_from_dict
+from .layouts import (Layout, TextConfig, detect, detect_checkpoint, layout_by_name, read_config,
+                      text_config_from_dict)
 from ..hashing import hash_file
 from .hub import hub_file, hub_metadata_dir, missing_metadata
 
@@ -44,6 +45,20 @@ def planned_text_config(model_cfg: dict) -> tuple[Layout, TextConfig]:
     if missing:
         raise InputError(missing)
     return detect(json.loads((hub_metadata_dir(model_cfg) / "config.json").read_text()))
+
+
+def planned_thinker(model_cfg: dict) -> dict | None:
+    """config.json's thinker_config where it is known before anything is built or fetched (its towers'
+    dims); None for a synthetic build (towers of a few hundred KB) or a text-only model."""
+    source = model_cfg["source"]
+    if source == "synthetic":
+        return None
+    if source == "hf":
+        path = hub_metadata_dir(model_cfg) / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    else:
+        config = read_config(model_cfg["path"] if source == "local" else embedded_dir())
+    return config.get("thinker_config")
 
 
 def hub_patterns(config: dict, weight_map: dict[str, str]) -> list[str]:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .layouts import layout_by_name
+from .processor import add_media_files
 
 # Fixed training text for the tokenizer: deterministic, and covers the default prompts' words.
 CORPUS = """\
@@ -91,10 +92,13 @@ def _omni_model(spec: dict):
             initializer_range=text["initializer_range"],
             # The hub config carries this id; transformers' text-only rope-index path reads it.
             vision_start_token_id=151652,
+            # tiny towers; spec towers "real": transformers' defaults, the real thinker's (1.2 B parameters)
             audio_config=dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
-                              output_dim=hidden, num_mel_bins=16, downsample_hidden_size=8),
+                              output_dim=hidden, num_mel_bins=16, downsample_hidden_size=8)
+            if spec.get("towers", "tiny") == "tiny" else dict(output_dim=hidden),
             vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
-                               deepstack_visual_indexes=[0], num_position_embeddings=16),
+                               deepstack_visual_indexes=[0], num_position_embeddings=16)
+            if spec.get("towers", "tiny") == "tiny" else dict(out_hidden_size=hidden),
         ),
         # The talker and code2wav are not used for text, but the real checkpoint has them: keep them
         # (tiny) so the extractor must pick the thinker's tensors out of a mixed checkpoint.
@@ -165,6 +169,8 @@ def build_synthetic(out_dir: str | Path, spec: dict) -> Path:
     try:
         model.save_pretrained(tmp, max_shard_size=spec["max_shard_size"])
         build_tokenizer(tmp)
+        if layout.towers:  # the thinker's placeholder tokens and preprocessor config, as the hub's has them
+            add_media_files(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

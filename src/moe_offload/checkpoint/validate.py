@@ -188,6 +188,17 @@ def validate_dense(checkpoint_dir: str | Path, extracted_path: str | Path) -> di
     return {"file": str(extracted_path), "file_xxh3_128": hash_file(extracted_path), "tensors": tensors}
 
 
+def validate_towers(checkpoint_dir: str | Path, extracted_path: str | Path) -> dict:
+    """The towers file: exactly the source's audio and vision tower tensors, byte for byte."""
+    layout, _ = detect(read_config(checkpoint_dir))
+    ckpt = Checkpoint(checkpoint_dir)
+    names = layout.tower_names(ckpt.weight_map)
+    if not names:
+        raise InputError(f"{ckpt.path}: the checkpoint has no audio or vision tower tensors")
+    tensors = _check_tensors(ckpt, Path(extracted_path), names, lambda n: f"tower tensor {n}", dtype=None)
+    return {"file": str(extracted_path), "file_xxh3_128": hash_file(extracted_path), "tensors": tensors}
+
+
 def validate_all(checkpoint_dir: str | Path, dense_report: dict, layer_reports: list[dict]) -> dict:
     """Across the dense file and all layers, each tensor of the text model appears exactly once."""
     layout, cfg = detect(read_config(checkpoint_dir))

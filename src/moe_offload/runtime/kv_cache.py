@@ -22,6 +22,7 @@ class KVCache:
         self.v: list[torch.Tensor] = []
         self.batch = self.max_seq_len = 0
         self.version = 0
+        self.multimodal = False  # the rope tables hold a multimodal prompt's positions (set_rope)
 
     def setup(self, batch: int, seq_len: int) -> None:
         """Room for `batch` rows of `seq_len` positions (kept if there is room already: positions past the
@@ -39,6 +40,30 @@ class KVCache:
         self.positions = torch.arange(seq_len, device=self.device)
         self.batch, self.max_seq_len = batch, seq_len
         self.version += 1
+        self.multimodal = False
+
+    def set_rope(self, rope: torch.Tensor | None = None, delta: int = 0, sections=()) -> None:
+        """Each cache slot's rotary angles, written in place (graphs hold these tables): slots 0..T-1 at the
+        prompt's three MRoPE streams rope [3, T], interleaved as transformers' thinker does (frequency j
+        from stream 1 where j % 3 == 1 and j < 3 * sections[1], stream 2 likewise, else stream 0); later
+        slots, decoded tokens, at slot + delta on all three. None: the text table, slot = position."""
+        if rope is None and not self.multimodal:
+            return
+        slots = torch.arange(self.max_seq_len, dtype=torch.float32)
+        freqs = slots[:, None] * self.inv_freq[None, :]
+        if rope is not None:
+            t = rope.shape[1]
+            freqs[t:] = (slots[t:, None] + delta) * self.inv_freq[None, :]
+            stream = torch.zeros(self.inv_freq.shape[0], dtype=torch.long)
+            j = torch.arange(self.inv_freq.shape[0])
+            for s in (1, 2):
+                stream[(j % 3 == s) & (j < 3 * sections[s])] = s
+            per_stream = rope.cpu().to(torch.float32)[:, :, None] * self.inv_freq[None, None, :]  # [3, T, D/2]
+            freqs[:t] = per_stream.gather(0, stream.expand(t, -1)[None]).squeeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1).to(self.device)
+        self.cos.copy_(emb.cos().to(self.dtype))
+        self.sin.copy_(emb.sin().to(self.dtype))
+        self.multimodal = rope is not None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, end: int):
         """Write k, v [B, kv_heads, T, D] at positions end - T .. end - 1 (a forward's positions are

@@ -4,9 +4,10 @@ file and an ExpertCache.
 Plain PyTorch in the gpt-fast manner: `forward(input_ids, input_pos)` over a preallocated KV cache, every
 numeric step written the way transformers writes it so logits match to float32 rounding. It runs the
 prompt (prefill), batches, teacher forcing and every step on a cache policy other than LRU; one-token
-decode steps have their own path (fused_step.py), checked against this one. For text-only input the
-thinker's three MRoPE position streams are equal, which makes its interleaved MRoPE the standard
-rotate-half RoPE used here (the parity tests check this).
+decode steps have their own path (fused_step.py), checked against this one. RoPE reads the KV cache's
+per-slot tables: for text the thinker's three MRoPE streams are equal, which makes its interleaved MRoPE
+the standard rotate-half RoPE; a multimodal prompt writes its own positions there (KVCache.set_rope), so
+every path reads them alike (the parity tests check both).
 """
 
 from __future__ import annotations
@@ -279,19 +280,25 @@ class Transformer(nn.Module):
             self.trace.record(layer, host[0].to(torch.long).tolist(), host[1].tolist(), self._positions)
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, positions: list[int] | None = None,
-                keep: int | None = None):
+                keep: int | None = None, embeds: torch.Tensor | None = None, deepstack=None):
         """Every layer, each MoE layer showing its routing to the host and loading its experts before they
         run. positions: input_pos as host ints, when the caller has them (saves a device round trip).
-        keep: logits of the last `keep` positions only ([B, keep, V]; a prompt needs its last one)."""
+        keep: logits of the last `keep` positions only ([B, keep, V]; a prompt needs its last one).
+        embeds: the input embeddings instead of input_ids' (a multimodal prompt's, towers merged in);
+        deepstack: (rows, [features per layer]), added to those rows' hidden states after the first layers
+        as transformers' thinker adds the vision tower's deepstack features (batch 1)."""
         self._positions = input_pos.tolist() if positions is None else positions
         end = self.kv.end_of(self._positions)
-        x = F.embedding(input_ids, self.embed)
+        x = F.embedding(input_ids, self.embed) if embeds is None else embeds
         # With every expert resident (LRU, a pool per layer), no layer needs the host before its experts run:
         # their routing is accounted after the last layer, one host sync for the whole forward.
         c = self.cache
         deferred = [] if c.keeps_step_resident and c.scope == "per_layer" and c.holds_every_expert() else None
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             x = block(x, self.kv, end, deferred)
+            if deepstack is not None and i < len(deepstack[1]):
+                rows, features = deepstack[0], deepstack[1][i]
+                x[:, rows] = x[:, rows] + features.to(x.dtype)
         if deferred:
             self.settle(deferred)
         return self.head(x if keep is None else x[:, x.shape[1] - keep:])

@@ -70,17 +70,19 @@ class _FirstTokenClock(BaseStreamer):
 
 
 @torch.inference_mode()
-def native_generate(model, input_ids: list[int], max_new_tokens: int, eos_token_id=None) -> dict:
+def native_generate(model, input_ids: list[int], max_new_tokens: int, eos_token_id=None, media: dict | None = None) -> dict:
     """Greedy decoding with transformers' generate(); prefill and decode timed apart. (With offloading,
-    model.device is where the inputs go: the first module's device.)"""
+    model.device is where the inputs go: the first module's device.) media: the prompt's audio and image
+    inputs as the thinker takes them (MediaPrompt.native_kwargs); its towers run inside the prefill."""
     device = model.device
     ids = torch.tensor([input_ids], device=device)
+    media = {k: v.to(device) for k, v in (media or {}).items()}
     clock = _FirstTokenClock(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id, streamer=clock)
+                         do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id, streamer=clock, **media)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     end = time.perf_counter()
@@ -92,8 +94,10 @@ def native_generate(model, input_ids: list[int], max_new_tokens: int, eos_token_
 
 
 @torch.inference_mode()
-def native_teacher_forced_logits(model, prompt_ids: list[int], continuation_ids: list[int]) -> torch.Tensor:
+def native_teacher_forced_logits(model, prompt_ids: list[int], continuation_ids: list[int],
+                                 media: dict | None = None) -> torch.Tensor:
     """[n, V] float32 logits predicting each continuation token, from one forward pass."""
     ids = torch.tensor([list(prompt_ids) + list(continuation_ids)], device=model.device)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    media = {k: v.to(model.device) for k, v in (media or {}).items()}
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **media).logits[0]
     return logits[len(prompt_ids) - 1: -1].float().cpu()

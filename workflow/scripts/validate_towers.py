@@ -1,0 +1,3 @@
+from moe_offload import steps
+
+steps.run_step(snakemake, steps.validate_towers)  # noqa: F821 (Snakemake injects `snakemake`)

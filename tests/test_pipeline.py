@@ -172,9 +172,10 @@ def test_depth_run_extracts_only_the_layers_it_needs(workdir):
     proc = snakemake(workdir, "--cores", "2", "results/generate/depth_4.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     extracted = sorted(p.name for p in (workdir / "results/experts").iterdir())
-    assert extracted == ["dense.safetensors"] + [f"layer_{i}.safetensors" for i in range(4)]
+    # the default config's audio and image prompts need the towers, beside the first 4 layers
+    assert extracted == ["dense.safetensors"] + [f"layer_{i}.safetensors" for i in range(4)] + ["towers.safetensors"]
     run = json.loads((workdir / "results/generate/depth_4.json").read_text())
-    assert run["depth"] == 4 and len(run["prompts"]) == 3
+    assert run["depth"] == 4 and len(run["prompts"]) == 5
     for p in run["prompts"]:
         assert set(p) >= {"prompt", "input_ids", "output_ids", "text", "fidelity"}
         assert 1 <= len(p["output_ids"]) <= 32

@@ -106,17 +106,20 @@ def test_plan_resources_disk_and_layer_17_at_real_scale(workdir, skeleton, monke
     monkeypatch.setattr(source, "hash_file", lambda path: f"not hashed: {path.stat().st_size} bytes")
     _, cfg = detect_checkpoint(skeleton)
     set_config(workdir, model={"source": "local", "path": str(skeleton)},
-               generate={"device": "cuda", "dtype": "bfloat16", "depths": [8, 48]},
+               generate={"device": "cuda", "dtype": "bfloat16", "depths": [8, 48],
+                         "prompts": ["The capital of France is", "Explain why the sky is blue in one sentence."]},
                cache={"capacity": 16, "pin_memory": True})
 
-    # native timing holds the whole model: on a machine with 16 GB the plan stops before any job starts
+    # native timing holds the whole model (the thinker's towers too): on a machine with 16 GB the plan stops
+    # before any job starts
     seq = len(b"Explain why the sky is blue in one sentence.") + 32
-    whole = res.to_mb(res.native_bytes(cfg, "bfloat16", seq)["total_bytes"], 1024)
+    towers = res.tower_params(json.loads((skeleton / "config.json").read_text())["thinker_config"]) * 2
+    whole = res.to_mb(res.native_bytes(cfg, "bfloat16", seq, towers_bytes=towers)["total_bytes"], 1024)
     small = snakemake(workdir, "-n", "--resources", "mem_mb=16000")
     assert small.returncode != 0
     assert error_lines(small) == [res.fits_line("generate_native_timing", whole, 16000, "set native.timing: false "
                                                 "(the reference run offloads and still completes)")]
-    assert 55 < whole / 1024 < 60  # 57 GiB: the whole thinker text model in bf16
+    assert 57 < whole / 1024 < 62  # 57 GiB: the whole thinker text model in bf16, and 2.3 GiB of towers
     assert not (workdir / "results").exists()
 
     # without the timing run, a GPU plan with 16 GiB of host memory fits

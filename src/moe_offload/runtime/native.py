@@ -96,8 +96,21 @@ def native_generate(model, input_ids: list[int], max_new_tokens: int, eos_token_
 @torch.inference_mode()
 def native_teacher_forced_logits(model, prompt_ids: list[int], continuation_ids: list[int],
                                  media: dict | None = None) -> torch.Tensor:
-    """[n, V] float32 logits predicting each continuation token, from one forward pass."""
+    """[n, V] float32 logits predicting each continuation token: one forward pass; with media, the prompt
+    (and its audio and images) and then the continuation over its KV cache, as generate() runs them: a
+    continuation may hold a placeholder id (a random model can generate one), which one pass would count
+    as another image or audio token."""
     ids = torch.tensor([list(prompt_ids) + list(continuation_ids)], device=model.device)
-    media = {k: v.to(model.device) for k, v in (media or {}).items()}
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **media).logits[0]
-    return logits[len(prompt_ids) - 1: -1].float().cpu()
+    if not media:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+        return logits[len(prompt_ids) - 1: -1].float().cpu()
+    media = {k: v.to(model.device) for k, v in media.items()}
+    p = len(prompt_ids)
+    first = model(input_ids=ids[:, :p], attention_mask=torch.ones_like(ids[:, :p]), use_cache=True, **media)
+    parts = [first.logits[0, -1:]]
+    if len(continuation_ids) > 1:
+        # no attention mask: transformers then places the continuation at cache length + the prompt's rope
+        # delta, as its decode steps are (with a mask it would number positions from the mask's start)
+        rest = model(input_ids=ids[:, p:-1], past_key_values=first.past_key_values, use_cache=True)
+        parts.append(rest.logits[0])
+    return torch.cat(parts).float().cpu()

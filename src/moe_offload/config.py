@@ -131,30 +131,14 @@ def prompt_texts(prompts: list, folder: Path) -> list:
                          if media else prompt["text"])
             continue
         path = Path(folder) / prompt["file"]
-        where = f"generate.prompts.{index}: prompt file {path}"
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise InputError(f"{where} does not exist") from None
-        except IsADirectoryError:
-            raise InputError(f"{where} is a directory, not a file") from None
-        except OSError as err:
-            raise InputError(f"{where} cannot be read ({err.strerror})") from None
-        except UnicodeDecodeError as err:
-            raise InputError(f"{where} is not UTF-8 text (byte {err.start})") from None
-        text = text.removesuffix("\n").removesuffix("\r")
-        if not text.strip():
-            raise InputError(f"{where} is empty")
-        texts.append(text)
+        text = read_text(path, f"generate.prompts.{index}: prompt file {path}")
+        texts.append(text.removesuffix("\n").removesuffix("\r"))
     return texts
 
 
-def heldout_path(heldout: dict | None, folder: Path) -> Path | None:
-    """fidelity.heldout's text file (relative to `folder`), checked readable and non-empty; None if unset."""
-    if heldout is None:
-        return None
-    path = Path(folder) / heldout["file"]
-    where = f"fidelity.heldout.file {path}"
+def read_text(path: Path, where: str) -> str:
+    """A config-named file's UTF-8 text; one line naming it (`where`) if it is missing, unreadable, not
+    UTF-8 or blank."""
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -167,6 +151,15 @@ def heldout_path(heldout: dict | None, folder: Path) -> Path | None:
         raise InputError(f"{where} is not UTF-8 text (byte {err.start})") from None
     if not text.strip():
         raise InputError(f"{where} is empty")
+    return text
+
+
+def heldout_path(heldout: dict | None, folder: Path) -> Path | None:
+    """fidelity.heldout's text file (relative to `folder`), checked readable and non-empty; None if unset."""
+    if heldout is None:
+        return None
+    path = Path(folder) / heldout["file"]
+    read_text(path, f"fidelity.heldout.file {path}")
     return path
 
 

@@ -31,16 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from moe_offload.analysis.run_info import active_params, kv_bytes, matmul_probe  # noqa: E402
+from moe_offload.analysis.run_info import matmul_probe  # noqa: E402
+from moe_offload.checkpoint.dims import DIMS  # noqa: E402
+from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
 from moe_offload.checkpoint.extract import extract_towers  # noqa: E402
 from moe_offload.checkpoint.layouts import read_config  # noqa: E402
-from moe_offload.resources import tower_params  # noqa: E402
+from moe_offload.resources import active_params, bytes_read_per_token, kv_bytes, tower_params  # noqa: E402
 from moe_offload.runtime.generate import generate, load_runtime  # noqa: E402
 from moe_offload.runtime.media import MediaProcessor  # noqa: E402
 from moe_offload.runtime.native import native_generate  # noqa: E402
 from moe_offload.sample_media import gradient, tone, write_image, write_wav  # noqa: E402
-from common import DIMS, build_and_extract, emit  # noqa: E402
-from probes import bytes_per_token, hbm_probe  # noqa: E402
+from common import emit  # noqa: E402
+from probes import hbm_probe  # noqa: E402
 
 HUB_PIXELS = {"min_pixels": 3136, "max_pixels": 12845056}  # Qwen3-Omni's preprocessor_config.json
 
@@ -84,8 +86,8 @@ def main():
         spec["num_experts"] = a.experts
     work = Path(a.workdir or tempfile.mkdtemp(prefix="media_speed."))
     try:
-        files, cfg = build_and_extract(spec, work)
-        ckpt = files["ckpt"]
+        files = build_and_extract(spec, work)
+        ckpt, cfg = files.ckpt, files.config
         pre = json.loads((ckpt / "preprocessor_config.json").read_text())
         (ckpt / "preprocessor_config.json").write_text(json.dumps(pre | HUB_PIXELS))
         if not (work / "towers.safetensors").exists():
@@ -96,7 +98,7 @@ def main():
         proc = MediaProcessor(ckpt)
         prompts = {"text+audio": proc("What is said here?", [audio], []),
                    "text+image": proc("Describe this picture.", [], [image])}
-        rt = load_runtime(files["dense"], files["dir"], ckpt, device=a.device, dtype=dtype,
+        rt = load_runtime(files.dense, files.dir, ckpt, device=a.device, dtype=dtype,
                           towers_path=work / "towers.safetensors")
         for layer, spans in rt.cache.spans.items():  # every expert resident before timing
             rt.cache.get_many(layer, list(range(len(spans))))
@@ -105,7 +107,7 @@ def main():
             ckpt, dtype=dtype).to(device).eval()
         matmul = matmul_probe(device, dtype)["flops_per_second"]
         hbm = hbm_probe(device)["bytes_per_second"] if device.type == "cuda" else None
-        weights_per_token = bytes_per_token(rt)
+        weights_per_token = bytes_read_per_token(cfg, a.layers, dtype)
         rows = {}
         for kind, m in prompts.items():
             t = len(m.input_ids)

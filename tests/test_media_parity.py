@@ -167,11 +167,10 @@ def test_positions_and_deepstack_matter(model, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["odd"], indirect=True)  # 48 layers under the interpreter would take minutes
 def test_fused_kernels_after_media_match_transformers(model):
     """The decode step CUDA runs (the Triton kernels, here under the interpreter: a few tokens) after an
-    image prompt, whose decode positions are offset by the rope delta."""
-    if model["name"] == "default":
-        pytest.skip("48 layers under Triton's interpreter: the odd-dims checkpoint covers the kernels")
+    image prompt, whose decode positions are offset by the rope delta; on the odd-dims checkpoint."""
     case = model["cases"]["text+audio+image"]
     rt = model["runtime"](capacity=model["cfg"].experts_per_token + 2, use_kernels=True)
     assert rt.step.ops is TRITON_OPS

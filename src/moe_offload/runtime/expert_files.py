@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint.layouts import PROJECTIONS, Layout
-from ..checkpoint.quantize import qweight_name, scales_name
+from ..checkpoint.quantize import QWEIGHT_DTYPE, qweight_name, scales_name
 from ..checkpoint.shards import header_tensors, read_header
 from ..errors import InputError
 
@@ -55,9 +55,6 @@ class ExpertSpan:
 STORAGE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
-QUANTIZED_DTYPES = {8: "I8", 4: "U8"}  # qweight's; scales are F16
-
-
 def _expert_tensors(path: Path, tensors: dict, layout: Layout, layer: int, e: int, bits: int) -> list:
     """Expert e's tensors in slot order: gate, up, down (quantized: their qweights, then their scales),
     checked for dtype."""
@@ -69,7 +66,7 @@ def _expert_tensors(path: Path, tensors: dict, layout: Layout, layer: int, e: in
         info = tensors.get(name)
         if info is None:
             raise InputError(f"{path}: lacks tensor {name}")
-        expected = ([QUANTIZED_DTYPES[bits]] if j < 3 else ["F16"]) if bits != 16 else list(STORAGE_DTYPES)
+        expected = ([QWEIGHT_DTYPE[bits]] if j < 3 else ["F16"]) if bits != 16 else list(STORAGE_DTYPES)
         if info.dtype not in expected:
             raise InputError(f"{path}: {info.name} is {info.dtype}, expected {' or '.join(expected)}")
         if bits == 16 and infos and info.dtype != infos[0].dtype:
@@ -85,7 +82,7 @@ def expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSpa
     meta = parsed[0].get("__metadata__") or {}
     tensors = header_tensors(path, parsed)
     bits, group = int(meta.get("bits", 16)), int(meta.get("group_size", 0))
-    if bits not in (16, *QUANTIZED_DTYPES):
+    if bits not in (16, *QWEIGHT_DTYPE):
         raise InputError(f"{path}: {bits}-bit experts: the runtime reads 16, 8 or 4 bits")
     num = int(meta["num_experts"]) if "num_experts" in meta else None
     if num is None:  # count experts by name when the metadata lacks it

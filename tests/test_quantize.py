@@ -15,7 +15,7 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM
 
-from moe_offload.analysis.run_info import verify_files
+from moe_offload.hashing import verify_files
 from moe_offload.checkpoint.layouts import PROJECTIONS, detect_checkpoint
 from moe_offload.checkpoint.quantize import (check_scheme, dequantize, pack, qweight_name, quantize, quantize_layer,
                                              scales_name, unpack)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import xxhash
 
+from .errors import InputError
+
 CHUNK = 16 * 1024 * 1024
 
 
@@ -17,3 +19,18 @@ def hash_file(path: str | Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verify_files(files: list[tuple[Path, str, str]], progress=None) -> None:
+    """Each (file, recorded xxh3-128, rule or file that redoes it) hashed once: a generation job uses no
+    byte that validation did not see."""
+    for path, recorded, redo in files:
+        try:
+            actual = hash_file(path)
+        except OSError as err:
+            raise InputError(f"{path}: cannot be read ({err.strerror})") from None
+        if actual != recorded:
+            raise InputError(f"{path} does not match its recorded xxh3-128 (changed since validation); "
+                             f"redo it with: snakemake --forcerun {redo}")
+        if progress is not None:
+            progress.update(1)

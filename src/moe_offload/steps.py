@@ -139,7 +139,7 @@ def extract_layer(smk) -> None:
 
 
 def quantize_layer(smk) -> None:
-    from .analysis.run_info import verify_files
+    from .hashing import verify_files
     from .checkpoint.quantize import quantize_layer as quantize
 
     layer, bits = int(smk.wildcards.layer), int(smk.wildcards.bits)
@@ -244,7 +244,8 @@ def _depth_files(smk) -> list[tuple[Path, str, str]]:
 def _native_start(smk) -> Path:
     """What both native jobs do first: take their threads, and hash the checkpoint files the native model
     reads against the manifest. Returns the checkpoint directory."""
-    from .analysis.run_info import use_threads, verify_files
+    from .analysis.run_info import use_threads
+    from .hashing import verify_files
 
     use_threads(smk.threads)
     manifest, checkpoint = _manifest(smk), _checkpoint(smk)
@@ -282,7 +283,8 @@ def generate_native_timing(smk) -> None:
 
 
 def generate_depth(smk) -> None:
-    from .analysis.run_info import use_threads, verify_files
+    from .analysis.run_info import use_threads
+    from .hashing import verify_files
     from .analysis.runs import run_depth
 
     run, depth = smk.params.run, int(smk.wildcards.depth)

@@ -168,20 +168,3 @@ def check_finite(logits: torch.Tensor, what: str) -> None:
         position = int(bad.nonzero()[0, 0])
         raise InputError(f"{what}: logits hold NaN or inf (first at position {position}); fidelity and parity "
                          "cannot be measured")
-
-
-def verify_files(files: list[tuple[Path, str, str]], progress=None) -> None:
-    """Each (file, recorded xxh3-128, rule or file that redoes it) hashed once: a generation job uses no
-    byte that validation did not see."""
-    from ..hashing import hash_file
-
-    for path, recorded, redo in files:
-        try:
-            actual = hash_file(path)
-        except OSError as err:
-            raise InputError(f"{path}: cannot be read ({err.strerror})") from None
-        if actual != recorded:
-            raise InputError(f"{path} does not match its recorded xxh3-128 (changed since validation); "
-                             f"redo it with: snakemake --forcerun {redo}")
-        if progress is not None:
-            progress.update(1)

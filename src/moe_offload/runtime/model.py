@@ -154,7 +154,7 @@ class MoE(nn.Module):
         # then each token's k added up
         products = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device)
         w1 = self.cache.slabs(self.layer)[0]
-        if self.cache.quant is not None and quant_kernel_serves(w1.device, flat):
+        if self.quantized_in_registers(flat):
             grouped = True  # the Triton grouped GEMM reads quantized slabs as stored; any shape
         else:  # quantized experts are dequantized (slabs) to the compute dtype before torch's grouped GEMM
             dtype = w1.dtype if self.cache.quant is None else flat.dtype
@@ -191,8 +191,7 @@ class MoE(nn.Module):
         """The experts of `wave` (resident together: LRU evicts none of them for another) on their pairs:
         pairs sorted by slot, a grouped GEMM for gate and up and one for down over the slabs, each slot's
         rows one group."""
-        quant = self.cache.quant_slabs(self.layer)
-        in_registers = quant is not None and quant_kernel_serves(self.cache.slabs(self.layer)[0].device, flat)
+        in_registers = self.quantized_in_registers(flat)
         w1, w2, table = self.cache.slabs(self.layer) if in_registers else self.slabs(flat.dtype)
         k, slots = self.cfg.experts_per_token, w1.shape[0]
         ids = top_i.view(-1)
@@ -201,13 +200,17 @@ class MoE(nn.Module):
         order = key.argsort(stable=True)[:pairs]
         offs = torch.bincount(key, minlength=slots + 1)[:slots].cumsum(0).to(torch.int32)
         if in_registers:  # quantized slabs read as stored, dequantized a tile at a time
-            s1, s2, bits, group = quant
+            s1, s2, bits, group = self.cache.quant_slabs(self.layer)
             gate, up = moe_kernels.grouped_linear(flat[order // k], w1, offs, (s1, bits, group)).chunk(2, dim=-1)
             y = moe_kernels.grouped_linear(F.silu(gate) * up, w2, offs, (s2, bits, group))
         else:
             gate, up = torch._grouped_mm(flat[order // k], w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
         products[order] = y * top_w.view(-1)[order, None]
+
+    def quantized_in_registers(self, flat) -> bool:
+        """Quantized experts, and the Triton grouped GEMM can read their slabs as stored (CUDA)."""
+        return self.cache.quant is not None and quant_kernel_serves(self.cache.slabs(self.layer)[0].device, flat)
 
     def slabs(self, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cache's slabs and table; quantized experts dequantized here, for torch's grouped GEMM (where

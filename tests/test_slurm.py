@@ -152,6 +152,41 @@ def test_scancel_fails_the_job_and_the_client(workdir):
     # the plugin's own line for a single job, or the job's log for a group job ("... CANCELLED AT ...")
     assert "CANCELLED" in out and job.job_id in out, out[-3000:]
     assert final_state(workdir, job.job_id).startswith("CANCELLED")
+    # the onerror hook's line, with the state from sacct
+    assert any(line.startswith(f"error: Slurm job {job.job_id} CANCELLED") for line in out.splitlines()), out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_failed_run_says_why_in_one_line_per_job(slurm_cluster, tmp_path):
+    """A group job whose second layer fails validation, a single job that dies with a traceback, and a
+    job sbatch refuses: one line each, naming the rule that failed, its error and its logs."""
+    wd = slurm_workdir(tmp_path / "wf")
+    script = wd / "workflow/scripts/validate_layer.py"
+    script.write_text("import sys\nif snakemake.wildcards.layer == '1':\n"
+                      "    sys.exit('error: layer 1 checksum mismatch (injected)')\n" + script.read_text())
+    script = wd / "workflow/scripts/generate_native_reference.py"
+    script.write_text("raise MemoryError('injected')\n" + script.read_text())
+    profile = wd / "profiles/slurm/config.yaml"
+    profile.write_text(profile.read_text().replace(
+        "set-resources:\n", "set-resources:\n  generate_native_timing:\n    slurm_partition: nope\n", 1))
+
+    proc = subprocess.run([*CLIENT, "results/compare.json"], cwd=wd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    lines = [line for line in error_lines(proc) if "Slurm job" in line or "sbatch refused" in line]
+    out = proc.stdout + proc.stderr
+    assert len(lines) == 3, out[-4000:]
+    assert "error: sbatch refused rule generate_native_timing's job: invalid partition specified: nope" in lines
+    group = next(line for line in lines if "group_layers" in line)
+    assert re.fullmatch(r"error: Slurm job \d+ FAILED \(exit 1\) in rule validate_layer \(log logs/validate/layer_1.log\): "
+                        r"layer 1 checksum mismatch \(injected\); Slurm log \.snakemake/slurm_logs/group_layers\S*/\d+\.log",
+                        group), group
+    native = next(line for line in lines if "generate_native_reference" in line)
+    assert re.fullmatch(r"error: Slurm job \d+ FAILED \(exit 1\) in rule generate_native_reference "
+                        r"\(log logs/generate/native_reference.log\): MemoryError: injected; "
+                        r"Slurm log \.snakemake/slurm_logs/rule_generate_native_reference/\d+\.log", native), native
+    # printed last, above Snakemake's closing lines
+    tail = out.splitlines()[-8:]
+    assert all(line in tail for line in lines), tail
 
 
 @pytest.mark.slow
@@ -238,6 +273,8 @@ def test_set_resources_beyond_the_client_machine_reach_sbatch_unchanged(workdir)
     assert call, out[-3000:]
     assert re.search(rf"--mem {mem_mb}\b", call.group(0)), call.group(0)
     assert proc.returncode != 0  # more than the node has: sbatch refuses it
+    assert "error: sbatch refused rule generate_native_reference's job: Memory specification can not be satisfied" \
+        in error_lines(proc), out[-3000:]
 
 
 def real_size_plan(tmp_path: Path, node_mem_mb: int, *args: str, env: dict | None = None):

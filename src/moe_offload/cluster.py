@@ -1,4 +1,5 @@
-"""Slurm housekeeping the executor plugin leaves to us: cancel the jobs of a client that died.
+"""Slurm housekeeping the executor plugin leaves to us: cancel the jobs of a client that died, and say
+in one line per failed job why it failed.
 
 The plugin names every job it submits by its run id ("SLURM run ID: ..." in the client's log under
 .snakemake/log/) and cancels them on Ctrl-C, but a client killed with kill -9 (or a lost login session)
@@ -8,6 +9,10 @@ output. `python -m moe_offload.cluster cancel-orphans` cancels them first:
     python -m moe_offload.cluster cancel-orphans   # in the workflow directory
     snakemake --unlock
     snakemake --workflow-profile profiles/slurm results/compare.json
+
+When a run fails, the Snakefile's `onerror:` hook prints `failure_lines(log)`: each failed Slurm job's
+end state from sacct (the plugin's squeue status command cannot give a reason), the rule that failed
+inside it (a group job runs several), and that rule's own error line; and each job sbatch refused.
 """
 
 from __future__ import annotations
@@ -129,6 +134,88 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no orphaned Slurm jobs")
     return 0
+
+
+# in a failed job's block of the client log: "    log: logs/x.log, /wd/.snakemake/slurm_logs/rule_x/12.log ..."
+FAILED_JOB_LOG = re.compile(r"^\s+log: .*?(\S*\.snakemake/slurm_logs/\S*?(\d+)\.log)", re.M)
+SBATCH_REFUSED = re.compile(r"^Error in rule (\S+):\n\s+message: SLURM sbatch failed\. The error message was '(.*?)'\.$",
+                            re.M | re.S)
+RULE_ERROR = re.compile(r"^Error in rule (\S+):\n(?:\s+\w+: .*\n)*?\s+log: (\S+)", re.M)
+# our steps' one-line errors, or the last line of a Python traceback ("MemoryError: ...")
+ERROR_LINE = re.compile(r"^(?:error: (.+)|([\w.]*(?:Error|Exception): .+))$", re.M)
+END_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+              "BOOT_FAIL", "DEADLINE")
+
+
+def _last_error(text: str) -> str | None:
+    found = ERROR_LINE.findall(text)
+    return (found[-1][0] or found[-1][1]) if found else None
+
+
+def _sacct_row(job_id: str, timeout_s: float) -> dict[str, str]:
+    """The job's accounting row, waiting for slurmdbd to record its end (it lags the controller)."""
+    fields = ["State", "ExitCode", "ReqMem", "Timelimit"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            proc = subprocess.run(["sacct", "-X", "--parsable2", "--noheader", "-j", job_id,
+                                   f"--format={','.join(fields)}"], capture_output=True, text=True, timeout=30)
+        except (FileNotFoundError, subprocess.TimeoutExpired) as err:
+            return {"State": f"state unknown (sacct: {type(err).__name__})"}
+        rows = proc.stdout.strip().splitlines()
+        row = dict(zip(fields, rows[0].split("|"))) if proc.returncode == 0 and rows else {}
+        if row.get("State", "").startswith(END_STATES) or time.monotonic() > deadline:
+            return row or {"State": f"state unknown (sacct: {proc.stderr.strip() or 'no record'})"}
+        time.sleep(0.5)
+
+
+def _job_failure(job_id: str, slurm_log: Path, workdir: Path, timeout_s: float) -> str:
+    row = _sacct_row(job_id, timeout_s)
+    state = row["State"]
+    line = f"error: Slurm job {job_id} {state}"
+    if row.get("ExitCode", "0:0") != "0:0":
+        line += f" (exit {row['ExitCode'].split(':')[0]})"
+    if state.startswith("TIMEOUT"):
+        line += f" at its time limit {row.get('Timelimit')} (raise runtime in the profile's set-resources)"
+    elif state.startswith("OUT_OF_MEMORY"):
+        line += f" at its memory limit {row.get('ReqMem')} (raise mem_mb in the profile's set-resources)"
+    text = slurm_log.read_text(errors="replace") if slurm_log.is_file() else ""
+    # the first rule that failed inside the job (a group job runs several; the rest never started or
+    # are reported failed with it)
+    rule = RULE_ERROR.search(text)
+    if rule:
+        line += f" in rule {rule.group(1)} (log {rule.group(2)})"
+        rule_log = workdir / rule.group(2)
+        cause = _last_error(rule_log.read_text(errors="replace")) if rule_log.is_file() else None
+        cause = cause or _last_error(text[:rule.start()])
+    else:
+        cause = _last_error(text)
+    if cause:
+        line += f": {cause}"
+    try:
+        shown = slurm_log.relative_to(workdir)
+    except ValueError:
+        shown = slurm_log
+    return f"{line}; Slurm log {shown}"
+
+
+def failure_lines(client_logs: list[str] | str | None, workdir: str | Path = ".", timeout_s: float = 30) -> list[str]:
+    """One line per job of a failed Slurm run, from the client's log (Snakemake's `onerror` gets its path):
+    the jobs sbatch refused, then the jobs that failed on the cluster. Empty for a run without Slurm."""
+    workdir = Path(workdir).resolve()
+    paths = [client_logs] if isinstance(client_logs, str) else list(client_logs or [])
+    text = "".join(Path(p).read_text(errors="replace") for p in paths if Path(p).is_file())
+    if not RUN_ID_LINE.search(text):
+        return []
+    lines = []
+    for rule, message in SBATCH_REFUSED.findall(text):
+        reason = message.strip().splitlines()[0].removeprefix("sbatch: error: ")
+        lines.append(f"error: sbatch refused rule {rule}'s job: {reason}")
+    failed = dict((job_id, Path(path)) for path, job_id in FAILED_JOB_LOG.findall(text))
+    for job_id, slurm_log in failed.items():
+        lines.append(_job_failure(job_id, slurm_log if slurm_log.is_absolute() else workdir / slurm_log, workdir,
+                                  timeout_s))
+    return lines
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from moe_offload.errors import InputError
 from moe_offload.runtime import cache_policy
 from moe_offload.runtime.fused_step import TRITON_OPS
 from moe_offload.runtime.generate import generate, load_runtime, teacher_forced_logits
-from moe_offload.media_files import check_audio, check_image
+from moe_offload.media_files import check_audio, check_image, read_audio
 from moe_offload.runtime.media import MediaProcessor, rope_positions
 from moe_offload.sample_media import gradient, noise, noise_image, tone, write_image, write_wav
 
@@ -193,6 +193,29 @@ def test_bad_media_files_are_one_line_errors(tmp_path):
     for check, name, words in cases:
         with pytest.raises(InputError, match=words) as err:
             check(tmp_path / name)
+        assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_flac_reads_the_same_samples_as_wav_and_is_checked_the_same_way(tmp_path):
+    """A flac prompt (read by soundfile) gives the samples its 16-bit wav twin gives (so the same features
+    and tokens); its header is checked as a wav's is."""
+    import soundfile
+
+    samples = noise(0.5, seed=3)
+    write_wav(tmp_path / "clip.wav", samples)
+    pcm = (samples * 32767).astype("int16")  # the wav's own 16-bit values
+    soundfile.write(tmp_path / "clip.flac", pcm, 16000, subtype="PCM_16")
+    flac, wav = read_audio(tmp_path / "clip.flac"), read_audio(tmp_path / "clip.wav")
+    assert flac.dtype == wav.dtype == "float32" and flac.shape == wav.shape == samples.shape
+    assert (flac == wav).all()  # both readers scale 16-bit PCM by 1/32768
+    assert abs(flac - samples).max() <= 2 / 32768
+    soundfile.write(tmp_path / "fast.flac", samples, 22050, subtype="PCM_16")
+    soundfile.write(tmp_path / "stereo.flac", samples[:, None].repeat(2, axis=1), 16000, subtype="PCM_16")
+    (tmp_path / "broken.flac").write_bytes(b"fLaC but not really")
+    for name, words in [("fast.flac", "sample rate 22050 Hz"), ("stereo.flac", "2 channels"),
+                        ("broken.flac", "cannot be read")]:
+        with pytest.raises(InputError, match=words) as err:
+            check_audio(tmp_path / name)
         assert "\n" not in str(err.value) and name in str(err.value)
 
 

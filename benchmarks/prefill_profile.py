@@ -4,6 +4,9 @@ the prefill, the largest first) beside each side's wall time and the tensor-core
 
   PYTHONPATH=src python3 benchmarks/prefill_profile.py --layers 8 --experts 16 --length 8192 \
       --out benchmarks/results/prefill_profile_h100.json
+
+--chunks 4096,16384 also times ours at other prompt-chunk sizes (cache_policy.PREFILL_CHUNK): a prompt
+in one chunk attends on the causal kernel native uses; a later chunk attends after its prefix.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from moe_offload.analysis.run_info import matmul_probe  # noqa: E402
 from moe_offload.checkpoint.dims import spec as dims_spec  # noqa: E402
 from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
 from moe_offload.resources import active_params  # noqa: E402
+from moe_offload.runtime import cache_policy  # noqa: E402
 from moe_offload.runtime.generate import load_runtime, prefill  # noqa: E402
 from moe_offload.runtime.native import load_native  # noqa: E402
 from common import emit  # noqa: E402
@@ -61,6 +65,7 @@ def main():
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunks", default="", help="other prompt-chunk sizes to time ours at, comma-separated")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -95,6 +100,14 @@ def main():
             seconds = timed(fn, a.repeats)
             result[name] = {"prefill_s": seconds, "fraction_of_bound": bound / seconds, **kernels(fn, a.top)}
         result["prefill_speed_ours_over_native"] = result["native"]["prefill_s"] / result["ours"]["prefill_s"]
+        result["prefill_chunk"], default_chunk = cache_policy.PREFILL_CHUNK, cache_policy.PREFILL_CHUNK
+        result["ours_by_chunk"] = {}
+        for chunk in [int(c) for c in a.chunks.split(",") if c]:
+            cache_policy.PREFILL_CHUNK = chunk
+            seconds = timed(ours, a.repeats)
+            result["ours_by_chunk"][chunk] = {"prefill_s": seconds, "fraction_of_bound": bound / seconds,
+                                              "speed_over_native": result["native"]["prefill_s"] / seconds}
+        cache_policy.PREFILL_CHUNK = default_chunk
         emit(result, a.out)
     finally:
         if not a.workdir:

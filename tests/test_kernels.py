@@ -120,6 +120,40 @@ def test_quantized_moe_dequantizes_in_registers(dtype, bits, group, tiles, monke
 
 @pytest.mark.parametrize("bits, group", [(8, 8), (4, 12)])
 @pytest.mark.parametrize("tiles", ["whole", "small"])
+def test_quantized_moe_reads_absent_experts_from_the_host_tier_in_place(dtype, bits, group, tiles, monkeypatch):
+    """Quantized experts absent from the slots (src >= 0) read from a host tier laid out as the layer file
+    stores them (each expert's qweights, then its float16 scales, back to back) and written through into
+    their slots; an expert that is there (src -1) read from its slot. Against the PyTorch path on slabs
+    that already hold every expert, and the slots' bytes afterwards."""
+    if tiles == "small":
+        import triton
+        monkeypatch.setattr(moe_kernels, "_blocks",
+                            lambda tuned, **dims: {k: min(4, triton.next_power_of_2(n)) for k, n in dims.items()})
+    h, i, n_experts, k = 48, 24, 6, 3
+    w1, s1 = quantized_slabs((2 * i, h), n_experts, bits, group)
+    w2, s2 = quantized_slabs((h, i), n_experts, bits, group)
+    stored = [torch.cat([t[e].reshape(-1).view(torch.uint8) for t in (w1, w2, s1, s2)]) for e in range(n_experts)]
+    pad = torch.zeros(6, dtype=torch.uint8)  # the layer's experts need not start at byte 0
+    host = torch.cat([pad, *stored])
+    offsets = [len(pad) + sum(len(b) for b in stored[:e]) for e in range(n_experts)]
+    experts = [4, 1, 2]  # expert 1 is resident in slot 0; 4 and 2 are absent and land in slots 2 and 3
+    slots, src = torch.tensor([2, 0, 3]), torch.tensor([offsets[4], -1, offsets[2]])
+    q1, q2 = torch.zeros(4, *w1.shape[1:], dtype=w1.dtype), torch.zeros(4, *w2.shape[1:], dtype=w2.dtype)
+    t1, t2 = torch.zeros(4, *s1.shape[1:], dtype=s1.dtype), torch.zeros(4, *s2.shape[1:], dtype=s2.dtype)
+    q1[0], q2[0], t1[0], t2[0] = w1[1], w2[1], s1[1], s2[1]
+    x, resid = torch.randn(h, dtype=dtype), torch.randn(h, dtype=dtype)
+    weights = torch.rand(k, dtype=dtype)
+    got = moe_kernels.moe(x, q1, q2, slots, weights, resid, host=(host, src), quant=(t1, t2, bits, group))
+    want = torch_ops.moe(x, w1, w2, torch.tensor(experts), weights, resid, quant=(s1, s2, bits, group))
+    assert (got.float() - want.float()).abs().max() <= TOL[dtype]
+    for slot, e in zip(slots.tolist(), experts):  # written through: the slot now holds the expert as stored
+        assert torch.equal(q1[slot], w1[e]) and torch.equal(q2[slot], w2[e])
+        assert torch.equal(t1[slot], s1[e]) and torch.equal(t2[slot], s2[e])
+    assert torch.equal(q1[1], torch.zeros_like(q1[1]))  # no other slot is touched
+
+
+@pytest.mark.parametrize("bits, group", [(8, 8), (4, 12)])
+@pytest.mark.parametrize("tiles", ["whole", "small"])
 def test_grouped_linear_dequantizes_tiles_in_registers(dtype, bits, group, tiles, monkeypatch):
     """The prompt's grouped GEMM over quantized slabs (rows sorted by slot, an empty slot among them) against
     torch's grouped GEMM over the dequantized slabs, the path MoE._grouped takes without it; small tiles

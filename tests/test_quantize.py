@@ -157,6 +157,44 @@ def test_quantized_layer_files_give_transformers_tokens_on_the_same_weights(extr
                 assert (ours[0] - logits[0]).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_misses_read_from_the_host_tier_in_place_give_transformers_tokens(extracted, bits):
+    """The fused kernels (Triton's interpreter here) with the host tier and a cache of 6 of 16: absent
+    quantized experts are read from the host tier in place inside the decode step, as stored, not copied
+    into a slot first; transformers' tokens on the same (dequantized) weights, and the slots end up
+    holding the stored bytes."""
+    from moe_offload.runtime import kernels
+
+    if not kernels.available(torch.device("cpu")):
+        pytest.fail("needs triton with TRITON_INTERPRET=1 (set in conftest)")
+    root, ckpt, cfg = extracted
+    qdir, _ = _quantized(extracted, bits)
+    ref = _reference_with(ckpt, cfg, qdir, bits)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("Once upon a time there was a small robot", return_tensors="pt").input_ids
+    steps = 8
+    with torch.inference_mode():
+        theirs = ref.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+    rt = load_runtime(root / "dense.safetensors", qdir, ckpt, capacity=6, use_kernels=True, host_tier=True)
+    assert rt.step.in_place and rt.cache.bits == bits
+    gen = generate(rt, ids, steps, return_logits=True, path="pipelined")
+    assert gen.tokens[0] == theirs.sequences[0, ids.shape[1]:].tolist()
+    for ours, logits in zip(gen.logits, theirs.logits):
+        assert (ours[0] - logits[0]).abs().max().item() <= 1e-4
+    assert gen.decode_stats["misses"] > 0 and gen.decode_stats["load_seconds"] == 0  # read inside the step
+    layer = cfg.expert_layers[0]
+    w1, w2, table = rt.cache.slabs(layer)
+    s1, s2, _, _ = rt.cache.quant_slabs(layer)
+    with safe_open(qdir / f"layer_{layer}.safetensors", framework="pt") as f:
+        layout, _ = detect_checkpoint(ckpt)
+        for expert, slot in ((e, s) for e, s in enumerate(table.tolist()) if s >= 0):
+            name = lambda p: layout.expert(layer, expert, p)  # noqa: E731
+            assert torch.equal(w1[slot], torch.cat([f.get_tensor(qweight_name(name(p))) for p in PROJECTIONS[:2]]))
+            assert torch.equal(s2[slot], f.get_tensor(scales_name(name(PROJECTIONS[2]))))
+
+
 def test_a_corrupted_quantized_file_is_refused(extracted, tmp_path):
     qdir, records = _quantized(extracted, 4)
     path = qdir / "layer_2.safetensors"

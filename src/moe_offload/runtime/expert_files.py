@@ -149,17 +149,20 @@ class ExpertFiles:
         return self._host[layer][1] if layer in self._host else None
 
     def host_offsets(self, layer: int) -> list[int] | None:
-        """Each expert's element offset in `layer`'s host-tier buffer, or None when the kernels cannot read
-        the experts there in place: no host tier, parts out of slot order, or an offset (of gate or of
-        down) that is not a multiple of ALIGN elements."""
+        """Each expert's element offset in `layer`'s host-tier buffer (quantized: byte offset), or None when
+        the kernels cannot read the experts there in place: no host tier, parts out of slot order, or an
+        offset (of gate or of down) that is not a multiple of ALIGN elements (quantized: float16 scales
+        that do not start at an even byte)."""
         if layer not in self._host:
             return None
         out, start = [], self._host[layer][1]
         for span in self.spans[layer]:
-            if span.bits != 16:  # the kernels read quantized experts from their slots only
-                return None
             offset, rest = divmod(span.offset - start, span.dtype.itemsize)
-            if not span.in_slot_order or rest or offset % ALIGN or span.parts[2][0] % ALIGN:
+            if not span.in_slot_order or rest:
+                return None
+            if span.bits == 16 and (offset % ALIGN or span.parts[2][0] % ALIGN):
+                return None
+            if span.bits != 16 and (offset + span.parts[3][0]) % 2:
                 return None
             out.append(offset)
         return out

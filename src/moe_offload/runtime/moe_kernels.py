@@ -101,26 +101,33 @@ if triton is not None:
     def _read_through(slot_ptr, host_ptr, offs, mask, from_host):
         """A tile of an expert's weights: from its slot, or (from_host) from the host tier, cast to the
         slot's dtype as a load into the slot casts, and stored into the slot on the way."""
-        w_host = tl.load(host_ptr + offs, mask=mask & from_host, other=0.0).to(slot_ptr.dtype.element_ty)
+        w_host = tl.load(host_ptr + offs, mask=mask & from_host, other=0).to(slot_ptr.dtype.element_ty)
         tl.store(slot_ptr + offs, w_host, mask=mask & from_host)
-        w_slot = tl.load(slot_ptr + offs, mask=mask & (from_host == 0), other=0.0)
+        w_slot = tl.load(slot_ptr + offs, mask=mask & (from_host == 0), other=0)
         return tl.where(from_host, w_host, w_slot)
 
     @triton.jit
     def _quant_load(w_ptr, s_ptr, rows, row_mask, g0, N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                    BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+                    BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, hw_ptr, hs_ptr, from_host, HOST: tl.constexpr):
         """Rows `rows` of a quantized weight [rows, N] (checkpoint.quantize's form) over groups g0 .. g0 +
         BLOCK_G, as stored: (bytes [rows, groups, BLOCK_J] (a group's GROUP * BITS / 8 bytes, padded to
         BLOCK_J), scales [rows, groups] in float32). Tiles are whole groups, so each scale multiplies one
-        group's sum, not each weight."""
+        group's sum, not each weight. HOST: where from_host, read from the host tier (hw_ptr, hs_ptr: the
+        same weight as stored there) and written into the slot on the way."""
         BYTES: tl.constexpr = GROUP * BITS // 8  # per group
         groups = g0 + tl.arange(0, BLOCK_G)
         j = tl.arange(0, BLOCK_J)
         m = row_mask[:, None] & (groups < N // GROUP)[None, :]
         cols = groups[:, None] * BYTES + j[None, :]
-        q = tl.load(w_ptr + rows[:, None, None] * (N * BITS // 8) + cols[None, :, :],
-                    mask=m[:, :, None] & (j < BYTES)[None, None, :], other=0)
-        s = tl.load(s_ptr + rows[:, None] * (N // GROUP) + groups[None, :], mask=m, other=0.0)
+        q_offs = rows[:, None, None] * (N * BITS // 8) + cols[None, :, :]
+        q_mask = m[:, :, None] & (j < BYTES)[None, None, :]
+        s_offs = rows[:, None] * (N // GROUP) + groups[None, :]
+        if HOST:
+            q = _read_through(w_ptr, hw_ptr, q_offs, q_mask, from_host)
+            s = _read_through(s_ptr, hs_ptr, s_offs, m, from_host)
+        else:
+            q = tl.load(w_ptr + q_offs, mask=q_mask, other=0)
+            s = tl.load(s_ptr + s_offs, mask=m, other=0.0)
         return q, s.to(tl.float32)
 
     @triton.jit
@@ -145,7 +152,8 @@ if triton is not None:
         return tl.sum(part * s, axis=1)
 
     @triton.jit
-    def _moe_gate_up_kernel(x_ptr, w1_ptr, s1_ptr, slots_ptr, act_ptr, host_ptr, src_ptr, slot_stride, scale_stride,
+    def _moe_gate_up_kernel(x_ptr, w1_ptr, s1_ptr, slots_ptr, act_ptr, host_ptr, host_s_ptr, src_ptr, slot_stride,
+                            scale_stride,
                             H: tl.constexpr, I: tl.constexpr, HOST: tl.constexpr, BITS: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
                             BLOCK_J: tl.constexpr, PDL: tl.constexpr):
@@ -179,9 +187,18 @@ if triton is not None:
                 up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
         else:
             s_base = s1_ptr + slot * scale_stride
+            # in the host tier an expert is its qweights (gate, up, down) then its float16 scales, from byte src
+            host_q, host_s, from_host = base, s_base, False
+            if HOST:
+                src = tl.load(src_ptr + e)
+                host_q = host_ptr + tl.maximum(src, 0)
+                host_s = host_s_ptr + (tl.maximum(src, 0) + 3 * I * H * BITS // 8) // 2
+                from_host = src >= 0
             for g0 in range(0, H // GROUP, BLOCK_G):
-                qg, sg = _quant_load(base, s_base, rows, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
-                qu, su = _quant_load(base, s_base, rows + I, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                qg, sg = _quant_load(base, s_base, rows, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J, host_q,
+                                     host_s, from_host, HOST)
+                qu, su = _quant_load(base, s_base, rows + I, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J, host_q,
+                                     host_s, from_host, HOST)
                 gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
                 up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
         dt = act_ptr.dtype.element_ty
@@ -191,8 +208,8 @@ if triton is not None:
         tl.store(act_ptr + e * I + rows, (silu * up).to(dt), mask=row_mask)
 
     @triton.jit
-    def _moe_down_kernel(act_ptr, w2_ptr, s2_ptr, slots_ptr, weights_ptr, resid_ptr, out_ptr, host_ptr, src_ptr,
-                         part_ptr, count_ptr, slot_stride, scale_stride, K: tl.constexpr, H: tl.constexpr,
+    def _moe_down_kernel(act_ptr, w2_ptr, s2_ptr, slots_ptr, weights_ptr, resid_ptr, out_ptr, host_ptr, host_s_ptr,
+                         src_ptr, part_ptr, count_ptr, slot_stride, scale_stride, K: tl.constexpr, H: tl.constexpr,
                          I: tl.constexpr, HAS_RESID: tl.constexpr, HOST: tl.constexpr, BITS: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_J: tl.constexpr, PDL: tl.constexpr):
@@ -221,8 +238,16 @@ if triton is not None:
             _wait_for_inputs(PDL)
             a = tl.load(act_ptr + e * I + cols, mask=col_mask, other=0.0).to(tl.float32)
             y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-        else:
-            q, s = _quant_load(base, s2_ptr + slot * scale_stride, rows, row_mask, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J)
+        else:  # host tier: down's qweights after gate's and up's, its scales after theirs
+            s_base = s2_ptr + slot * scale_stride
+            host_q, host_s, from_host = base, s_base, False
+            if HOST:
+                src = tl.load(src_ptr + e)
+                host_q = host_ptr + tl.maximum(src, 0) + 2 * I * H * BITS // 8
+                host_s = host_s_ptr + (tl.maximum(src, 0) + 3 * I * H * BITS // 8) // 2 + 2 * I * (H // GROUP)
+                from_host = src >= 0
+            q, s = _quant_load(base, s_base, rows, row_mask, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J, host_q, host_s,
+                               from_host, HOST)
             _wait_for_inputs(PDL)
             y = _quant_dot(q, s, act_ptr + e * I, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J)
         tl.store(part_ptr + e * H + rows, y.to(dt), mask=row_mask)
@@ -331,14 +356,17 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
     from the slabs w1 [S, 2I, H] and w2 [S, H, I] at `slots`. host: (the layer's host tier as elements,
     src [k]): expert j with src[j] >= 0 is read there instead (gate, up, down back to back from element
     src[j]) and written into its slot as it is read. quant: (s1, s2, bits, group_size) of quantized slabs
-    (w1 [S, 2I, H * bits / 8], w2 [S, H, I * bits / 8]; slots.py), dequantized in registers."""
+    (w1 [S, 2I, H * bits / 8], w2 [S, H, I * bits / 8]; slots.py), dequantized in registers; their host
+    tier is bytes, src[j] the byte where expert j's qweights start, its float16 scales after them (an even
+    byte: expert_files.host_offsets)."""
     bits, group = (16, 1) if quant is None else quant[2:]
     s1, s2 = (w1, w2) if quant is None else quant[:2]
-    if host is not None and bits != 16:
-        raise ValueError("the host tier is read in place for 16-bit experts only")
     k, two_i, h = slots.numel(), w1.shape[1], w2.shape[1]
     i = two_i // 2
     host_buf, src = host if host is not None else (w1, slots)
+    host_scales = host_buf
+    if host is not None and bits != 16:  # the same bytes as the slots' qweights, and as float16 scales
+        host_buf, host_scales = host_buf.view(w1.dtype), host_buf[:host_buf.numel() // 2 * 2].view(torch.float16)
     act = torch.empty(k, i, dtype=x.dtype, device=x.device)
     if bits == 16:
         gu = dict(_blocks(GATE_UP_BLOCKS, BLOCK_I=i, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1)
@@ -348,14 +376,15 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
         gu = dict(_blocks(QUANT_GATE_UP_BLOCKS[bits], BLOCK_I=i, BLOCK_G=h // group), BLOCK_H=1, BLOCK_J=per_group)
         dn = dict(_blocks(QUANT_DOWN_BLOCKS[bits], BLOCK_H=h), BLOCK_G=triton.next_power_of_2(i // group),
                   BLOCK_J=per_group)
-    _moe_gate_up_kernel[(k, triton.cdiv(i, gu["BLOCK_I"]))](x, w1, s1, slots, act, host_buf, src, w1.stride(0),
-                                                            s1.stride(0), H=h, I=i, HOST=host is not None, BITS=bits,
+    _moe_gate_up_kernel[(k, triton.cdiv(i, gu["BLOCK_I"]))](x, w1, s1, slots, act, host_buf, host_scales, src,
+                                                            w1.stride(0), s1.stride(0), H=h, I=i, HOST=host is not None, BITS=bits,
                                                             GROUP=group, **gu, **_launch(x.device))
     out = torch.empty_like(x)
     n_blocks = triton.cdiv(h, dn["BLOCK_H"])
     part = torch.empty(k, h, dtype=x.dtype, device=x.device)
-    _moe_down_kernel[(n_blocks, k)](act, w2, s2, slots, weights, x if resid is None else resid, out, host_buf, src,
-                                    part, _counters(x.device, "moe_down", n_blocks), w2.stride(0), s2.stride(0), K=k,
+    _moe_down_kernel[(n_blocks, k)](act, w2, s2, slots, weights, x if resid is None else resid, out, host_buf,
+                                    host_scales, src, part, _counters(x.device, "moe_down", n_blocks), w2.stride(0),
+                                    s2.stride(0), K=k,
                                     H=h, I=i, HAS_RESID=resid is not None, HOST=host is not None, BITS=bits,
                                     GROUP=group, BLOCK_I=triton.next_power_of_2(i), **dn, **_launch(x.device))
     return out

@@ -7,6 +7,17 @@ workflow's CPU jobs, in seconds instead of minutes at real size).
 
   PYTHONPATH=src python3 benchmarks/quantized_speed.py --layers 48 --experts 16 \
       --out benchmarks/results/quantized_speed_h100_48x16.json
+
+Offloaded (--capacity C): each bit-width also with C experts per layer on the GPU and every expert in the
+host tier, misses read in place by the decode kernels, sampled at temperature 1 (so that consecutive
+tokens route differently) on a checkpoint whose embeddings are scaled by --embed-scale (routing that
+follows the token: docs/benchmarks.md's regime). Each offloaded run stands beside its link bound: its
+resident step plus its misses' bytes read over the bus at the zero-copy probe's rate. Then transformers
+with accelerate's device_map="auto" within the GPU memory our 16-bit offloaded run held, as a
+memory-limited user runs it:
+
+  PYTHONPATH=src python3 benchmarks/quantized_speed.py --layers 16 --experts 128 --capacity 32 \
+      --embed-scale 100 --out benchmarks/results/quantized_offloaded_h100_16x128.json
 """
 
 from __future__ import annotations
@@ -28,9 +39,51 @@ from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
 from moe_offload.checkpoint.quantize import quantize_layer  # noqa: E402
 from moe_offload.resources import bytes_read_per_token, kv_bytes  # noqa: E402
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits  # noqa: E402
-from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
+from moe_offload.runtime.native import load_native, load_native_offloaded, native_generate  # noqa: E402
 from common import emit  # noqa: E402
-from probes import free, hbm_probe  # noqa: E402
+from probes import free, hbm_probe, zero_copy_probe  # noqa: E402
+
+
+def offloaded(a, files, folder, ids, dtype, resident_s: float, result: dict) -> dict:
+    """`folder`'s experts with a.capacity per layer on the GPU and all of them in the host tier, misses read
+    in place; sampled decoding (seeds 0..), against the link bound from this bit-width's resident step."""
+    rt = load_runtime(files.dense, folder, files.ckpt, capacity=a.capacity, device="cuda", dtype=dtype,
+                      pin_memory=True, host_tier=True)
+    rt.model.trace.enabled = False
+    torch.cuda.reset_peak_memory_stats()
+    generate(rt, ids, a.new_tokens, temperature=1.0, seed=100)  # warm-up
+    runs = [generate(rt, ids, a.new_tokens, temperature=1.0, seed=i) for i in range(a.repeats)]
+    steps = max(a.new_tokens - 1, 1)
+    misses = statistics.median(g.decode_stats["misses"] for g in runs) / steps
+    link = result["zero_copy"]["bytes_per_second"]
+    transfers = misses * rt.cache.bytes_per_expert / link
+    tok_s = statistics.median(g.decode_tokens_per_second for g in runs)
+    out = {"decode_tok_s": tok_s, "capacity_per_layer": a.capacity, "in_place_misses": rt.step.in_place,
+           "misses_per_token": misses, "hit_rate": statistics.median(g.decode_stats["hit_rate"] for g in runs),
+           "bytes_per_expert": rt.cache.bytes_per_expert, "link": "zero-copy reads of the pinned host tier",
+           "link_bound_tok_s": 1 / (resident_s + transfers), "overlap_bound_tok_s": 1 / max(resident_s, transfers),
+           "gpu_peak_bytes": torch.cuda.max_memory_allocated()}
+    out["fraction_of_link_bound"] = tok_s / out["link_bound_tok_s"]
+    out["fraction_of_overlap_bound"] = tok_s / out["overlap_bound_tok_s"]
+    rt.cache.close()
+    del rt
+    free(torch.device("cuda"))
+    return out
+
+
+def accelerate_run(a, files, ids, dtype, device, work: Path, result: dict) -> dict:
+    """transformers with accelerate's device_map="auto" within the GPU memory our 16-bit offloaded run
+    held (or the smallest run's), the rest in CPU RAM: what a memory-limited user runs instead."""
+    held = min(r["gpu_peak_bytes"] for r in result["offloaded"].values())
+    budget_mb = max(1, held // 2**20)
+    model, placement = load_native_offloaded(files.ckpt, device, dtype, {0: f"{budget_mb}MiB", "cpu": "100GiB"},
+                                             work / "offload")
+    native_generate(model, ids, 2)
+    run = native_generate(model, ids, a.accelerate_tokens)
+    del model
+    free(device)
+    return {"gpu_budget_mb": budget_mb, "placement": placement, "new_tokens": a.accelerate_tokens,
+            "tok_s": run["tok_s"], "decoding": "greedy (transformers generate)"}
 
 
 def main():
@@ -42,16 +95,22 @@ def main():
     p.add_argument("--prompt", type=int, default=36)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--capacity", type=int, default=None, help="also run offloaded: this many experts per layer "
+                   "on the GPU, the host tier, misses read in place")
+    p.add_argument("--embed-scale", type=float, default=1.0, help="the checkpoint's embeddings scaled by this")
+    p.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens of the accelerate run (slow)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.set_grad_enabled(False)
     spec = dims_spec("real", a.layers, layout="qwen3_moe", num_experts=a.experts)
+    if a.embed_scale != 1:
+        spec["embed_scale"] = a.embed_scale
     work = Path(a.workdir or tempfile.mkdtemp(prefix="quant."))
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device_name": torch.cuda.get_device_name(),
               "torch": torch.__version__, "spec": spec, "group_size": a.group, "prompt_tokens": a.prompt,
-              "new_tokens": a.new_tokens, "runs": {}}
+              "new_tokens": a.new_tokens, "runs": {}, "offloaded": {}}
     try:
         start = time.perf_counter()
         files = build_and_extract(spec, work)
@@ -66,6 +125,8 @@ def main():
         print(f"# built, extracted and quantized in {result['prepare_seconds']:.0f} s", file=sys.stderr, flush=True)
         result["hbm"] = hbm_probe(device)
         bandwidth = result["hbm"]["bytes_per_second"]
+        if a.capacity:
+            result["zero_copy"] = zero_copy_probe(device)
         ids = torch.randint(16, cfg.vocab_size - 16, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
         native = load_native(files.ckpt, device, dtype)
         native_generate(native, ids, a.new_tokens)
@@ -99,8 +160,20 @@ def main():
             rt.cache.close()
             del rt
             free(device)
+            if a.capacity:
+                result["offloaded"][str(bits)] = offloaded(a, files, folder, ids, dtype, 1 / tok_s, result)
+                print(f"# {bits} bits, cache {a.capacity}: {result['offloaded'][str(bits)]['decode_tok_s']:.1f} tok/s",
+                      file=sys.stderr, flush=True)
             if a.out:
                 emit(result, a.out)
+        if a.capacity:
+            result["accelerate"] = accelerate_run(a, files, ids, dtype, device, work, result)
+            base_off = result["offloaded"].get("16", {}).get("decode_tok_s")
+            result["offloaded_ratios"] = {f"{bits}_over_16": r["decode_tok_s"] / base_off
+                                          for bits, r in result["offloaded"].items() if base_off}
+            if result["accelerate"].get("tok_s"):
+                result["offloaded_ratios"].update({f"{bits}_over_accelerate": r["decode_tok_s"] / result["accelerate"]["tok_s"]
+                                                   for bits, r in result["offloaded"].items()})
         base = result["runs"].get("16", {}).get("decode_tok_s")
         result["ratios"] = {f"{bits}_over_16": r["decode_tok_s"] / base for bits, r in result["runs"].items() if base}
         result["ratios"].update({f"{bits}_over_native": r["decode_tok_s"] / result["native"]["decode_tok_s"]

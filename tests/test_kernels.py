@@ -24,6 +24,13 @@ def dtype(request):
     return request.param
 
 
+def small_tiles(monkeypatch, most: int) -> None:
+    """The expert kernels' tiles capped at `most` rows and columns: several tiles per dim, masked tails."""
+    import triton
+    monkeypatch.setattr(moe_kernels, "_blocks",
+                        lambda tuned, **dims: {k: min(most, triton.next_power_of_2(n)) for k, n in dims.items()})
+
+
 def test_add_rms_norm(dtype):
     x, d, w = (torch.randn(96, dtype=dtype) for _ in range(3))
     normed, summed = kernels.rms_norm(x, w, 1e-6, delta=d)
@@ -65,9 +72,7 @@ def test_moe_reads_experts_in_place(dtype):
 def test_moe_down_adds_the_experts_in_order_across_row_blocks(dtype, monkeypatch):
     """Small tiles: several row blocks, each finished by whichever of its k programs comes last, which
     leaves the shared counters zeroed for the next call (a graph replay reuses them)."""
-    import triton
-    monkeypatch.setattr(moe_kernels, "_blocks",
-                        lambda tuned, **dims: {k: min(8, triton.next_power_of_2(n)) for k, n in dims.items()})
+    small_tiles(monkeypatch, 8)
     h, i, slots_n, k = 44, 20, 6, 4
     x, resid = torch.randn(h, dtype=dtype), torch.randn(h, dtype=dtype)
     w1 = torch.randn(slots_n, 2 * i, h, dtype=dtype) / h ** 0.5
@@ -98,9 +103,7 @@ def test_quantized_moe_dequantizes_in_registers(dtype, bits, group, tiles, monke
     and groups, so that the loops over groups, their masked tails and several row blocks of the down
     kernel run."""
     if tiles == "small":
-        import triton
-        monkeypatch.setattr(moe_kernels, "_blocks",
-                            lambda tuned, **dims: {k: min(4, triton.next_power_of_2(n)) for k, n in dims.items()})
+        small_tiles(monkeypatch, 4)
     h, i, slots_n, k = 48, 24, 7, 3
     w1, s1 = quantized_slabs((2 * i, h), slots_n, bits, group)
     w2, s2 = quantized_slabs((h, i), slots_n, bits, group)
@@ -126,9 +129,7 @@ def test_quantized_moe_reads_absent_experts_from_the_host_tier_in_place(dtype, b
     their slots; an expert that is there (src -1) read from its slot. Against the PyTorch path on slabs
     that already hold every expert, and the slots' bytes afterwards."""
     if tiles == "small":
-        import triton
-        monkeypatch.setattr(moe_kernels, "_blocks",
-                            lambda tuned, **dims: {k: min(4, triton.next_power_of_2(n)) for k, n in dims.items()})
+        small_tiles(monkeypatch, 4)
     h, i, n_experts, k = 48, 24, 6, 3
     w1, s1 = quantized_slabs((2 * i, h), n_experts, bits, group)
     w2, s2 = quantized_slabs((h, i), n_experts, bits, group)
@@ -159,9 +160,7 @@ def test_grouped_linear_dequantizes_tiles_in_registers(dtype, bits, group, tiles
     torch's grouped GEMM over the dequantized slabs, the path MoE._grouped takes without it; small tiles
     loop over row tiles, column tiles and input steps with masked tails."""
     if tiles == "small":
-        import triton
-        monkeypatch.setattr(moe_kernels, "_blocks",
-                            lambda tuned, **dims: {k: min(16, triton.next_power_of_2(n)) for k, n in dims.items()})
+        small_tiles(monkeypatch, 16)
     n_in, n_out = 48, 40
     w, s = quantized_slabs((n_out, n_in), 5, bits, group)
     ends = torch.tensor([3, 3, 23, 24, 41], dtype=torch.int32)

@@ -125,7 +125,7 @@ def quantized(result, hbm, x, slots, weights, n_slots, group, tokens):
             if bg > H // group:
                 continue
             fn = lambda: moe_kernels._moe_gate_up_kernel[(K, -(-I // bi))](  # noqa: E731
-                x, w1, s1, slots, act, w1, slots, w1.stride(0), s1.stride(0), H=H, I=I, HOST=False, BITS=bits,
+                x, w1, s1, slots, act, w1, s1, slots, w1.stride(0), s1.stride(0), H=H, I=I, HOST=False, BITS=bits,
                 GROUP=group, BLOCK_I=bi, BLOCK_H=1, BLOCK_G=bg, BLOCK_J=per_group, num_warps=nw, PDL=False)
             sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_G": bg, "num_warps": nw, "us": bench_graph(fn) * 1e6})
         tuned = dict(moe_kernels.QUANT_DOWN_BLOCKS[bits])
@@ -260,7 +260,7 @@ def main():
     i_act = torch.randn(K, I, dtype=dt, device=dev)
     for bi, bh, nw in itertools.product([1, 2, 4, 8], [1024, 2048], [2, 4, 8]):
         fn = lambda: moe_kernels._moe_gate_up_kernel[(K, -(-I // bi))](  # noqa: E731
-            x, w1, w1, slots, i_act, w1, slots, w1.stride(0), 0, H=H, I=I, HOST=False, BITS=16, GROUP=1, BLOCK_I=bi,
+            x, w1, w1, slots, i_act, w1, w1, slots, w1.stride(0), 0, H=H, I=I, HOST=False, BITS=16, GROUP=1, BLOCK_I=bi,
             BLOCK_H=bh, BLOCK_G=1, BLOCK_J=1, num_warps=nw, PDL=False)
         sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_H": bh, "num_warps": nw, "us": bench_graph(fn) * 1e6})
     for bh, nw in itertools.product([1, 2, 4, 8, 16], [1, 2, 4, 8]):

@@ -13,7 +13,7 @@ host tier, misses read in place by the decode kernels, sampled at temperature 1 
 tokens route differently) on a checkpoint whose embeddings are scaled by --embed-scale (routing that
 follows the token: docs/benchmarks.md's regime). Each offloaded run stands beside its link bound: its
 resident step plus its misses' bytes read over the bus at the zero-copy probe's rate. Then transformers
-with accelerate's device_map="auto" within the GPU memory our 16-bit offloaded run held, as a
+with accelerate's device_map="auto" within the GPU memory our smallest offloaded run held, as a
 memory-limited user runs it:
 
   PYTHONPATH=src python3 benchmarks/quantized_speed.py --layers 16 --experts 128 --capacity 32 \
@@ -72,8 +72,8 @@ def offloaded(a, files, folder, ids, dtype, resident_s: float, result: dict) -> 
 
 
 def accelerate_run(a, files, ids, dtype, device, work: Path, result: dict) -> dict:
-    """transformers with accelerate's device_map="auto" within the GPU memory our 16-bit offloaded run
-    held (or the smallest run's), the rest in CPU RAM: what a memory-limited user runs instead."""
+    """transformers with accelerate's device_map="auto" within the GPU memory the smallest of our offloaded
+    runs held (the lowest bit-width's), the rest in CPU RAM: what a memory-limited user runs instead."""
     held = min(r["gpu_peak_bytes"] for r in result["offloaded"].values())
     budget_mb = max(1, held // 2**20)
     model, placement = load_native_offloaded(files.ckpt, device, dtype, {0: f"{budget_mb}MiB", "cpu": "100GiB"},

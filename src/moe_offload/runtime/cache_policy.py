@@ -105,7 +105,7 @@ class Scoped:
 
 # Prompt tokens per forward (runtime.generate): a prompt's chunks each run through every layer before the
 # next, so they are separate steps of the access order (analysis.cache_sim.access_sequence).
-PREFILL_CHUNK = 4096
+PREFILL_CHUNK = 8192
 
 
 def step_accesses(chosen: list[list[int]]) -> list[int]:

@@ -48,13 +48,25 @@ def swiglu(x, gate, up, down):
 
 def attend_after_prefix(q, keys, values, prefix: int, scale: float) -> torch.Tensor:
     """Queries that are the last T of the keys' positions: every one of the first `prefix` keys, causal over
-    the rest. Two flash calls merged by their log-sum-exp: PyTorch's CPU backend would materialise a
-    lower-right causal bias and attend every block of it (3x slower for a second 4096-token chunk)."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    before, lse_before = flash(q, keys[:, :, :prefix], values[:, :, :prefix], 0.0, False, scale=scale)
-    within, lse_within = flash(q, keys[:, :, prefix:], values[:, :, prefix:], 0.0, True, scale=scale)
+    the rest. Two flash calls merged by their log-sum-exp: PyTorch would otherwise attend through a
+    lower-right causal mask, which the CPU materialises (3x slower for a second 4096-token chunk) and CUDA
+    runs on FlashAttention-2 (0.69x the time on cuDNN's Hopper kernel here, for 8k queries after 24k keys
+    on an H100). CPU: any dtype; CUDA: 16-bit, the KV heads repeated for GQA."""
+    if q.device.type == "cpu":
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+        def attend(k, v, causal):
+            return flash(q, k, v, 0.0, causal, scale=scale)[:2]
+    else:
+        cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+
+        def attend(k, v, causal):  # (out, log-sum-exp, ...): compute_log_sumexp on, no dropout or debug mask
+            return cudnn(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+    before, lse_before = attend(keys[:, :, :prefix], values[:, :, :prefix], False)
+    within, lse_within = attend(keys[:, :, prefix:], values[:, :, prefix:], True)
+    lse_before, lse_within = (lse.reshape(*q.shape[:3], 1) for lse in (lse_before, lse_within))
     top = torch.maximum(lse_before, lse_within)
-    w_before, w_within = (lse_before - top).exp()[..., None], (lse_within - top).exp()[..., None]
+    w_before, w_within = (lse_before - top).exp(), (lse_within - top).exp()
     merged = (before.float() * w_before + within.float() * w_within) / (w_before + w_within)
     return merged.to(q.dtype)
 
@@ -82,18 +94,22 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         keys, values = kv.update(self.layer, k, v, end)  # only the prefix any query can see
         gqa = c.num_heads != c.num_kv_heads
-        if gqa and q.device.type == "cpu":
-            # KV heads repeated for GQA (transformers' repeat_kv): the CPU's flash op has no GQA of its own;
-            # CUDA's SDPA reads each KV head for its query heads in place (enable_gqa), no copy
+        # A chunk after the first attends in two calls merged by log-sum-exp (CPU; CUDA in 16 bits, where
+        # cuDNN serves it); a first chunk, or float32 on CUDA, through SDPA
+        merged = end != t and (q.device.type == "cpu" or q.dtype in (torch.bfloat16, torch.float16))
+        if gqa and (q.device.type == "cpu" or merged):
+            # KV heads repeated for GQA (transformers' repeat_kv): the flash ops that return the log-sum-exp,
+            # and the CPU's SDPA, have no GQA of their own; CUDA's SDPA reads each KV head for its query
+            # heads in place (enable_gqa), no copy
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
             gqa = False
         # The positions are the last T of 0..end-1 (contiguous, as forward's callers pass them): causal
-        # aligned to the bottom right, which SDPA's flash kernel takes on CUDA without a materialised mask
+        # aligned to the bottom right
         if end == t:
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=c.head_dim ** -0.5,
                                                enable_gqa=gqa)
-        elif q.device.type == "cpu":
+        elif merged:
             y = attend_after_prefix(q, keys, values, end - t, c.head_dim ** -0.5)
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(t, end),

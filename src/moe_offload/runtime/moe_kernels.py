@@ -320,11 +320,12 @@ if triton is not None:
 # dims, each kernel timed inside a CUDA graph with its weights out of L2 (benchmarks/kernel_speed.py).
 GATE_UP_BLOCKS = dict(BLOCK_I=2, BLOCK_H=2048, num_warps=8)
 DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the intermediate size
-# Quantized experts, by bits: tiles of whole groups (BLOCK_G of them), about the 16-bit tiles' bytes a
-# program (not yet swept on a GPU; kernel_speed.py sweeps them)
-QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=4, BLOCK_G=16, num_warps=8), 4: dict(BLOCK_I=8, BLOCK_G=16, num_warps=8)}
-QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=8, num_warps=2), 4: dict(BLOCK_H=16, num_warps=2)}  # whole rows
-GROUPED_QUANT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)  # a guess: not swept yet
+# Quantized experts, by bits: tiles of whole groups (BLOCK_G of them), swept on an H100 at real dims, group
+# 128 (benchmarks/results/kernel_speed_quantized_h100.json)
+QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=1, BLOCK_G=16, num_warps=4), 4: dict(BLOCK_I=8, BLOCK_G=4, num_warps=4)}
+QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=16, num_warps=4), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
+GROUPED_QUANT_BLOCKS = {8: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4),
+                        4: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4)}
 
 
 def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None,
@@ -399,7 +400,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: 
     p, n_in = x.shape
     n_groups, n_out = w.shape[0], w.shape[1]
     out = torch.empty(p, n_out, dtype=x.dtype, device=x.device)
-    b = _blocks(GROUPED_QUANT_BLOCKS, BLOCK_M=p, BLOCK_N=n_out, BLOCK_K=n_in * bits // 8)
+    b = _blocks(GROUPED_QUANT_BLOCKS[bits], BLOCK_M=p, BLOCK_N=n_out, BLOCK_K=n_in * bits // 8)
     b = {k: max(16, v) if k.startswith("BLOCK") else v for k, v in b.items()}  # tl.dot's least tile
     counts = torch.diff(ends.long(), prepend=ends.new_zeros(1).long())
     tile_ends = torch.cumsum(triton.cdiv(counts, b["BLOCK_M"]), 0).to(torch.int32)

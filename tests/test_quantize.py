@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jsonschema
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -103,23 +104,28 @@ def extracted(tmp_path_factory):
     return ex.dir, ex.ckpt, ex.config
 
 
-def _quantized(extracted, bits, group=16):
+def _quantized(extracted, bits, group=16, hot=None):
+    """hot: {layer: experts} kept at 8 bits (the rest at `bits`)."""
     root, ckpt, cfg = extracted
-    out = root / f"q{bits}"
+    out = root / (f"q{bits}" if hot is None else f"q{bits}h8")
     records = {layer: quantize_layer(root / f"layer_{layer}.safetensors", out / f"layer_{layer}.safetensors", bits,
-                                     group) for layer in cfg.expert_layers}
+                                     group, hot=None if hot is None else (8, hot[layer]))
+               for layer in cfg.expert_layers}
     return out, records
 
 
-def _reference_with(ckpt, cfg, qdir, bits):
+def _reference_with(ckpt, cfg, qdir):
     """transformers' own model with each expert's weights replaced by what the quantized file decodes to."""
     layout, _ = detect_checkpoint(ckpt)
     ref = Qwen3MoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         for layer in cfg.expert_layers:
             with safe_open(qdir / f"layer_{layer}.safetensors", framework="pt") as f:
-                weights = [[dequantize(f.get_tensor(qweight_name(layout.expert(layer, e, p))),
-                                       f.get_tensor(scales_name(layout.expert(layer, e, p))), bits)
+                # each expert at its own bits (precision by popularity): int8 stored as int8, int4 as bytes
+                qw = {(e, p): f.get_tensor(qweight_name(layout.expert(layer, e, p)))
+                      for e in range(cfg.num_experts) for p in PROJECTIONS}
+                weights = [[dequantize(qw[e, p], f.get_tensor(scales_name(layout.expert(layer, e, p))),
+                                       8 if qw[e, p].dtype == torch.int8 else 4)
                             for p in PROJECTIONS] for e in range(cfg.num_experts)]
             experts = ref.model.layers[layer].mlp.experts
             experts.gate_up_proj.copy_(torch.stack([torch.cat(w[:2]) for w in weights]))
@@ -139,7 +145,7 @@ def test_quantized_layer_files_give_transformers_tokens_on_the_same_weights(extr
     # bits per weight plus a 16-bit scale per 16 weights, against bf16 (and the header's longer names)
     size = (qdir / "layer_0.safetensors").stat().st_size / (root / "layer_0.safetensors").stat().st_size
     assert size < (bits + 16 / 16) / 16 + 0.06
-    ref = _reference_with(ckpt, cfg, qdir, bits)
+    ref = _reference_with(ckpt, cfg, qdir)
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok("Once upon a time there was a small robot", return_tensors="pt").input_ids
     with torch.inference_mode():
@@ -170,7 +176,7 @@ def test_quantized_misses_read_from_the_host_tier_in_place_give_transformers_tok
         pytest.fail("needs triton with TRITON_INTERPRET=1 (set in conftest)")
     root, ckpt, cfg = extracted
     qdir, _ = _quantized(extracted, bits)
-    ref = _reference_with(ckpt, cfg, qdir, bits)
+    ref = _reference_with(ckpt, cfg, qdir)
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok("Once upon a time there was a small robot", return_tensors="pt").input_ids
     steps = 8
@@ -193,6 +199,38 @@ def test_quantized_misses_read_from_the_host_tier_in_place_give_transformers_tok
             name = lambda p: layout.expert(layer, expert, p)  # noqa: E731
             assert torch.equal(w1[slot], torch.cat([f.get_tensor(qweight_name(name(p))) for p in PROJECTIONS[:2]]))
             assert torch.equal(s2[slot], f.get_tensor(scales_name(name(PROJECTIONS[2]))))
+
+
+def test_hot_experts_at_8_bits_beside_int4_give_transformers_tokens_on_the_same_weights(extracted):
+    """Precision by popularity: each layer's hot experts int8, the rest int4, in one file (each expert's
+    tensors in its own dtype, the hot list in the metadata). The slots hold int8 and widen an int4 expert
+    as it is copied in: transformers' tokens on the same dequantized weights, through the PyTorch path and
+    the Triton kernels (interpreter), with a cache small enough to miss."""
+    root, ckpt, cfg = extracted
+    hot = {layer: [layer % 3, 5, 11] for layer in cfg.expert_layers}
+    qdir, records = _quantized(extracted, 4, hot=hot)
+    for layer, record in records.items():
+        assert record["hot_bits"] == 8 and record["hot_experts"] == sorted(hot[layer])
+        assert [e["bits"] for e in record["experts"]] == [8 if e in hot[layer] else 4 for e in range(cfg.num_experts)]
+    int4_size = (root / "q4" / "layer_0.safetensors").stat().st_size if (root / "q4").exists() else None
+    if int4_size:  # 3 of 16 experts at twice the qweight bytes
+        assert (qdir / "layer_0.safetensors").stat().st_size > int4_size
+    ref = _reference_with(ckpt, cfg, qdir)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("Once upon a time there was a small robot", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        theirs = ref.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = theirs.sequences[0, ids.shape[1]:].tolist()
+    for capacity, kernels in ((cfg.num_experts, False), (6, False), (6, True)):
+        rt = load_runtime(root / "dense.safetensors", qdir, ckpt, capacity=capacity, use_kernels=kernels,
+                          host_tier=kernels)
+        assert rt.cache.bits == 8  # the slots' precision
+        assert rt.cache.bytes_per_expert == cfg.expert_params + cfg.expert_params // 16 * 2
+        gen = generate(rt, ids, 8, return_logits=True, path="pipelined")
+        assert gen.tokens[0] == expected, (capacity, kernels)
+        for ours, logits in zip(gen.logits, theirs.logits):
+            assert (ours[0] - logits[0]).abs().max().item() <= 1e-4
+    assert not rt.step.in_place  # mixed files are copied into their slots, widened
 
 
 def test_a_corrupted_quantized_file_is_refused(extracted, tmp_path):
@@ -222,6 +260,14 @@ def test_a_corrupted_quantized_file_is_refused(extracted, tmp_path):
     ({"bits": 3}, "error: invalid config value at quantize.bits: 3 is not one of [16, 8, 4]"),
     ({"bits": 4, "group_size": 48}, "error: quantize.group_size 48 does not divide the hidden size (64)"),
     ({"bits": 8, "group_size": 40}, "error: quantize.group_size 40 does not divide the hidden size (64)"),
+    ({"bits": 4, "hot": {"fraction": 1.5}},
+     "error: invalid config value at quantize.hot.fraction: 1.5 is greater than the maximum of 1"),
+    ({"bits": 4, "hot": {"fraction": -0.1}},
+     "error: invalid config value at quantize.hot.fraction: -0.1 is less than the minimum of 0"),
+    ({"bits": 8, "group_size": 16, "hot": {"fraction": 0.25}}, "error: quantize.hot.bits 8 above bits 8: precision by popularity runs "
+                                             "int8 hot experts beside int4 ones (bits 4, hot.bits 8)"),
+    ({"bits": 4, "hot": {"bits": 16, "fraction": 0.25}},
+     "error: invalid config value at quantize.hot.bits: 16 is not one of [8]"),
 ])
 def test_bad_quantize_settings_fail_at_plan_time(workdir, quant, line):
     use_small_synthetic(workdir)
@@ -258,6 +304,33 @@ def test_main_job_at_4_bits_reports_fidelity_per_bit_width(workdir):
     jobs = _jobs(snakemake(workdir, "-n", "results/compare.json").stdout)
     assert {"quantize_layer", "generate_depth_quantized"} <= jobs
     assert not jobs & {"extract_layer", "validate_layer", "generate_depth", "generate_native_reference"}
+
+    # precision by popularity: the 4 of 16 experts per layer the full-depth run's router used most at int8
+    set_config(workdir, quantize={"bits": 4, "group_size": 16, "hot": {"bits": 8, "fraction": 0.25}})
+    jobs = _jobs(snakemake(workdir, "-n", "results/compare.json").stdout)
+    assert {"hot_experts", "quantize_layer", "generate_depth_quantized"} <= jobs
+    assert not jobs & {"extract_layer", "validate_layer", "generate_depth", "generate_native_reference"}
+    proc = snakemake(workdir, "--cores", "2", "results/compare.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uses = pd.read_parquet(workdir / "results/traces/depth_4.parquet").explode("experts")
+    hot = json.loads((workdir / "results/experts_q4h8/hot.json").read_text())["per_layer"]
+    for layer, group in uses.groupby("layer"):
+        counts = group["experts"].value_counts()
+        most = sorted(range(16), key=lambda e: (-counts.get(e, 0), e))[:4]
+        assert hot[str(layer)] == sorted(most)
+        record = json.loads((workdir / f"results/experts_q4h8/layer_{layer}.json").read_text())
+        assert [e["bits"] for e in record["experts"]] == [8 if e in most else 4 for e in range(16)]
+    mixed = json.loads((workdir / "results/compare.json").read_text())
+    jsonschema.validate(mixed, SCHEMA)
+    assert [(d["experts"], d["depth"]) for d in mixed["depths"][2:]] == [("int4 + int8 hot (4/layer)", 1),
+                                                                         ("int4 + int8 hot (4/layer)", 4)]
+    assert mixed["quantization"]["hot"]["experts"] == 16 and mixed["quantization"]["hot"]["bits"] == 8
+    # int8 experts reconstruct better: the whole file's error falls below int4's alone
+    assert mixed["quantization"]["mean_rel_frobenius"] < quant["mean_rel_frobenius"]
+    printed = subprocess.run([sys.executable, "-m", "moe_offload.analysis.summary", "results/compare.json"],
+                             cwd=workdir, capture_output=True, text=True)
+    assert "depth 4 (full), int4 + int8 hot (4/layer)" in printed.stdout
+    assert "Precision by popularity: 16 experts (4 layers) kept at int8" in printed.stdout
 
 
 def test_memory_plan_of_the_real_thinker_per_bit_width():

@@ -73,17 +73,34 @@ def check_config(config: dict, text) -> None:
                          f"needs {k} experts of a layer at once")
     quant = config.get("quantize", {"bits": 16})
     if quant["bits"] != 16:
-        from .checkpoint.quantize import check_scheme
+        from .checkpoint.quantize import check_hot, check_scheme
 
+        hot = quant.get("hot") or {}
         try:
             check_scheme(quant["bits"], quant["group_size"], {"hidden size": text.hidden_size,
                                                               "expert intermediate size": text.moe_intermediate_size})
+            check_hot(quant["bits"], hot.get("bits", 8), hot.get("fraction", 0))
         except InputError as err:
             raise InputError(str(err).replace("quantize ", "quantize.", 1)) from None
     for capacity in config["profile"]["capacities"] or []:
         if capacity > text.num_experts:
             raise InputError(f"profile.capacities holds {capacity}, more than the model's {text.num_experts} experts "
                              "per layer")
+
+
+def quant_scheme(quant: dict) -> str | None:
+    """How config quantize names its experts in paths (results/experts_q{scheme}/): "8", "4", "4h8" (int4,
+    the hot experts int8: precision by popularity), or None for 16-bit (nothing quantized)."""
+    if quant.get("bits", 16) == 16:
+        return None
+    hot = quant.get("hot") or {}
+    return f"{quant['bits']}h{hot.get('bits', 8)}" if hot.get("fraction") else f"{quant['bits']}"
+
+
+def parse_scheme(scheme: str) -> tuple[int, int | None]:
+    """quant_scheme's name -> (bits, hot bits or None)."""
+    bits, _, hot = str(scheme).partition("h")
+    return int(bits), int(hot) if hot else None
 
 
 def prompts_folder(config_files: list, cli_files: list, section: str = "generate", key: str = "prompts") -> Path:

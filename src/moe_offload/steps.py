@@ -138,17 +138,45 @@ def extract_layer(smk) -> None:
     log.info("layer %d: wrote %d bytes of experts to %s", layer, nbytes, smk.output[0])
 
 
+def hot_experts(smk) -> None:
+    """Precision by popularity: per layer, the experts the full-depth run's router used most (every
+    routed token of every prompt, prefill and decode), the hot fraction of them."""
+    import pandas as pd
+
+    from .checkpoint.quantize import hot_experts as choose
+
+    num_experts = _manifest(smk)["num_experts"]
+    trace = pd.read_parquet(smk.input.trace, columns=["layer", "experts"]).explode("experts")
+    counts = {int(layer): {int(e): int(n) for e, n in group["experts"].value_counts().items()}
+              for layer, group in trace.groupby("layer")}
+    chosen = choose(counts, num_experts, smk.params.fraction)
+    uses = {layer: sum(c.values()) for layer, c in counts.items()}
+    write_json(smk.output[0], {
+        "fraction": smk.params.fraction, "trace": str(smk.input.trace),
+        "per_layer": {str(layer): experts for layer, experts in chosen.items()},
+        # how much of the router's work the hot experts take: the fraction of routed (token, expert) uses
+        "share_of_uses": {str(layer): sum(counts[layer].get(e, 0) for e in experts) / uses[layer]
+                          for layer, experts in chosen.items()}})
+    log.info("hot experts: %d per layer, %.0f%% of the routed uses on average", len(next(iter(chosen.values()))),
+             100 * sum(sum(counts[L].get(e, 0) for e in ex) / uses[L] for L, ex in chosen.items()) / len(chosen))
+
+
 def quantize_layer(smk) -> None:
     from .hashing import verify_files
     from .checkpoint.quantize import quantize_layer as quantize
+    from .config import parse_scheme
 
-    layer, bits = int(smk.wildcards.layer), int(smk.wildcards.bits)
+    layer, (bits, hot_bits) = int(smk.wildcards.layer), parse_scheme(smk.wildcards.scheme)
     recorded = json.loads(Path(smk.input.checksum).read_text())["file_xxh3_128"]
     verify_files([(Path(smk.input.experts), recorded, str(smk.input.experts))])  # the validated bytes only
+    hot = None
+    if hot_bits:
+        per_layer = json.loads(Path(smk.input.hot).read_text())["per_layer"]
+        hot = (hot_bits, per_layer.get(str(layer), []))
     num_experts = _manifest(smk)["num_experts"]
-    with progress_bar(smk, num_experts, "expert", f"layer {layer} to {bits} bits") as bar:
+    with progress_bar(smk, num_experts, "expert", f"layer {layer} to {smk.wildcards.scheme} bits") as bar:
         record = quantize(smk.input.experts, smk.output.experts, bits, smk.params.group_size,
-                          smk.params.scales == "search", bar)
+                          smk.params.scales == "search", bar, hot=hot)
     write_json(smk.output.record, record)
 
 

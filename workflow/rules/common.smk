@@ -4,7 +4,7 @@ import sys
 from moe_offload.disk import existing_parent, free_bytes
 from moe_offload.plan import Plan, detect_machine, stated_machine
 from moe_offload.code_version import code_version
-from moe_offload.config import canonical, check_config
+from moe_offload.config import canonical, check_config, quant_scheme
 from moe_offload.errors import InputError
 from moe_offload.checkpoint.source import (
     EMBEDDED_DIR,
@@ -135,16 +135,27 @@ def depth_layers(wildcards):
     }
 
 
-# quantize.bits 8 or 4: every depth runs again on quantized experts (None: 16-bit only)
-QUANT_BITS = config["quantize"]["bits"] if config["quantize"]["bits"] != 16 else None
+# quantize.bits 8 or 4: every depth runs again on quantized experts, named by their scheme ("8", "4", or
+# "4h8" with precision by popularity); None: 16-bit only
+QUANT_SCHEME = quant_scheme(config["quantize"])
+SCHEME_PATTERN = r"8|4|4h8"
+
+
+def hot_choice(wildcards):
+    """The hot experts' choice, for a scheme with precision by popularity."""
+    return (
+        f"results/experts_q{wildcards.scheme}/hot.json"
+        if "h" in wildcards.scheme
+        else []
+    )
 
 
 def quantized_depth_layers(wildcards):
     """A quantized depth-N run needs layers 0..N-1 quantized (from validated files), nothing more."""
     layers = [layer for layer in EXPERT_LAYERS if layer < int(wildcards.depth)]
     quantized = expand(
-        "results/experts_q{bits}/layer_{layer}.{ext}",
-        bits=wildcards.bits,
+        "results/experts_q{scheme}/layer_{layer}.{ext}",
+        scheme=wildcards.scheme,
         layer=layers,
         ext=["safetensors", "json"],
     )
@@ -152,22 +163,24 @@ def quantized_depth_layers(wildcards):
 
 
 def depth_runs():
-    """Every depth run the report compares: 16-bit, and at quantize.bits when set."""
+    """Every depth run the report compares: 16-bit, and quantized when config quantize says so."""
     runs = expand("results/generate/depth_{depth}.json", depth=DEPTHS)
-    if QUANT_BITS:
+    if QUANT_SCHEME:
         runs += expand(
-            "results/generate/q{bits}/depth_{depth}.json", bits=QUANT_BITS, depth=DEPTHS
+            "results/generate/q{scheme}/depth_{depth}.json",
+            scheme=QUANT_SCHEME,
+            depth=DEPTHS,
         )
     return runs
 
 
 def quantize_records():
     """Each quantized layer's record (its errors per expert), for the report."""
-    if not QUANT_BITS:
+    if not QUANT_SCHEME:
         return []
     return expand(
-        "results/experts_q{bits}/layer_{layer}.json",
-        bits=QUANT_BITS,
+        "results/experts_q{scheme}/layer_{layer}.json",
+        scheme=QUANT_SCHEME,
         layer=EXPERT_LAYERS,
     )
 
@@ -235,4 +248,20 @@ def stage_benchmarks(wildcards):
         + expand(rules.extract_layer.benchmark, layer=EXPERT_LAYERS)
         + expand(rules.validate_layer.benchmark, layer=EXPERT_LAYERS)
         + expand(rules.generate_depth.benchmark, depth=DEPTHS)
+        + quantized_benchmarks()
     )
+
+
+def quantized_benchmarks():
+    """The quantization jobs' benchmark files, when config quantize runs them."""
+    if not QUANT_SCHEME:
+        return []
+    files = expand(
+        rules.quantize_layer.benchmark, scheme=QUANT_SCHEME, layer=EXPERT_LAYERS
+    )
+    files += expand(
+        rules.generate_depth_quantized.benchmark, scheme=QUANT_SCHEME, depth=DEPTHS
+    )
+    if "h" in QUANT_SCHEME:
+        files += expand(rules.hot_experts.benchmark, scheme=QUANT_SCHEME)
+    return files

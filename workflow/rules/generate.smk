@@ -101,15 +101,15 @@ use rule generate_depth as generate_depth_quantized with:
         native_logits="results/generate/native_logits.safetensors",
         heldout=heldout_input(),
     output:
-        json="results/generate/q{bits}/depth_{depth}.json",
-        trace="results/traces/q{bits}/depth_{depth}.parquet",
+        json="results/generate/q{scheme}/depth_{depth}.json",
+        trace="results/traces/q{scheme}/depth_{depth}.parquet",
     log:
-        "logs/generate/q{bits}/depth_{depth}.log",
+        "logs/generate/q{scheme}/depth_{depth}.log",
     benchmark:
-        "results/benchmarks/generate_depth_quantized/q{bits}_depth_{depth}.tsv"
+        "results/benchmarks/generate_depth_quantized/q{scheme}_depth_{depth}.tsv"
     wildcard_constraints:
         depth=r"\d+",
-        bits="8|4",
+        scheme=SCHEME_PATTERN,
     resources:
         mem_mb=needs("generate_depth_quantized", "mem_mb"),
         gpu_mem_mb=needs("generate_depth_quantized", "gpu_mem_mb"),

@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import InputError
 from .memory_summary import memory_summary
-from .run_fields import expert_bits
+from .run_fields import expert_bits, expert_scheme
 
 PACKAGES = ["torch", "transformers", "safetensors", "huggingface_hub", "snakemake", "xxhash", "pandas", "moe-offload"]
 SAMPLE_CHARS = 160
@@ -75,7 +75,8 @@ def build_compare(manifest: dict, checksums: dict, native: dict, depths: list[di
         truncated = run["depth"] < manifest["num_layers"]
         # A truncated network does less work than native's whole one: a ratio of their speeds is no speedup.
         like_for_like = not truncated and native["tok_s"] > 0
-        row = {"depth": run["depth"], "bits": expert_bits(run), "truncated": truncated, **_side(run),
+        row = {"depth": run["depth"], "bits": expert_bits(run), "hot_bits": run.get("experts", {}).get("hot_bits"),
+               "experts": expert_scheme(run), "truncated": truncated, **_side(run),
                "speedup_vs_native": run["tok_s"] / native["tok_s"] if like_for_like else None,
                "cache": {k: run["cache"][k] for k in ("capacity", "scope", "policy", "hits", "misses", "evictions",
                                                        "bytes_loaded", "load_seconds", "hit_rate")},
@@ -109,12 +110,19 @@ def _quantization(settings: dict, records: list[dict]) -> dict | None:
         return None
     experts = [e for r in records for e in r["experts"]]
     mean = lambda key: sum(e[key] for e in experts) / len(experts)  # noqa: E731
+    hot = [e for e in experts if e.get("bits", records[0]["bits"]) != records[0]["bits"]]
     return {"bits": records[0]["bits"], "group_size": records[0]["group_size"], "scales": records[0]["scales"],
             "layers": len(records), "experts": len(experts),
+            # precision by popularity: which experts of each layer kept more bits (from the router trace)
+            "hot": {"bits": records[0].get("hot_bits"), "experts": len(hot),
+                    "per_layer": {r["layer"]: r.get("hot_experts", []) for r in records},
+                    "mean_rel_frobenius_hot": sum(e["rel_frobenius"] for e in hot) / len(hot),
+                    "mean_rel_frobenius_rest": sum(e["rel_frobenius"] for e in experts if e not in hot)
+                    / (len(experts) - len(hot))} if hot else None,
             "mean_rel_frobenius": mean("rel_frobenius"),
             "mean_rel_frobenius_round_to_nearest": mean("rel_frobenius_round_to_nearest"),
             "max_abs_error": max(e["max_abs"] for e in experts),
-            "settings": {k: settings.get(k) for k in ("bits", "group_size", "scales")}}
+            "settings": {k: settings.get(k) for k in ("bits", "group_size", "scales", "hot")}}
 
 
 def _profile_summary(profile: dict) -> dict:

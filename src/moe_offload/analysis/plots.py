@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
-from .run_fields import expert_bits  # noqa: E402
+from .run_fields import expert_scheme  # noqa: E402
 
 STYLE = {"belady": dict(color="black", linestyle="--", marker="", label="Belady (optimal, ceiling)"),
          "lru": dict(color="tab:blue", marker="o", label="LRU"),
@@ -47,10 +47,10 @@ def plot_quality_bytes(depths: list[dict], path) -> None:
     """Fidelity against the bytes one decoded token reads, a line per bit-width through its depths: what
     each byte saved (fewer layers, fewer bits) costs in agreement with native."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for bits in sorted({expert_bits(d) for d in depths}, reverse=True):
-        runs = sorted((d for d in depths if expert_bits(d) == bits), key=lambda d: d["depth"])
+    for scheme in dict.fromkeys(expert_scheme(d) for d in depths):  # in the order the runs come
+        runs = sorted((d for d in depths if expert_scheme(d) == scheme), key=lambda d: d["depth"])
         x = [d["speed_bound"]["bytes_read_per_token"] / 2**20 for d in runs]
-        label = "16-bit experts" if bits == 16 else f"int{bits} experts"
+        label = f"{scheme} experts"
         axes[0].plot(x, [d["fidelity"]["top1_agreement"] for d in runs], "o-", label=label)
         axes[1].plot(x, [max(d["fidelity"]["mean_kl"], 1e-12) for d in runs], "s-", label=label)
         for d, xi in zip(runs, x):

@@ -123,7 +123,9 @@ def run_depth(checkpoint_dir, dense_path, layer_files: dict[int, Path], depth: i
               "load_s": load_s, "tok_s": decode_rate(runs), "prefill_s": sum(r["prefill_s"] for r in runs),
               "prefill_tok_s": prefill_rate(runs), "speed_bound": speed_bound(cfg, depth, torch_dtype, device, runs, probes,
                                                           rt.cache.bytes_per_expert),
-              "experts": {"bits": rt.cache.bits, "group_size": rt.cache.quant[1] if rt.cache.quant else None,
+              "experts": {"bits": rt.cache.stored_bits[0], "hot_bits": rt.cache.stored_bits[1],
+                          "hot_per_layer": _hot_per_layer(rt.cache),
+                          "group_size": rt.cache.quant[1] if rt.cache.quant else None,
                           "bytes_per_expert": rt.cache.bytes_per_expert},
               "probes": probes,
               "memory": meter.report(bound),
@@ -160,6 +162,14 @@ def heldout_perplexity(rt, tok, path: Path, tokens: int, window: int) -> float:
         nll += torch.nn.functional.cross_entropy(logits, torch.tensor(part[1:]), reduction="sum").item()
         count += len(part) - 1
     return math.exp(nll / count)
+
+
+def _hot_per_layer(cache) -> int | None:
+    """Experts per layer kept at the hot precision (precision by popularity), or None."""
+    hot = cache.stored_bits[1]
+    if hot is None:
+        return None
+    return max(sum(s.bits == hot for s in spans) for spans in cache.spans.values())
 
 
 def _sum(stats: list[dict]) -> dict:

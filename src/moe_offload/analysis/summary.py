@@ -39,7 +39,7 @@ def table(report: dict) -> pd.DataFrame:
     for d in report["depths"]:
         name = f"depth {d['depth']}" + (" (truncated)" if d["truncated"] else " (full)")
         if d.get("bits", 16) != 16:
-            name += f", int{d['bits']}"
+            name += f", {d.get('experts') or 'int' + str(d['bits'])}"
         ratio = f"{d['speedup_vs_native']:.2f}x" if d["speedup_vs_native"] is not None else "not comparable"
         rows.append(_row(name, d, ratio, d["cache"], d["fidelity"]))
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -75,6 +75,14 @@ def notes(report: dict) -> list[str]:
                      f"{quant['mean_rel_frobenius']:.4f} (round-to-nearest: "
                      f"{quant['mean_rel_frobenius_round_to_nearest']:.4f}), largest absolute error "
                      f"{quant['max_abs_error']:.3g}. Their fidelity is against native's 16-bit model.")
+        hot = quant.get("hot")
+        if hot:
+            lines.append(f"Precision by popularity: {hot['experts']} experts ({len(hot['per_layer'])} layers) kept at "
+                         f"int{hot['bits']}, the ones the full-depth run's router used most (results/experts_q*/"
+                         f"hot.json); their error {hot['mean_rel_frobenius_hot']:.4f}, the rest's "
+                         f"{hot['mean_rel_frobenius_rest']:.4f}. The cache's slots hold every expert at "
+                         f"int{hot['bits']}: an int4 expert is widened as it is loaded, so only the host tier and the "
+                         "link carry 4 bits.")
     native = report["native"]
     lines.append(f"Rates: memory read {native['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({native['bandwidth_source']}); "
                  f"matmul {native['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({native['matmul_source']}); "

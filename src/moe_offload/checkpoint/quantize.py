@@ -12,6 +12,10 @@ outlier for finer steps everywhere else. Both errors are recorded per expert, so
 A quantized layer file holds, per expert, gate, up and down's `qweight` and then their `scales`, all
 back to back: gate and up's rows as a slot holds them (gate rows, then up rows), then down, so one
 expert is one contiguous byte range, read in place like a 16-bit one.
+
+Precision by popularity: the experts the router uses most (`hot`, chosen from a trace by
+`hot_experts`) may keep more bits than the rest; the file's metadata lists them (`hot_bits`,
+`hot_experts`) and each expert's tensors carry their own dtype.
 """
 
 from __future__ import annotations
@@ -50,6 +54,24 @@ def check_scheme(bits: int, group_size: int, dims: dict[str, int] | None = None)
     for name, size in (dims or {}).items():
         if size % group_size:
             raise InputError(f"quantize group_size {group_size} does not divide the {name} ({size})")
+
+
+def check_hot(bits: int, hot_bits: int, fraction) -> None:
+    """One line for a precision-by-popularity setting that cannot be run: hot bits must be 8 above 4-bit
+    experts (the cache's slots hold every expert at the hot precision), a fraction in [0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise InputError(f"quantize hot.fraction must be a number from 0 to 1, got {fraction!r}")
+    if fraction and (bits, hot_bits) != (4, 8):
+        raise InputError(f"quantize hot.bits {hot_bits!r} above bits {bits!r}: precision by popularity runs int8 "
+                         "hot experts beside int4 ones (bits 4, hot.bits 8)")
+
+
+def hot_experts(counts: dict[int, dict[int, int]], num_experts: int, fraction: float) -> dict[int, list[int]]:
+    """Per layer, the round(fraction x num_experts) experts with the most uses (counts: layer -> expert ->
+    routed uses in a trace), ties to the lower id; ascending."""
+    n = round(fraction * num_experts)
+    return {layer: sorted(sorted(range(num_experts), key=lambda e: (-uses.get(e, 0), e))[:n])
+            for layer, uses in counts.items()}
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -132,11 +154,13 @@ def _header(entries: list[tuple[str, str, tuple, int]], metadata: dict[str, str]
 
 
 def quantize_layer(layer_file: str | Path, out_path: str | Path, bits: int, group_size: int,
-                   search: bool = True, progress=None, device: str = "cpu") -> dict:
+                   search: bool = True, progress=None, device: str = "cpu",
+                   hot: tuple[int, list[int]] | None = None) -> dict:
     """The experts of one extracted 16-bit layer file into a quantized layer file at out_path (atomically).
-    Returns the record kept beside it: the file's xxh3-128, the scheme, and each expert's reconstruction
-    error (the searched scales' and round-to-nearest's). device: where the rounding is computed (the
-    same bytes either way; a GPU makes a real-size model's layers quick)."""
+    Returns the record kept beside it: the file's xxh3-128, the scheme, and each expert's bits and
+    reconstruction error (the searched scales' and round-to-nearest's). device: where the rounding is
+    computed (the same bytes either way; a GPU makes a real-size model's layers quick). hot: (hot_bits,
+    experts) kept at hot_bits, the rest at `bits`."""
     layer_file = Path(layer_file)
     if not layer_file.is_file():
         raise InputError(f"layer file {layer_file} does not exist")
@@ -152,38 +176,49 @@ def quantize_layer(layer_file: str | Path, out_path: str | Path, bits: int, grou
         if missing:
             raise InputError(f"{layer_file}: lacks tensor {missing[0]}")
         shape = {p: tuple(f.get_slice(layout.expert(layer, 0, p)).get_shape()) for p in PROJECTIONS}
-        check_scheme(bits, group_size, {"hidden size": shape["gate_proj"][1],
-                                        "expert intermediate size": shape["down_proj"][1]})
+        hot_bits, hot_set = (hot[0], set(hot[1])) if hot else (bits, set())
+        for b in {bits, hot_bits}:
+            check_scheme(b, group_size, {"hidden size": shape["gate_proj"][1],
+                                         "expert intermediate size": shape["down_proj"][1]})
+        if hot_set - set(range(experts)):
+            raise InputError(f"{layer_file}: hot expert {min(hot_set - set(range(experts)))} out of range "
+                             f"(the layer has {experts})")
         entries, blobs, per_expert = [], [], []
         for e in range(experts):
+            bits_e = hot_bits if e in hot_set else bits
             ws = [f.get_tensor(layout.expert(layer, e, p)).to(device) for p in PROJECTIONS]
-            qs = [quantize(w, bits, group_size, search) for w in ws]
-            rtn = [quantize(w, bits, group_size, False) for w in ws] if search else qs
+            qs = [quantize(w, bits_e, group_size, search) for w in ws]
+            rtn = [quantize(w, bits_e, group_size, False) for w in ws] if search else qs
             names_e = [layout.expert(layer, e, p) for p in PROJECTIONS]
             for name, (q, _) in zip(names_e, qs):
-                packed = pack(q, bits).cpu()
-                entries.append((qweight_name(name), QWEIGHT_DTYPE[bits], tuple(packed.shape), packed.nbytes))
+                packed = pack(q, bits_e).cpu()
+                entries.append((qweight_name(name), QWEIGHT_DTYPE[bits_e], tuple(packed.shape), packed.nbytes))
                 blobs.append(packed)
             for name, (_, s) in zip(names_e, qs):
                 entries.append((scales_name(name), "F16", tuple(s.shape), s.nbytes))
                 blobs.append(s.cpu())
             searched = _errors([(w, q.float() * s.float().repeat_interleave(group_size, 1)) for w, (q, s) in zip(ws, qs)])
             nearest = _errors([(w, q.float() * s.float().repeat_interleave(group_size, 1)) for w, (q, s) in zip(ws, rtn)])
-            per_expert.append({"expert": e, **searched, "rel_frobenius_round_to_nearest": nearest["rel_frobenius"]})
+            per_expert.append({"expert": e, "bits": bits_e, **searched,
+                               "rel_frobenius_round_to_nearest": nearest["rel_frobenius"]})
             if progress is not None:
                 progress.update(1)
     metadata = {**{k: meta[k] for k in ("format", "layout", "layer", "num_experts", "experts_per_token") if k in meta},
                 "bits": str(bits), "group_size": str(group_size), "scales": "search" if search else "round_to_nearest",
                 "source_xxh3_128": hash_file(layer_file)}
+    if hot_set:
+        metadata.update(hot_bits=str(hot_bits), hot_experts=json.dumps(sorted(hot_set)))
     header = _header(entries, metadata)
     check_disk(Path(out_path).parent, len(header) + sum(b.nbytes for b in blobs), Path(out_path).name)
     with atomic_path(out_path) as tmp, open(tmp, "wb") as out:
         out.write(header)
         for blob in blobs:
             out.write(blob.contiguous().view(torch.uint8).numpy().tobytes())
-    log.info("layer %d: %d experts at %d bits, group %d, mean relative error %.4f (round-to-nearest %.4f)",
-             layer, experts, bits, group_size, sum(p["rel_frobenius"] for p in per_expert) / experts,
+    log.info("layer %d: %d experts at %d bits (%d at %d), group %d, mean relative error %.4f (round-to-nearest "
+             "%.4f)", layer, experts, bits, len(hot_set), hot_bits, group_size,
+             sum(p["rel_frobenius"] for p in per_expert) / experts,
              sum(p["rel_frobenius_round_to_nearest"] for p in per_expert) / experts)
-    return {"layer": layer, "bits": bits, "group_size": group_size, "scales": metadata["scales"],
+    return {"layer": layer, "bits": bits, "hot_bits": hot_bits if hot_set else None, "hot_experts": sorted(hot_set),
+            "group_size": group_size, "scales": metadata["scales"],
             "file": str(out_path), "file_xxh3_128": hash_file(out_path), "source_xxh3_128": metadata["source_xxh3_128"],
             "experts": per_expert}

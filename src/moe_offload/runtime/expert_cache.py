@@ -61,8 +61,13 @@ class CacheOptions:
 
 
 def _quant_scheme(spans: dict[int, list]) -> tuple[int, int] | None:
-    """(bits, group_size) that every expert file shares, or None for 16-bit ones."""
+    """(bits, group_size) of the slots: the scheme every expert file shares, or None for 16-bit ones. With
+    precision by popularity (int8 hot experts beside int4 ones, one group size) the slots hold int8, and an
+    int4 expert is widened to it as it is copied in."""
     schemes = {(s.bits, s.group_size) for layer_spans in spans.values() for s in layer_spans}
+    groups = {g for _, g in schemes}
+    if {b for b, _ in schemes} == {8, 4} and len(groups) == 1:
+        schemes = {(8, groups.pop())}
     if len(schemes) > 1:
         raise InputError(f"the layer files mix quantization schemes {sorted(schemes)}: give them one (bits, group)")
     bits, group = schemes.pop() if schemes else (16, 0)
@@ -125,6 +130,13 @@ class ExpertCache:
     def bits(self) -> int:
         """16, or the bits of the quantized experts the cache holds."""
         return 16 if self.quant is None else self.quant[0]
+
+    @property
+    def stored_bits(self) -> tuple[int, int | None]:
+        """(bits of the experts as their files store them, bits of the hot ones or None): (4, 8) with
+        precision by popularity, where `bits` (the slots') is 8."""
+        stored = {s.bits for spans in self.spans.values() for s in spans}
+        return (min(stored), max(stored)) if len(stored) > 1 else (stored.pop() if stored else 16, None)
 
     def quant_slabs(self, layer: int):
         """(s1, s2, bits, group_size) of quantized experts beside `slabs(layer)`, or None (16-bit)."""
@@ -290,7 +302,7 @@ class ExpertCache:
         """One expert's bytes (`raw`, in staging buffer `buffer` or None) into its slot, cast to the compute
         dtype; on `stream` (a prefetch, a load ahead: its caller has ordered it) or the cache's own."""
         span, slot = self.spans[layer][expert], self.residency.slot[(layer, expert)]
-        write = (layer, slot, raw, span.parts, span.dtype, span.in_slot_order)
+        write = (layer, slot, raw, span.parts, span.dtype, span.in_slot_order, span.bits)
         if not self.slots.pools[self.slots.pool_id(layer)][0].is_cuda:  # the CPU, or a unified slab in host RAM
             self.slots.write(*write)
             self.residency.placed(layer, expert)

@@ -7,6 +7,7 @@ parallel, or, with the host tier, out of RAM where every expert of the run was r
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,8 +83,10 @@ def expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSpa
     meta = parsed[0].get("__metadata__") or {}
     tensors = header_tensors(path, parsed)
     bits, group = int(meta.get("bits", 16)), int(meta.get("group_size", 0))
-    if bits not in (16, *QWEIGHT_DTYPE):
-        raise InputError(f"{path}: {bits}-bit experts: the runtime reads 16, 8 or 4 bits")
+    hot_bits, hot = int(meta.get("hot_bits", bits)), set(json.loads(meta.get("hot_experts", "[]")))
+    for b in {bits, hot_bits}:
+        if b not in (16, *QWEIGHT_DTYPE):
+            raise InputError(f"{path}: {b}-bit experts: the runtime reads 16, 8 or 4 bits")
     num = int(meta["num_experts"]) if "num_experts" in meta else None
     if num is None:  # count experts by name when the metadata lacks it
         num = 0
@@ -91,15 +94,16 @@ def expert_spans(path: Path, layout: Layout, layer: int) -> tuple[list[ExpertSpa
             num += 1
     spans = []
     for e in range(num):
-        infos = _expert_tensors(path, tensors, layout, layer, e, bits)
+        bits_e = hot_bits if e in hot else bits  # precision by popularity: the hot experts' own bits
+        infos = _expert_tensors(path, tensors, layout, layer, e, bits_e)
         start = min(i.offset for i in infos)
         end = max(i.offset + i.nbytes for i in infos)
         if end - start != sum(i.nbytes for i in infos):
             raise InputError(f"{path}: layer {layer} expert {e}'s tensors are not one contiguous byte range")
-        dtype = STORAGE_DTYPES[infos[0].dtype] if bits == 16 else torch.uint8
+        dtype = STORAGE_DTYPES[infos[0].dtype] if bits_e == 16 else torch.uint8
         size = dtype.itemsize
         parts = tuple(((i.offset - start) // size, (i.offset - start + i.nbytes) // size, i.shape) for i in infos)
-        spans.append(ExpertSpan(start, end - start, parts, dtype, bits, group))
+        spans.append(ExpertSpan(start, end - start, parts, dtype, bits_e, group))
     return spans, meta
 
 
@@ -156,6 +160,8 @@ class ExpertFiles:
         if layer not in self._host:
             return None
         out, start = [], self._host[layer][1]
+        if len({span.bits for span in self.spans[layer]}) > 1:  # mixed precision: widened as they are copied in
+            return None
         for span in self.spans[layer]:
             offset, rest = divmod(span.offset - start, span.dtype.itemsize)
             if not span.in_slot_order or rest:

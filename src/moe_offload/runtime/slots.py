@@ -9,14 +9,15 @@ goes where is residency.py's decision; this module only holds the bytes and the 
 
 Quantized experts (checkpoint.quantize) keep their stored form in the slots: w1 [S, 2I, H * bits / 8] and
 w2 [S, H, I * bits / 8] of int8 or packed int4, beside their float16 scales s1 [S, 2I, H / G] and
-s2 [S, H, I / G]; the kernels dequantize in registers, so no 16-bit copy of an expert is ever held.
+s2 [S, H, I / G]; the kernels dequantize in registers, so no 16-bit copy of an expert is ever held. With
+precision by popularity the slots are int8, and an int4 expert's values are widened into one (exactly).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..checkpoint.quantize import dequantize
+from ..checkpoint.quantize import dequantize, unpack
 
 
 class Slots:
@@ -106,17 +107,22 @@ class Slots:
         if self.tables[layer] is not self.host_tables[layer]:
             self.host_tables[layer].copy_(self.tables[layer])
 
-    def write(self, layer: int, slot: int, raw: torch.Tensor, parts, storage: torch.dtype, in_slot_order: bool) -> None:
+    def write(self, layer: int, slot: int, raw: torch.Tensor, parts, storage: torch.dtype, in_slot_order: bool,
+              bits: int = 16) -> None:
         """An expert's stored bytes `raw` (parts: each projection's (start, end, shape) in elements of the
-        storage dtype) into `slot`, cast to the compute dtype, on the current stream."""
+        storage dtype; bits: how it is stored) into `slot`, cast to the compute dtype, on the current stream."""
         w1, w2 = self.pools[self.pool_id(layer)]
         non_blocking = raw.is_pinned()
         if self.quant is not None:  # the stored bytes as they are: qweights of gate and up, of down, then scales
             s1, s2 = self.scales[self.pool_id(layer)]
             targets = (w1[slot], w2[slot], s1[slot], s2[slot])
             bounds = (parts[0][0], parts[1][1], parts[2][1], parts[4][1], parts[5][1])
-            for dst, a, b in zip(targets, bounds, bounds[1:]):
-                dst.view(-1).view(torch.uint8).copy_(raw[a:b], non_blocking=non_blocking)
+            for j, (dst, a, b) in enumerate(zip(targets, bounds, bounds[1:])):
+                if j < 2 and bits != self.quant[0]:  # an int4 expert in int8 slots: its values widened, exact
+                    src = raw[a:b].to(dst.device, non_blocking=non_blocking)
+                    dst.copy_(unpack(src.view(dst.shape[0], -1), bits))
+                else:
+                    dst.view(-1).view(torch.uint8).copy_(raw[a:b], non_blocking=non_blocking)
             return
         if w1.is_cuda and storage == self.dtype and in_slot_order:
             # stored as computed and in slot order: two DMAs straight into the slot, no copies on the device

@@ -103,6 +103,15 @@ def parse_scheme(scheme: str) -> tuple[int, int | None]:
     return int(bits), int(hot) if hot else None
 
 
+def widest_bits(scheme: str | None) -> int:
+    """The most bits any expert of a scheme takes, which is what a cache slot holds (precision by
+    popularity: the hot bits); 16 without quantization."""
+    if scheme is None:
+        return 16
+    bits, hot = parse_scheme(scheme)
+    return max(bits, hot or 0)
+
+
 def prompts_folder(config_files: list, cli_files: list, section: str = "generate", key: str = "prompts") -> Path:
     """The folder a `{file: ...}` prompt (or another file setting: section.key) is relative to: that of the
     config file whose setting is used, i.e. the last --configfile given that sets it (later ones override

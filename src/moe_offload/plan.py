@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import resources as res
-from .config import parse_scheme
+from .config import quant_scheme, widest_bits
 from .disk import format_bytes
 
 NATIVE_BUDGET_SHARE = 0.9  # the native reference's default budget on the CPU: of the machine's memory
@@ -170,9 +170,7 @@ class Plan:
         if rule == "generate_depth":
             return self.depth(int(wildcards["depth"]))
         if rule == "generate_depth_quantized":
-            # the slots hold every expert at the higher precision (precision by popularity: int8)
-            bits, hot_bits = parse_scheme(wildcards["scheme"])
-            return self.depth(int(wildcards["depth"]), max(bits, hot_bits or 0))
+            return self.depth(int(wildcards["depth"]), widest_bits(wildcards["scheme"]))
         return {}
 
     # -- the checks that stop a plan --------------------------------------------------------------------
@@ -195,16 +193,11 @@ class Plan:
                 return line
         return None
 
-    def _quantized_bits(self) -> int:
-        """Bits per weight the quantized layer files take on disk at most (hot experts at their own)."""
-        quant = self.config.get("quantize", {})
-        return max(quant.get("bits", 16), (quant.get("hot") or {}).get("bits", 0) if (quant.get("hot") or {}).get(
-            "fraction") else 0)
-
     def disk_line(self, rules: list[str], free_bytes: int, where: str) -> str | None:
         """The extractions the plan runs, plus resources.disk_headroom_mb, against the free disk."""
         sizes = {"extract_layer": self.layer_bytes, "extract_dense": self.dense_bytes,
-                 "quantize_layer": self.layer_bytes * self._quantized_bits() // 16}
+                 # at most: every expert at the widest bits of the scheme (the hot ones')
+                 "quantize_layer": self.layer_bytes * widest_bits(quant_scheme(self.config.get("quantize", {}))) // 16}
         writes = sum(sizes.get(rule, 0) for rule in rules)
         if not writes:
             return None

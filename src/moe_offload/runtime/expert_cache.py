@@ -122,7 +122,7 @@ class ExpertCache:
                     offsets, {L: self.files.host_elements(L, s[0].dtype) for L, s in self.spans.items()})
         if options.in_place_misses and self.device_lru is None:
             raise InputError("in-place misses need the host tier, an LRU per-layer cache, no prefetch, and experts "
-                             "stored gate, up, down back to back")
+                             "stored gate, up, down back to back, all at one precision")
 
     # ---- what the model and the decode strategies ask ----------------------------------------------------
 

@@ -109,16 +109,20 @@ def _quantization(settings: dict, records: list[dict]) -> dict | None:
     if not records:
         return None
     experts = [e for r in records for e in r["experts"]]
-    mean = lambda key: sum(e[key] for e in experts) / len(experts)  # noqa: E731
-    hot = [e for e in experts if e.get("bits", records[0]["bits"]) != records[0]["bits"]]
-    return {"bits": records[0]["bits"], "group_size": records[0]["group_size"], "scales": records[0]["scales"],
+
+    def mean(key, among=experts):
+        return sum(e[key] for e in among) / len(among)
+
+    bits = records[0]["bits"]
+    hot = [e for e in experts if e.get("bits", bits) != bits]
+    rest = [e for e in experts if e.get("bits", bits) == bits]
+    return {"bits": bits, "group_size": records[0]["group_size"], "scales": records[0]["scales"],
             "layers": len(records), "experts": len(experts),
             # precision by popularity: which experts of each layer kept more bits (from the router trace)
             "hot": {"bits": records[0].get("hot_bits"), "experts": len(hot),
                     "per_layer": {r["layer"]: r.get("hot_experts", []) for r in records},
-                    "mean_rel_frobenius_hot": sum(e["rel_frobenius"] for e in hot) / len(hot),
-                    "mean_rel_frobenius_rest": sum(e["rel_frobenius"] for e in experts if e not in hot)
-                    / (len(experts) - len(hot))} if hot else None,
+                    "mean_rel_frobenius_hot": mean("rel_frobenius", hot),
+                    "mean_rel_frobenius_rest": mean("rel_frobenius", rest)} if hot else None,
             "mean_rel_frobenius": mean("rel_frobenius"),
             "mean_rel_frobenius_round_to_nearest": mean("rel_frobenius_round_to_nearest"),
             "max_abs_error": max(e["max_abs"] for e in experts),

@@ -180,9 +180,9 @@ def quantize_layer(layer_file: str | Path, out_path: str | Path, bits: int, grou
         for b in {bits, hot_bits}:
             check_scheme(b, group_size, {"hidden size": shape["gate_proj"][1],
                                          "expert intermediate size": shape["down_proj"][1]})
-        if hot_set - set(range(experts)):
-            raise InputError(f"{layer_file}: hot expert {min(hot_set - set(range(experts)))} out of range "
-                             f"(the layer has {experts})")
+        outside = hot_set - set(range(experts))
+        if outside:
+            raise InputError(f"{layer_file}: hot expert {min(outside)} out of range (the layer has {experts})")
         entries, blobs, per_expert = [], [], []
         for e in range(experts):
             bits_e = hot_bits if e in hot_set else bits

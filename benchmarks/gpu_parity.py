@@ -130,6 +130,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="which of them, comma-separated")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     cache_policy.PREFILL_CHUNK = 1024  # several chunks in the long prompt
@@ -139,7 +140,8 @@ def main():
               "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "dtype": "float32",
               "new_tokens": a.new_tokens, "layouts": {}}
-    for name, spec in LAYOUTS.items():
+    for name in a.layouts.split(","):
+        spec = LAYOUTS[name]
         work = Path(tempfile.mkdtemp(prefix=f"parity.{name}."))
         try:
             result["layouts"][name] = check_layout(name, spec, work, a.device, a.new_tokens)

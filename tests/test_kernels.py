@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from moe_offload.checkpoint.quantize import dequantize, pack, quantize
-from moe_offload.runtime import kernels, moe_kernels, torch_ops
-from moe_offload.runtime.model import rms_norm, rotate_half, swiglu
+from moe_offload.runtime import kernels, moe_kernels, prefill_kernels, torch_ops
+from moe_offload.runtime.model import combine, qkv_heads, rms_norm, rotate_half, silu_mul, swiglu
 
 pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cpu")),
                                 reason="needs triton with TRITON_INTERPRET=1 (set in conftest)")
@@ -22,6 +22,12 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 0.07}
 def dtype(request):
     torch.manual_seed(0)
     return request.param
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype) -> bool:
+    """Equal to TOL relative to the value (at least 1): for bfloat16, a few units in the last place of
+    several roundings chained."""
+    return bool(((got.float() - want.float()).abs() <= TOL[dtype] * want.float().abs().clamp(min=1)).all())
 
 
 def small_tiles(monkeypatch, most: int) -> None:
@@ -218,6 +224,49 @@ def test_attention_writes_the_kv_cache_and_attends_up_to_the_position(dtype, d, 
         want_q.view(1, heads, 1, d), k_cache[:1], v_cache[:1], attn_mask=mask[None], scale=d ** -0.5, enable_gqa=True)
     assert (got.float() - want.reshape(-1).float()).abs().max() <= TOL[dtype]
     assert int(kernels._counter_buffers[(got.device, "attention")].abs().sum()) == 0  # left zeroed for the next call
+
+
+def test_rms_norm_over_a_prompts_rows(dtype):
+    x, d = torch.randn(2, 5, 40, dtype=dtype), torch.randn(2, 5, 40, dtype=dtype)
+    w = torch.randn(40, dtype=dtype)
+    assert (kernels.rms_norm(x, w, 1e-6).float() - rms_norm(x, w, 1e-6).float()).abs().max() <= TOL[dtype]
+    normed, summed = kernels.rms_norm(x, w, 1e-6, delta=d)
+    assert (summed.float() - (x + d).float()).abs().max() <= (x + d).float().abs().max() * 2 ** -7
+    assert (normed.float() - rms_norm(x + d, w, 1e-6).float()).abs().max() <= TOL[dtype]
+
+
+@pytest.mark.parametrize("d, heads, kv", [(16, 8, 2), (12, 6, 3)], ids=["gqa", "head_dim_12"])
+def test_qkv_heads_norms_and_rotates_every_token_at_its_position(dtype, d, heads, kv):
+    """Batch 2, 7 tokens at positions 4..10 of the RoPE tables; a head_dim that is not a power of two, and
+    head counts that are not either (masked tiles)."""
+    b, t, start, seq = 2, 7, 4, 16
+    qkv = torch.randn(b, t, (heads + 2 * kv) * d, dtype=dtype)
+    q_norm, k_norm = torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype)
+    freqs = torch.arange(seq, dtype=torch.float32)[:, None] / (1e6 ** (torch.arange(0, d, 2) / d))[None]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    got = prefill_kernels.qkv_heads(qkv, q_norm, k_norm, cos, sin, start, heads, kv, 1e-6)
+    want = qkv_heads(qkv, q_norm, k_norm, cos, sin, start, heads, kv, 1e-6)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and close(g, w, dtype)
+    assert torch.equal(got[2], want[2])  # v is copied, not computed
+
+
+def test_silu_mul_is_silu_of_gate_times_up(dtype):
+    gate_up = torch.randn(9, 2 * 24, dtype=dtype) * 3
+    assert close(prefill_kernels.silu_mul(gate_up), silu_mul(gate_up), dtype)
+
+
+def test_combine_weights_and_adds_each_tokens_products_wherever_they_lie(dtype):
+    n, k, h = 6, 3, 40
+    y = torch.randn(n * k, h, dtype=dtype)
+    rows = torch.randperm(n * k)  # the products in the order their experts ran
+    weights = torch.rand(n, k, dtype=dtype)
+    got = prefill_kernels.combine(y, rows, weights)
+    assert close(got, combine(y, rows, weights), dtype)
+    # and the sum it stands for: token n's choice j is y[rows[n * k + j]]
+    want = sum(y[rows.view(n, k)[:, j]].float() * weights[:, j, None].float() for j in range(k))
+    assert (got.float() - want).abs().max() <= 4 * TOL[dtype]
 
 
 def test_unserved_names_what_the_kernels_cannot_take():

@@ -157,16 +157,22 @@ def test_unified_memory_matches_transformers(model, path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("capacity", ["all", "between", "between_prefetch"])
-def test_fused_kernels_match_transformers(model, capacity):
+def test_fused_kernels_match_transformers(model, capacity, monkeypatch):
     """The decode step CUDA runs: every layer through the fused Triton kernels (here under Triton's
     interpreter, which is slow: one prompt, a few tokens), redo from a layer that missed included
-    (capacity 6 misses)."""
+    (capacity 6 misses); the prompt's norms, RoPE, SwiGLU and expert sums through the prefill kernels, as
+    on CUDA."""
+    from moe_offload.runtime import prefill_kernels
+
     cfg, case, steps = model["cfg"], model["cases"][0], 6
     assert model["runtime"](capacity=cfg.num_experts).step.ops is not TRITON_OPS  # on the CPU only when asked for
+    monkeypatch.setattr(prefill_kernels, "serves", lambda device: True)
     prefetch = capacity == "between_prefetch"
     rt = model["runtime"](capacity=cfg.num_experts if capacity == "all" else 6, use_kernels=True,
                           host_tier=prefetch, prefetch=prefetch)
     assert rt.step.ops is TRITON_OPS
+    moe = next(block.moe for block in rt.model.layers if block.moe is not None)
+    assert rt.model.layers[0].attn.qkv_heads is prefill_kernels.qkv_heads and moe.combine is prefill_kernels.combine
     gen = generate(rt, case["ids"], steps, return_logits=True, path="pipelined")
     assert gen.tokens[0] == case["tokens"][:steps]
     for ours, theirs in zip(gen.logits, case["step_logits"]):

@@ -16,8 +16,7 @@ import torch
 
 from ..checkpoint.layouts import Layout, TextConfig, detect_checkpoint
 from ..errors import InputError
-from . import kernels
-from . import cache_policy
+from . import cache_policy, kernels, prefill_kernels
 from .decode import check_path, default_path, make_decoder
 from .expert_cache import COUNTERS, CacheOptions, ExpertCache
 from .fused_step import TORCH_OPS, TRITON_OPS, FusedStep
@@ -96,9 +95,9 @@ def load_runtime(dense_path: str | Path, layer_files: dict[int, str | Path] | st
                            host_tier=host_tier, unified=unified, prefetch=prefetch, in_place_misses=in_place_misses)
     cache = ExpertCache({L: layer_files[L] for L in needed}, layout, options, device, dtype, cfg.experts_per_token)
     dense = load_dense(dense_path, layout, depth, device, dtype)
-    model = Transformer(cfg, layout, dense, cache, depth)
     use_kernels = _use_kernels(use_kernels, device, kernels.unserved(cfg.hidden_size, cfg.head_dim,
                                                                       cfg.moe_intermediate_size))
+    model = Transformer(cfg, layout, dense, cache, depth, fused=use_kernels and prefill_kernels.serves(device))
     if unified and device.type == "cuda" and not use_kernels:
         raise InputError("unified memory needs the fused kernels (Triton) to read experts in place: "
                          "set cache.fused_kernels to null or true")

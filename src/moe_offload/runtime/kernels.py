@@ -6,7 +6,8 @@ A decoded token is memory-bound: every weight it touches is read once. What make
 else: dozens of tiny kernels per layer (norms, RoPE, routing, casts), each with its launch and its ramp.
 These fold the small steps into the products they feed:
 
-  rms_norm / add_rms_norm   the residual add and RMSNorm of a layer in one pass (dense layers)
+  rms_norm / add_rms_norm   the residual add and RMSNorm of a layer in one pass (dense layers; a prompt's
+                            rows too, a program each)
   attention                 from the fused QKV output: per-head RMSNorm of q and k, RoPE, the K/V cache
                             write, and one query over the cache up to its position, GQA heads read in place
   linear, norm_linear       a one-token GEMV, optionally after the (residual add and) RMSNorm feeding it
@@ -69,16 +70,17 @@ if triton is not None:
         _wait_for_inputs(PDL)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        row = tl.program_id(0).to(tl.int64) * n  # a program per row (a prompt's tokens; one when decoding)
+        x = tl.load(x_ptr + row + offs, mask=mask, other=0.0)
         if HAS_DELTA:  # the residual stream: x + delta, rounded to the compute dtype as transformers adds
-            x = (x.to(tl.float32) + tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+            x = (x.to(tl.float32) + tl.load(delta_ptr + row + offs, mask=mask, other=0.0).to(tl.float32))
             x = x.to(sum_ptr.dtype.element_ty)
-            tl.store(sum_ptr + offs, x, mask=mask)
+            tl.store(sum_ptr + row + offs, x, mask=mask)
         h = x.to(tl.float32)
         h = h * tl.rsqrt(tl.sum(h * h, axis=0) / n + eps)
         h = h.to(out_ptr.dtype.element_ty).to(tl.float32)  # cast back before the weight, as transformers does
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (w * h).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row + offs, (w * h).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _norm_rope(src, rows, rmask, norm_ptr, cos_ptr, sin_ptr, pos, half, hmask, eps, dt, HALF: tl.constexpr):
@@ -244,6 +246,7 @@ ATTENTION_BLOCKS = dict(BLOCK_S=64, num_warps=4, ONE_RANGE=256)
 # The one-program kernels (norm, route) and the per-head one: a vector of a few thousand elements,
 # whose reductions within one warp are shuffles, with no shared memory and no barrier.
 SMALL_BLOCKS = dict(num_warps=1)
+ROWS_BLOCKS = dict(num_warps=4)  # a prompt's rows, a program each: a 2048-wide row over 128 threads
 
 # Programmatic dependent launch (Hopper and later): each kernel is launched while the one before it
 # finishes, reads its weights, and waits (_wait_for_inputs) only for the inputs that kernel writes.
@@ -273,14 +276,17 @@ def _blocks(tuned: dict, **dims: int) -> dict:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
-    """One row: RMSNorm(x + delta) * weight. Returns (normed, x + delta) (the new residual stream) when
-    delta is given, else normed."""
-    n = x.numel()
+    """RMSNorm(x + delta) * weight over the last dimension (x contiguous: one row when decoding, a prompt's
+    tokens in prefill). Returns (normed, x + delta) (the new residual stream) when delta is given, else
+    normed."""
+    n = weight.numel()
+    rows = x.numel() // n
     out = torch.empty_like(x)
     summed = torch.empty_like(x) if delta is not None else out
-    _rms_norm_kernel[(1,)](x, delta if delta is not None else x, weight, out, summed, n, eps,
-                           HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), **_small(),
-                           **_launch(x.device))
+    warps = _small() if rows == 1 or os.environ.get("TRITON_INTERPRET") == "1" else ROWS_BLOCKS
+    _rms_norm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, summed, n, eps,
+                              HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), **warps,
+                              **_launch(x.device))
     return (out, summed) if delta is not None else out
 
 

@@ -7,7 +7,9 @@ prompt (prefill), batches, teacher forcing and every step on a cache policy othe
 decode steps have their own path (fused_step.py), checked against this one. RoPE reads the KV cache's
 per-slot tables: for text the thinker's three MRoPE streams are equal, which makes its interleaved MRoPE
 the standard rotate-half RoPE; a multimodal prompt writes its own positions there (KVCache.set_rope), so
-every path reads them alike (the parity tests check both).
+every path reads them alike (the parity tests check both). On CUDA the elementwise steps around the GEMMs
+(norms, q/k norm and RoPE, SwiGLU's product, the experts' weighted sums) take prefill_kernels.py's Triton
+kernels, chosen once at construction; the functions here of the same names are their reference.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 from ..checkpoint.layouts import Layout, TextConfig
 from ..checkpoint.quantize import dequantize
 from ..errors import InputError
-from . import kernels, moe_kernels
+from . import kernels, moe_kernels, prefill_kernels
 from .expert_cache import ExpertCache
 from .kv_cache import KVCache
 from .trace import RouterTrace
@@ -44,6 +46,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def swiglu(x, gate, up, down):
     """Qwen3's MLP, the same for an expert and for a dense layer: down(silu(gate x) * up x)."""
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [P, 2I] (gate then up, one grouped product) -> silu(gate) * up [P, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def qkv_heads(qkv, q_norm, k_norm, cos, sin, start: int, n_heads: int, n_kv: int, eps: float):
+    """qkv [B, T, (n_heads + 2 n_kv) * D] at positions start .. start + T - 1 -> q [B, n_heads, T, D], k and
+    v [B, n_kv, T, D]: q and k RMS-normed per head and rotated (cos, sin [S, D]: the KV cache's tables)."""
+    b, t, _ = qkv.shape
+    d = q_norm.numel()
+    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+    q = rms_norm(q.reshape(b, t, n_heads, d), q_norm, eps).transpose(1, 2)
+    k = rms_norm(k.reshape(b, t, n_kv, d), k_norm, eps).transpose(1, 2)
+    cos, sin = cos[start:start + t], sin[start:start + t]
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return q, k, v.reshape(b, t, n_kv, d).transpose(1, 2)
+
+
+def combine(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y [P, H] expert products in any order, rows [N * k]: the row of y holding token n's choice j,
+    weights [N, k] -> [N, H]: each product weighted and rounded (as transformers' experts round theirs),
+    then each token's k added up."""
+    n, k = weights.shape
+    return (y[rows] * weights.reshape(-1, 1)).view(n, k, -1).sum(1)
 
 
 def attend_after_prefix(q, keys, values, prefix: int, scale: float) -> torch.Tensor:
@@ -72,9 +101,10 @@ def attend_after_prefix(q, keys, values, prefix: int, scale: float) -> torch.Ten
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor]):
+    def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], fused: bool = False):
         super().__init__()
         self.cfg, self.layer = cfg, layer
+        self.qkv_heads = prefill_kernels.qkv_heads if fused else qkv_heads
         # q, k and v as one weight: one product per token instead of three
         self.wqkv = torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"])
         self.wo = w["self_attn.o_proj.weight"]
@@ -84,14 +114,8 @@ class Attention(nn.Module):
         """x [B, T, H] at positions end - T .. end - 1 (contiguous, as forward's callers pass them)."""
         c = self.cfg
         b, t, _ = x.shape
-        q, k, v = F.linear(x, self.wqkv).split(
-            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
-        q = rms_norm(q.reshape(b, t, c.num_heads, c.head_dim), self.q_norm, c.rms_norm_eps)
-        k = rms_norm(k.reshape(b, t, c.num_kv_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
-        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        cos, sin = kv.cos[end - t:end], kv.sin[end - t:end]
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q, k, v = self.qkv_heads(F.linear(x, self.wqkv), self.q_norm, self.k_norm, kv.cos, kv.sin, end - t,
+                                 c.num_heads, c.num_kv_heads, c.rms_norm_eps)  # [B, heads, T, D]
         keys, values = kv.update(self.layer, k, v, end)  # only the prefix any query can see
         gqa = c.num_heads != c.num_kv_heads
         # A chunk after the first attends in two calls merged by log-sum-exp (CPU; CUDA in 16 bits, where
@@ -145,11 +169,15 @@ class MoE(nn.Module):
     device; the routed experts are made resident a wave at a time (all at once when the cache holds them,
     else half of it at a time, in `step_accesses` order), and each wave runs as two grouped GEMMs over the
     cache's slabs (each expert's weights read once per chunk), or one expert at a time where the grouped
-    GEMM does not serve."""
+    GEMM does not serve. Each (token, choice) pair's product is written once, unweighted, in the order the
+    experts ran; `combine` weights and adds up each token's k (no atomics: the same sums every run)."""
 
-    def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
+    def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record,
+                 fused: bool = False):
         super().__init__()
         self.cfg, self.layer, self.router, self.cache, self.record = cfg, layer, w["mlp.gate.weight"], cache, record
+        self.silu_mul = prefill_kernels.silu_mul if fused else silu_mul
+        self.combine = prefill_kernels.combine if fused else combine
 
     def route(self, flat):
         logits = F.linear(flat, self.router)
@@ -166,9 +194,6 @@ class MoE(nn.Module):
         flat = x.reshape(-1, h)
         top_w, top_i = self.route(flat)
         k = self.cfg.experts_per_token
-        # each (token, choice) pair's weighted product, written once (no atomics: the same sums every run),
-        # then each token's k added up
-        products = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device)
         w1 = self.cache.slabs(self.layer)[0]
         if self.quantized_in_registers(flat):
             grouped = True  # the Triton grouped GEMM reads quantized slabs as stored; any shape
@@ -177,8 +202,8 @@ class MoE(nn.Module):
             grouped = grouped_mm_serves((w1.shape[0], w1.shape[1], h), dtype, w1.device, flat)
         if deferred is not None and grouped:
             deferred.append((self.layer, top_i, top_w))
-            self._grouped(flat, top_i, top_w, list(range(self.cfg.num_experts)), b * t * k, products)
-            return products.view(b, t, k, h).sum(2)
+            y, order = self._grouped(flat, top_i, list(range(self.cfg.num_experts)), b * t * k)
+            return self._combine(y, order, top_w).view(b, t, h)
         # The one device-to-host sync of the layer: the host must know the experts to load them. Only the
         # counts per expert cross (not tokens x k ids: Python work per token would dominate a long prompt).
         counts = torch.bincount(top_i.view(-1), minlength=self.cfg.num_experts).cpu().tolist()
@@ -190,23 +215,32 @@ class MoE(nn.Module):
             size = w1.shape[0] if len(experts) <= w1.shape[0] else max(1, w1.shape[0] // 2)
             waves = [experts[i: i + size] for i in range(0, len(experts), size)]
             self.cache.load_ahead(self.layer, waves[0])
+            done = []
             for i, wave in enumerate(waves):
                 self.cache.wait_loads()
                 if i + 1 < len(waves):
                     self.cache.load_ahead(self.layer, waves[i + 1])
-                self._grouped(flat, top_i, top_w, wave, sum(counts[e] for e in wave), products)
+                done.append(self._grouped(flat, top_i, wave, sum(counts[e] for e in wave)))
+            y, order = done[0] if len(done) == 1 else (torch.cat([d[0] for d in done]), torch.cat([d[1] for d in done]))
         else:
-            order, start = top_i.view(-1).argsort(stable=True), 0  # pairs grouped by expert
+            order = top_i.view(-1).argsort(stable=True)  # pairs grouped by expert
+            y, start = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device), 0
             for e in range(self.cfg.num_experts):
                 if counts[e]:
-                    self._one(flat, top_w, e, order[start: start + counts[e]], products)
+                    y[start: start + counts[e]] = self._one(flat, e, order[start: start + counts[e]])
                 start += counts[e]
-        return products.view(b, t, k, h).sum(2)
+        return self._combine(y, order, top_w).view(b, t, h)
 
-    def _grouped(self, flat, top_i, top_w, wave: list[int], pairs: int, products) -> None:
+    def _combine(self, y, order, top_w):
+        """y's row r is the product of pair order[r] (token * k + choice): each token's k weighted and added."""
+        rows = torch.empty_like(order)
+        rows[order] = torch.arange(order.numel(), device=order.device)
+        return self.combine(y, rows, top_w)
+
+    def _grouped(self, flat, top_i, wave: list[int], pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts of `wave` (resident together: LRU evicts none of them for another) on their pairs:
         pairs sorted by slot, a grouped GEMM for gate and up and one for down over the slabs, each slot's
-        rows one group."""
+        rows one group. Returns (products [pairs, H], the pair of each row)."""
         in_registers = self.quantized_in_registers(flat)
         w1, w2, table = self.cache.slabs(self.layer) if in_registers else self.slabs(flat.dtype)
         k, slots = self.cfg.experts_per_token, w1.shape[0]
@@ -217,12 +251,10 @@ class MoE(nn.Module):
         offs = torch.bincount(key, minlength=slots + 1)[:slots].cumsum(0).to(torch.int32)
         if in_registers:  # quantized slabs read as stored, dequantized a tile at a time
             s1, s2, bits, group = self.cache.quant_slabs(self.layer)
-            gate, up = moe_kernels.grouped_linear(flat[order // k], w1, offs, (s1, bits, group)).chunk(2, dim=-1)
-            y = moe_kernels.grouped_linear(F.silu(gate) * up, w2, offs, (s2, bits, group))
-        else:
-            gate, up = torch._grouped_mm(flat[order // k], w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
-        products[order] = y * top_w.view(-1)[order, None]
+            gate_up = moe_kernels.grouped_linear(flat[order // k], w1, offs, (s1, bits, group))
+            return moe_kernels.grouped_linear(self.silu_mul(gate_up), w2, offs, (s2, bits, group)), order
+        gate_up = torch._grouped_mm(flat[order // k], w1.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(self.silu_mul(gate_up), w2.transpose(1, 2), offs=offs), order
 
     def quantized_in_registers(self, flat) -> bool:
         """Quantized experts, and the Triton grouped GEMM can read their slabs as stored (CUDA)."""
@@ -238,37 +270,40 @@ class MoE(nn.Module):
             w1, w2 = dequantize(w1, s1, bits, dtype), dequantize(w2, s2, bits, dtype)
         return w1, w2, table
 
-    def _one(self, flat, top_w, e: int, pairs, products) -> None:
+    def _one(self, flat, e: int, pairs) -> torch.Tensor:
         """Expert e on its pairs (token * k + choice), fetched from the cache now."""
         gate, up, down = self.cache.get(self.layer, e)
         if gate.device != flat.device:  # unified memory: the prompt copies what it uses
             gate, up, down = (w.to(flat.device, non_blocking=True) for w in (gate, up, down))
-        products[pairs] = swiglu(flat[pairs // self.cfg.experts_per_token], gate, up, down) * top_w.view(-1)[pairs, None]
+        return swiglu(flat[pairs // self.cfg.experts_per_token], gate, up, down)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record):
+    def __init__(self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], cache: ExpertCache, record,
+                 fused: bool = False):
         super().__init__()
         self.eps = cfg.rms_norm_eps
-        self.attn = Attention(cfg, layer, w)
-        self.mlp = MoE(cfg, layer, w, cache, record) if cfg.has_experts(layer) else DenseMLP(w)
+        self.attn = Attention(cfg, layer, w, fused)
+        self.mlp = MoE(cfg, layer, w, cache, record, fused) if cfg.has_experts(layer) else DenseMLP(w)
         self.ln1, self.ln2 = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
+        self.rms_norm = kernels.rms_norm if fused else rms_norm
 
     @property
     def moe(self) -> MoE | None:
         return self.mlp if isinstance(self.mlp, MoE) else None
 
     def forward(self, x, kv, end, deferred=None):
-        x = x + self.attn(rms_norm(x, self.ln1, self.eps), kv, end)
-        h = rms_norm(x, self.ln2, self.eps)
+        x = x + self.attn(self.rms_norm(x, self.ln1, self.eps), kv, end)
+        h = self.rms_norm(x, self.ln2, self.eps)
         return x + (self.mlp(h, deferred) if self.moe is not None else self.mlp(h))
 
 
 class Transformer(nn.Module):
-    """`forward(input_ids [B,T], input_pos [T]) -> logits [B,T,V]` through the first `depth` layers."""
+    """`forward(input_ids [B,T], input_pos [T]) -> logits [B,T,V]` through the first `depth` layers.
+    fused: the elementwise steps around the GEMMs through Triton (prefill_kernels.py; CUDA), else PyTorch."""
 
     def __init__(self, cfg: TextConfig, layout: Layout, dense: dict[str, torch.Tensor], cache: ExpertCache,
-                 depth: int | None = None, trace: RouterTrace | None = None):
+                 depth: int | None = None, trace: RouterTrace | None = None, fused: bool = False):
         super().__init__()
         depth = cfg.num_layers if depth is None else depth
         if not 1 <= depth <= cfg.num_layers:
@@ -284,7 +319,7 @@ class Transformer(nn.Module):
             self.lm_head = self.embed
         self.layers = nn.ModuleList(
             Block(cfg, L, {k[len(layout.layer(L)):]: v for k, v in dense.items() if k.startswith(layout.layer(L))},
-                  cache, self.record)
+                  cache, self.record, fused)
             for L in range(depth))
         self.kv = KVCache(cfg, depth, self.embed.device, self.embed.dtype)
         self._positions: list[int] = []

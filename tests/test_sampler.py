@@ -60,3 +60,22 @@ def test_top_k_draws_what_the_whole_vocabulary_would():
     for pos in range(50):
         p = torch.tensor([pos])
         assert torch.equal(Sampler(cpu, 0.9, top_k=40, top_p=0.8)(logits, p), Sampler(cpu, 0.9, top_p=0.8)(masked, p))
+
+
+@pytest.mark.parametrize("top_p", [None, 0.8], ids=["top_k", "top_k_top_p"])
+def test_the_fused_pick_draws_the_pytorch_paths_tokens(top_p):
+    """After a top-k, CUDA picks with one Triton kernel (here under its interpreter): the same tokens as
+    the PyTorch path, for every row, position and seed, ties among the candidates included."""
+    from moe_offload.runtime import kernels
+
+    cpu = torch.device("cpu")
+    if not kernels.available(cpu):
+        pytest.fail("needs triton with TRITON_INTERPRET=1 (set in conftest)")
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0))
+    logits[1, :60] = 2.5  # a row whose candidates all tie
+    for seed in (0, 7):
+        fused = Sampler(cpu, 0.7, top_k=40, top_p=top_p, seed=seed, fused=True)
+        plain = Sampler(cpu, 0.7, top_k=40, top_p=top_p, seed=seed, fused=False)
+        for pos in range(12):
+            p = torch.tensor([pos])
+            assert torch.equal(fused(logits, p), plain(logits, p))

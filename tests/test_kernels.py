@@ -273,3 +273,24 @@ def test_unserved_names_what_the_kernels_cannot_take():
     assert kernels.unserved(2048, 128, 768) is None and kernels.unserved(48, 12, 24) is None
     assert "head_dim 13 is odd" in kernels.unserved(64, 13, 32)
     assert "hidden_size 32768" in kernels.unserved(32768, 128, 768)
+
+
+def test_merge_by_lse_is_attention_over_both_key_sets(dtype):
+    """A later chunk's two attentions (strided outputs, as cuDNN returns them) merged: equal to the model's
+    PyTorch merge, and to one softmax over all the keys."""
+    from moe_offload.runtime.model import merge_by_lse
+
+    b, h, t, d, s1, s2 = 2, 3, 5, 12, 7, 6
+    q = torch.randn(b, h, t, d, dtype=torch.float32)
+    k, v = torch.randn(b, h, s1 + s2, d), torch.randn(b, h, s1 + s2, d)
+    scores = q @ k.transpose(-1, -2)
+
+    def part(lo, hi):
+        w = scores[..., lo:hi]
+        out = torch.softmax(w, -1) @ v[:, :, lo:hi]
+        return out.to(dtype).transpose(1, 2).contiguous().transpose(1, 2), torch.logsumexp(w, -1)
+
+    (x, lx), (y, ly) = part(0, s1), part(s1, s1 + s2)
+    got = prefill_kernels.merge_by_lse(x, lx, y, ly)
+    assert got.shape == (b, h, t, d) and close(got, merge_by_lse(x, lx, y, ly), dtype)
+    assert close(got, (torch.softmax(scores, -1) @ v).to(dtype), dtype)

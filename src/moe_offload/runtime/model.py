@@ -75,12 +75,22 @@ def combine(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch
     return (y[rows] * weights.reshape(-1, 1)).view(n, k, -1).sum(1)
 
 
-def attend_after_prefix(q, keys, values, prefix: int, scale: float) -> torch.Tensor:
+def merge_by_lse(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Two attentions of the same queries [B, H, T, D] over disjoint keys, with their log-sum-exps [B, H, T]
+    (float32): the attention over both, each weighted by its share of the softmax's mass."""
+    lse_a, lse_b = lse_a.reshape(*a.shape[:3], 1), lse_b.reshape(*a.shape[:3], 1)
+    top = torch.maximum(lse_a, lse_b)
+    w_a, w_b = (lse_a - top).exp(), (lse_b - top).exp()
+    return ((a.float() * w_a + b.float() * w_b) / (w_a + w_b)).to(a.dtype)
+
+
+def attend_after_prefix(q, keys, values, prefix: int, scale: float, merge=merge_by_lse) -> torch.Tensor:
     """Queries that are the last T of the keys' positions: every one of the first `prefix` keys, causal over
     the rest. Two flash calls merged by their log-sum-exp: PyTorch would otherwise attend through a
     lower-right causal mask, which the CPU materialises (3x slower for a second 4096-token chunk) and CUDA
     runs on FlashAttention-2 (0.69x the time on cuDNN's Hopper kernel here, for 8k queries after 24k keys
-    on an H100). CPU: any dtype; CUDA: 16-bit, the KV heads repeated for GQA."""
+    on an H100). CPU: any dtype, the KV heads repeated for GQA; CUDA: 16-bit, cuDNN reading each KV head
+    for its query heads in place."""
     if q.device.type == "cpu":
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -93,11 +103,7 @@ def attend_after_prefix(q, keys, values, prefix: int, scale: float) -> torch.Ten
             return cudnn(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
     before, lse_before = attend(keys[:, :, :prefix], values[:, :, :prefix], False)
     within, lse_within = attend(keys[:, :, prefix:], values[:, :, prefix:], True)
-    lse_before, lse_within = (lse.reshape(*q.shape[:3], 1) for lse in (lse_before, lse_within))
-    top = torch.maximum(lse_before, lse_within)
-    w_before, w_within = (lse_before - top).exp(), (lse_within - top).exp()
-    merged = (before.float() * w_before + within.float() * w_within) / (w_before + w_within)
-    return merged.to(q.dtype)
+    return merge(before, lse_before, within, lse_within)
 
 
 class Attention(nn.Module):
@@ -105,6 +111,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         self.qkv_heads = prefill_kernels.qkv_heads if fused else qkv_heads
+        self.merge_by_lse = prefill_kernels.merge_by_lse if fused else merge_by_lse
         # q, k and v as one weight: one product per token instead of three
         self.wqkv = torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"])
         self.wo = w["self_attn.o_proj.weight"]
@@ -118,13 +125,13 @@ class Attention(nn.Module):
                                  c.num_heads, c.num_kv_heads, c.rms_norm_eps)  # [B, heads, T, D]
         keys, values = kv.update(self.layer, k, v, end)  # only the prefix any query can see
         gqa = c.num_heads != c.num_kv_heads
-        # A chunk after the first attends in two calls merged by log-sum-exp (CPU; CUDA in 16 bits, where
-        # cuDNN serves it); a first chunk, or float32 on CUDA, through SDPA
-        merged = end != t and (q.device.type == "cpu" or q.dtype in (torch.bfloat16, torch.float16))
-        if gqa and (q.device.type == "cpu" or merged):
-            # KV heads repeated for GQA (transformers' repeat_kv): the flash ops that return the log-sum-exp,
-            # and the CPU's SDPA, have no GQA of their own; CUDA's SDPA reads each KV head for its query
-            # heads in place (enable_gqa), no copy
+        # A chunk after the first attends in two calls merged by log-sum-exp (CPU; CUDA in 16 bits with a
+        # head_dim cuDNN takes, a multiple of 8); a first chunk, or the rest on CUDA, through SDPA
+        merged = end != t and (q.device.type == "cpu" or (q.dtype in (torch.bfloat16, torch.float16)
+                                                         and c.head_dim % 8 == 0))
+        if gqa and q.device.type == "cpu":
+            # KV heads repeated for GQA (transformers' repeat_kv): the CPU's SDPA and flash op have no GQA of
+            # their own; on CUDA, SDPA (enable_gqa) and cuDNN read each KV head for its query heads in place
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
             gqa = False
@@ -134,7 +141,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=c.head_dim ** -0.5,
                                                enable_gqa=gqa)
         elif merged:
-            y = attend_after_prefix(q, keys, values, end - t, c.head_dim ** -0.5)
+            y = attend_after_prefix(q, keys, values, end - t, c.head_dim ** -0.5, self.merge_by_lse)
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(t, end),
                                                scale=c.head_dim ** -0.5, enable_gqa=gqa)

@@ -7,6 +7,8 @@ scatter), and at 8k tokens on an H100 those chains took as long as the GEMMs and
               head for attention
   silu_mul    SwiGLU's silu(gate) * up, from the grouped gate-and-up product
   combine     each token's k expert products, weighted by the router and added up (no scatter)
+  merge_by_lse  a later prompt chunk's two attentions (its prefix, its own causal block) merged by their
+              log-sum-exps in one pass
 
 (A prompt's RMSNorm over its rows is kernels.rms_norm.) The model's PyTorch functions of the same names
 (model.py) are the reference: each step rounds where they round, so in float32 they agree to rounding.
@@ -83,6 +85,26 @@ if triton is not None:
             total += (y * w).to(dt).to(tl.float32)
         tl.store(out_ptr + n * H + c, total.to(dt), mask=m)
 
+    @triton.jit
+    def _merge_kernel(a_ptr, la_ptr, b_ptr, lb_ptr, out_ptr, H, T, D, sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, so_b, so_h,
+                      so_t, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (batch row and head, block of queries); the last dimension contiguous everywhere
+        bh = tl.program_id(0).to(tl.int64)
+        b, h = bh // H, bh % H
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        tm = t < T
+        m = tm[:, None] & (d < D)[None, :]
+        la = tl.load(la_ptr + bh * T + t, mask=tm, other=0.0)
+        lb = tl.load(lb_ptr + bh * T + t, mask=tm, other=0.0)
+        top = tl.maximum(la, lb)
+        wa, wb = tl.exp(la - top), tl.exp(lb - top)
+        rows = t.to(tl.int64)[:, None]
+        a = tl.load(a_ptr + b * sa_b + h * sa_h + rows * sa_t + d[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(b_ptr + b * sb_b + h * sb_h + rows * sb_t + d[None, :], mask=m, other=0.0).to(tl.float32)
+        out = (a * wa[:, None] + x * wb[:, None]) / (wa + wb)[:, None]
+        tl.store(out_ptr + b * so_b + h * so_h + rows * so_t + d[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
+
 
 def serves(device: torch.device) -> bool:
     """Whether a prompt's steps take these kernels (where the decode kernels do, which also serve the
@@ -133,4 +155,19 @@ def combine(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch
     block = triton.next_power_of_2(h) if _interpreted() else min(2048, triton.next_power_of_2(h))
     _combine_kernel[(n, triton.cdiv(h, block))](y, rows, weights.contiguous(), out, h, K=k, BLOCK_H=block,
                                                 **_warps(block))
+    return out
+
+
+def merge_by_lse(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Two attentions of the same queries [B, H, T, D] over disjoint keys, with their log-sum-exps [B, H, T]
+    (float32): the attention over both ([B, H, T, D], laid out [B, T, H, D] as the output projection reads
+    it)."""
+    bs, h, t, d = a.shape
+    out = torch.empty(bs, t, h, d, dtype=a.dtype, device=a.device).transpose(1, 2)
+    a, b = (x if x.stride(-1) == 1 else x.contiguous() for x in (a, b))
+    lse_a, lse_b = (x.reshape(bs, h, t).float().contiguous() for x in (lse_a, lse_b))
+    block_t = triton.next_power_of_2(t) if _interpreted() else min(64, triton.next_power_of_2(t))
+    _merge_kernel[(bs * h, triton.cdiv(t, block_t))](a, lse_a, b, lse_b, out, h, t, d, *a.stride()[:3], *b.stride()[:3],
+                                                    *out.stride()[:3], BLOCK_T=block_t,
+                                                    BLOCK_D=triton.next_power_of_2(d), **_warps(block_t * d))
     return out

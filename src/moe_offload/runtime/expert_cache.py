@@ -166,6 +166,11 @@ class ExpertCache:
         self.get_many(layer, [expert])
         return self.slots.views(layer, self.residency.slot[(layer, expert)])
 
+    @property
+    def loads_overlap(self) -> bool:
+        """load_ahead's copies run beside the compute (CUDA's load stream), not in line with it."""
+        return self.load_stream is not None
+
     def load_ahead(self, layer: int, experts: list[int]) -> None:
         """`get_many`, with the misses copied on the load stream once the compute stream's queued work (which
         may read the slots they take) is done, so that they overlap what the compute stream runs next;

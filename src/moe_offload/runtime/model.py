@@ -217,17 +217,23 @@ class MoE(nn.Module):
         experts = [e for e, n in enumerate(counts) if n]  # step_accesses' order: ascending
         self.record(self.layer, top_i, top_w)
         if self.cache.keeps_step_resident and grouped:
-            # More experts than the cache holds: waves of half of it, each wave's misses loaded while the
-            # wave before it runs (LRU then evicts the wave before that, whose work is done).
-            size = w1.shape[0] if len(experts) <= w1.shape[0] else max(1, w1.shape[0] // 2)
+            # More experts than the cache holds: waves. Loaded on a stream of their own, each wave's misses
+            # load while the wave before it runs, so a wave is half the cache (LRU then evicts the wave
+            # before that, whose work is done); loaded in line (the CPU), the whole cache once the wave
+            # before it is done (half as many waves, each a pair of GEMMs).
+            slots, overlap = w1.shape[0], self.cache.loads_overlap
+            size = slots if len(experts) <= slots or not overlap else max(1, slots // 2)
             waves = [experts[i: i + size] for i in range(0, len(experts), size)]
             self.cache.load_ahead(self.layer, waves[0])
             done = []
             for i, wave in enumerate(waves):
                 self.cache.wait_loads()
-                if i + 1 < len(waves):
-                    self.cache.load_ahead(self.layer, waves[i + 1])
+                after = waves[i + 1] if i + 1 < len(waves) else None
+                if after and overlap:
+                    self.cache.load_ahead(self.layer, after)
                 done.append(self._grouped(flat, top_i, wave, sum(counts[e] for e in wave)))
+                if after and not overlap:
+                    self.cache.load_ahead(self.layer, after)
             y, order = done[0] if len(done) == 1 else (torch.cat([d[0] for d in done]), torch.cat([d[1] for d in done]))
         else:
             order = top_i.view(-1).argsort(stable=True)  # pairs grouped by expert

@@ -164,8 +164,13 @@ def test_fused_kernels_match_transformers(model, capacity, monkeypatch):
     on CUDA."""
     from moe_offload.runtime import prefill_kernels
 
+    from moe_offload.runtime.model import qkv_heads
+
     cfg, case, steps = model["cfg"], model["cases"][0], 6
     assert model["runtime"](capacity=cfg.num_experts).step.ops is not TRITON_OPS  # on the CPU only when asked for
+    # asked for, the decode kernels run under the interpreter, and a prompt still through PyTorch (a long one
+    # would take minutes there)
+    assert model["runtime"](capacity=cfg.num_experts, use_kernels=True).model.layers[0].attn.qkv_heads is qkv_heads
     monkeypatch.setattr(prefill_kernels, "serves", lambda device: True)
     prefetch = capacity == "between_prefetch"
     rt = model["runtime"](capacity=cfg.num_experts if capacity == "all" else 6, use_kernels=True,

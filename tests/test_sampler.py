@@ -71,6 +71,7 @@ def test_the_fused_pick_draws_the_pytorch_paths_tokens(top_p):
     cpu = torch.device("cpu")
     if not kernels.available(cpu):
         pytest.fail("needs triton with TRITON_INTERPRET=1 (set in conftest)")
+    assert not Sampler(cpu, 0.7, top_k=40).fused  # by default on CUDA only
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0))
     logits[1, :60] = 2.5  # a row whose candidates all tie
     for seed in (0, 7):

@@ -219,24 +219,7 @@ class MoE(nn.Module):
         experts = [e for e, n in enumerate(counts) if n]  # step_accesses' order: ascending
         self.record(self.layer, top_i, top_w)
         if self.cache.keeps_step_resident and grouped:
-            # More experts than the cache holds: waves. Loaded on a stream of their own, each wave's misses
-            # load while the wave before it runs, so a wave is half the cache (LRU then evicts the wave
-            # before that, whose work is done); loaded in line (the CPU), the whole cache once the wave
-            # before it is done (half as many waves, each a pair of GEMMs).
-            slots, overlap = w1.shape[0], self.cache.loads_overlap
-            size = slots if len(experts) <= slots or not overlap else max(1, slots // 2)
-            waves = [experts[i: i + size] for i in range(0, len(experts), size)]
-            self.cache.load_ahead(self.layer, waves[0])
-            done = []
-            for i, wave in enumerate(waves):
-                self.cache.wait_loads()
-                after = waves[i + 1] if i + 1 < len(waves) else None
-                if after and overlap:
-                    self.cache.load_ahead(self.layer, after)
-                done.append(self._grouped(flat, top_i, wave, sum(counts[e] for e in wave)))
-                if after and not overlap:
-                    self.cache.load_ahead(self.layer, after)
-            y, order = done[0] if len(done) == 1 else (torch.cat([d[0] for d in done]), torch.cat([d[1] for d in done]))
+            y, order = self._waves(flat, top_i, experts, counts, w1.shape[0])
         else:
             order = top_i.view(-1).argsort(stable=True)  # pairs grouped by expert
             y, start = torch.empty(b * t * k, h, dtype=flat.dtype, device=flat.device), 0
@@ -245,6 +228,29 @@ class MoE(nn.Module):
                     y[start: start + counts[e]] = self._one(flat, e, order[start: start + counts[e]])
                 start += counts[e]
         return self._combine(y, order, top_w).view(b, t, h)
+
+    def _waves(self, flat, top_i, experts: list[int], counts: list[int], slots: int):
+        """The routed experts in waves the cache holds (all of them in one, when it can), each a pair of
+        grouped GEMMs. Loaded on a stream of their own, each wave's misses load while the wave before it
+        runs, so a wave is half the cache (LRU then evicts the wave before that, whose work is done); loaded
+        in line (the CPU), a wave is the whole cache, loaded once the wave before it is done. Returns
+        (products, the pair of each row) as _grouped does, the waves' one after the other."""
+        overlap = self.cache.loads_overlap
+        size = slots if len(experts) <= slots or not overlap else max(1, slots // 2)
+        waves = [experts[i: i + size] for i in range(0, len(experts), size)]
+        self.cache.load_ahead(self.layer, waves[0])
+        done = []
+        for i, wave in enumerate(waves):
+            self.cache.wait_loads()
+            after = waves[i + 1] if i + 1 < len(waves) else None
+            if after and overlap:
+                self.cache.load_ahead(self.layer, after)
+            done.append(self._grouped(flat, top_i, wave, sum(counts[e] for e in wave)))
+            if after and not overlap:
+                self.cache.load_ahead(self.layer, after)
+        if len(done) == 1:
+            return done[0]
+        return torch.cat([y for y, _ in done]), torch.cat([order for _, order in done])
 
     def _combine(self, y, order, top_w):
         """y's row r is the product of pair order[r] (token * k + choice): each token's k weighted and added."""

@@ -176,7 +176,7 @@ def quant_kernel_serves(device: torch.device, x: torch.Tensor) -> bool:
 class MoE(nn.Module):
     """Router exactly as transformers' TopKRouter. The (token, choice) pairs are grouped by expert on the
     device; the routed experts are made resident a wave at a time (all at once when the cache holds them,
-    else half of it at a time, in `step_accesses` order), and each wave runs as two grouped GEMMs over the
+    else in waves, in `step_accesses` order: see _waves), and each wave runs as two grouped GEMMs over the
     cache's slabs (each expert's weights read once per chunk), or one expert at a time where the grouped
     GEMM does not serve. Each (token, choice) pair's product is written once, unweighted, in the order the
     experts ran; `combine` weights and adds up each token's k (no atomics: the same sums every run)."""

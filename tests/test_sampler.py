@@ -80,3 +80,7 @@ def test_the_fused_pick_draws_the_pytorch_paths_tokens(top_p):
         for pos in range(12):
             p = torch.tensor([pos])
             assert torch.equal(fused(logits, p), plain(logits, p))
+    # top-p over more candidates than the kernel's [k, k] tile holds: the PyTorch path, the same draws
+    big = dict(top_k=300, top_p=0.8 if top_p else None)
+    p = torch.tensor([3])
+    assert torch.equal(Sampler(cpu, 0.7, fused=True, **big)(logits, p), Sampler(cpu, 0.7, fused=False, **big)(logits, p))

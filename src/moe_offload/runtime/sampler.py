@@ -75,6 +75,10 @@ def hash_uniform(seed: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor) -> t
     return (_shr(z, 40).to(torch.float32) + 0.5) / float(1 << 24)
 
 
+# top-p in the kernel compares every candidate with every other: a [k, k] tile in one program's registers
+FUSED_TOP_P_MOST = 128
+
+
 class Sampler:
     """`sampler(logits [B, V], pos [1]) -> tokens [B]`, all on the device. The temperature, top-p and seed are
     device tensors that `update` rewrites in place, so a captured graph samples with the values of the
@@ -108,7 +112,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.greedy:
             return logits.argmax(dim=-1)
-        if self.k and self.fused:  # top-k on the raw logits (temperature keeps their order), then one kernel
+        if self.k and self.fused and (not self.uses_top_p or self.k <= FUSED_TOP_P_MOST):
+            # top-k on the raw logits (temperature keeps their order), then one kernel
             vals, ids = torch.topk(logits, min(self.k, logits.shape[-1]), dim=-1)
             return self._pick(vals.contiguous(), ids.contiguous(), pos)
         logits = logits.float() / self.temperature

@@ -116,10 +116,10 @@ def _use_kernels(asked: bool | None, device: torch.device, unserved: str | None)
         raise InputError(f"the fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1), not {device}")
     if asked and unserved:
         raise InputError(f"the fused kernels cannot serve this checkpoint: {unserved}")
-    if asked is None and unserved and kernels.available(device) and device.type == "cuda":
+    if asked is None and unserved and kernels.on_gpu(device):
         print(f"fused kernels off: {unserved}; decoding through PyTorch", file=sys.stderr)
         return False
-    return kernels.available(device) and device.type == "cuda" if asked is None else asked
+    return kernels.on_gpu(device) if asked is None else asked
 
 
 def _sync(device: torch.device) -> None:

@@ -53,6 +53,12 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def on_gpu(device: torch.device) -> bool:
+    """Whether the kernels run by default for `device`: on CUDA, where Triton is (the interpreter, which
+    runs them on the CPU a program at a time, only where a caller asks for them)."""
+    return device.type == "cuda" and triton is not None
+
+
 if triton is not None:
 
     @triton.jit

@@ -170,7 +170,7 @@ def grouped_mm_serves(shape: tuple[int, ...], dtype: torch.dtype, device: torch.
 def quant_kernel_serves(device: torch.device, x: torch.Tensor) -> bool:
     """Whether the Triton grouped GEMM (moe_kernels.grouped_linear) runs a prompt's quantized experts: on
     CUDA, slabs on x's device. (Under Triton's interpreter it would run on the CPU too, slowly: tests ask.)"""
-    return device.type == "cuda" and device == x.device and kernels.available(device)
+    return kernels.on_gpu(device) and device == x.device
 
 
 class MoE(nn.Module):

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .kernels import triton
+from .kernels import on_gpu, triton
 
 if triton is not None:
     import triton.language as tl
@@ -110,7 +110,7 @@ def serves(device: torch.device) -> bool:
     """Whether a prompt's steps take these kernels (where the decode kernels do, which also serve the
     checkpoint's dimensions): on CUDA. Under Triton's interpreter they would run on the CPU too, a program
     at a time (minutes for a long prompt): tests ask for them on short ones."""
-    return device.type == "cuda" and triton is not None
+    return on_gpu(device)
 
 
 def _interpreted() -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from .kernels import available, triton
+from .kernels import on_gpu, triton
 
 if triton is not None:
     import triton.language as tl
@@ -87,7 +87,7 @@ class Sampler:
 
     def __init__(self, device: torch.device, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, fused: bool | None = None):
-        self.fused = available(device) and device.type == "cuda" if fused is None else fused
+        self.fused = on_gpu(device) if fused is None else fused
         self.temperature = torch.zeros(1, device=device)
         self.top_p = torch.ones(1, device=device)
         self.seed = torch.zeros(1, dtype=torch.long, device=device)

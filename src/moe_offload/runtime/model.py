@@ -60,11 +60,13 @@ def qkv_heads(qkv, q_norm, k_norm, cos, sin, start: int, n_heads: int, n_kv: int
     b, t, _ = qkv.shape
     d = q_norm.numel()
     q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
-    q = rms_norm(q.reshape(b, t, n_heads, d), q_norm, eps).transpose(1, 2)
-    k = rms_norm(k.reshape(b, t, n_kv, d), k_norm, eps).transpose(1, 2)
-    cos, sin = cos[start:start + t], sin[start:start + t]
+    q = rms_norm(q.reshape(b, t, n_heads, d), q_norm, eps)
+    k = rms_norm(k.reshape(b, t, n_kv, d), k_norm, eps)
+    # rotated in the product's [B, T, heads, D] order (contiguous: faster elementwise on the CPU), then
+    # viewed as heads first
+    cos, sin = cos[start:start + t, None], sin[start:start + t, None]
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    return q, k, v.reshape(b, t, n_kv, d).transpose(1, 2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.reshape(b, t, n_kv, d).transpose(1, 2)
 
 
 def combine(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

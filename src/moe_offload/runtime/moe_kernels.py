@@ -131,18 +131,6 @@ if triton is not None:
         return q, s.to(tl.float32)
 
     @triton.jit
-    def _as_float(q, BITS: tl.constexpr):
-        """Quantized values q as float32 with no int-to-float conversion (on Hopper those issue at an eighth
-        of the FMA rate, and a token's int4 experts need two per byte they read): the value's offset bits
-        placed in the mantissa of 2^23, read as a float, minus 2^23 and the offset. BITS 8: q int8 -> q; BITS 4: q int32
-        nibbles 0..15 -> q - 8. Exact (every value below 2^23)."""
-        if BITS == 8:
-            bits = (q.to(tl.int32) + 128) | 0x4B000000
-            return bits.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
-        else:
-            return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
-
-    @triton.jit
     def _quant_dot(q, s, x_ptr, g0, N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_J: tl.constexpr):
         """_quant_load's tile times x [N] -> [rows] in float32: w = q * scale, each group's products summed
@@ -154,13 +142,13 @@ if triton is not None:
         cols = groups[:, None] * BYTES + j[None, :]
         if BITS == 8:
             x = tl.load(x_ptr + cols, mask=m, other=0.0).to(tl.float32)
-            part = tl.sum(_as_float(q, 8) * x[None, :, :], axis=2)
+            part = tl.sum(q.to(tl.float32) * x[None, :, :], axis=2)
         else:  # a byte holds input columns 2c (low nibble) and 2c + 1 (high), each as q + 8
             x_even = tl.load(x_ptr + 2 * cols, mask=m, other=0.0).to(tl.float32)
             x_odd = tl.load(x_ptr + 2 * cols + 1, mask=m, other=0.0).to(tl.float32)
             b = q.to(tl.int32)
-            part = tl.sum(_as_float(b & 15, 4) * x_even[None, :, :] + _as_float(b >> 4, 4) * x_odd[None, :, :],
-                          axis=2)
+            part = tl.sum(((b & 15) - 8).to(tl.float32) * x_even[None, :, :]
+                          + ((b >> 4) - 8).to(tl.float32) * x_odd[None, :, :], axis=2)
         return tl.sum(part * s, axis=1)
 
     @triton.jit
@@ -311,15 +299,15 @@ if triton is not None:
                 # w = q * scale in float32, rounded to the compute dtype as torch's dequantize rounds
                 if BITS == 8:
                     s = tl.load(s_base + n[:, None] * (N_IN // GROUP) + (c // GROUP)[None, :], mask=wm, other=0.0)
-                    w = (_as_float(q, 8) * s.to(tl.float32)).to(dt).to(tdt)
+                    w = (q.to(tl.float32) * s.to(tl.float32)).to(dt).to(tdt)
                     x = tl.load(x_ptr + rows[:, None] * N_IN + c[None, :], mask=xm, other=0.0).to(tdt)
                     acc = tl.dot(x, tl.trans(w), acc, input_precision=precision)
                 else:  # byte c holds input columns 2c (low nibble) and 2c + 1 (high): two products
                     s = tl.load(s_base + n[:, None] * (N_IN // GROUP) + (2 * c // GROUP)[None, :], mask=wm,
                                 other=0.0).to(tl.float32)
                     b = q.to(tl.int32)
-                    w_even = (_as_float(b & 15, 4) * s).to(dt).to(tdt)
-                    w_odd = (_as_float(b >> 4, 4) * s).to(dt).to(tdt)
+                    w_even = (((b & 15) - 8).to(tl.float32) * s).to(dt).to(tdt)
+                    w_odd = (((b >> 4) - 8).to(tl.float32) * s).to(dt).to(tdt)
                     x_even = tl.load(x_ptr + rows[:, None] * N_IN + 2 * c[None, :], mask=xm, other=0.0).to(tdt)
                     x_odd = tl.load(x_ptr + rows[:, None] * N_IN + 2 * c[None, :] + 1, mask=xm, other=0.0).to(tdt)
                     acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=precision)

@@ -39,6 +39,7 @@ from moe_offload.analysis.run_info import matmul_probe  # noqa: E402
 from moe_offload.checkpoint.dims import DIMS, spec as dims_spec  # noqa: E402
 from moe_offload.checkpoint.extracted import build_and_extract  # noqa: E402
 from moe_offload.resources import active_params, bytes_read_per_token, dtype_size, kv_bytes  # noqa: E402
+from moe_offload.runtime import cache_policy  # noqa: E402
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
 from common import emit  # noqa: E402
@@ -63,7 +64,11 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward (default: the "
+                   "runtime's, cache_policy.PREFILL_CHUNK)")
     a = p.parse_args()
+    if a.prefill_chunk:
+        cache_policy.PREFILL_CHUNK = a.prefill_chunk
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     lengths = [int(x) for x in a.lengths.split(",") if x]
@@ -78,7 +83,8 @@ def main():
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": a.device,
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
               "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype).replace("torch.", ""),
-              "spec": spec, "new_tokens": a.new_tokens, "capacity": a.capacity, "lengths": {}}
+              "spec": spec, "new_tokens": a.new_tokens, "capacity": a.capacity,
+              "prefill_chunk": cache_policy.PREFILL_CHUNK, "lengths": {}}
     try:
         t0 = time.perf_counter()
         ex = build_and_extract(spec, work)

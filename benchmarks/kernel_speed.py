@@ -8,6 +8,11 @@ a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) 
 
   python3 benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json
   python3 benchmarks/kernel_speed.py --quantized-only --out benchmarks/results/kernel_speed_quantized.json
+  python3 benchmarks/kernel_speed.py --attention-lengths 36,2048,8192,32768 --out benchmarks/results/attention_splits.json
+
+--attention-lengths times only the decode attention kernel (and SDPA over the same cache, for reference) at
+each cache length, with the runtime's choice of ranges and a sweep of ranges and tiles, against the KV bytes
+it must read.
 
 Only torch and triton (and the package, from src/) are imported: it runs on the GPU machine's stock python3.
 """
@@ -183,6 +188,40 @@ def prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt):
     return out
 
 
+def attention_sweep(hbm: float, lengths: list[int]) -> dict:
+    """The decode attention kernel per cache length: the runtime's ranges (splits None), then a sweep of
+    ranges and KV tiles; SDPA over the same cache beside it. A token at position L of a cache of L + 16."""
+    dev, dt, out = torch.device("cuda"), torch.bfloat16, {}
+    base = dict(kernels.ATTENTION_BLOCKS)
+    for length in lengths:
+        seq = length + 16
+        qkv = torch.randn((HEADS + 2 * KV) * D, dtype=dt, device=dev)
+        qn, kn = torch.randn(D, dtype=dt, device=dev), torch.randn(D, dtype=dt, device=dev)
+        cos, sin = torch.randn(seq, D, dtype=dt, device=dev), torch.randn(seq, D, dtype=dt, device=dev)
+        kc, vc = (torch.randn(1, KV, seq, D, dtype=dt, device=dev) for _ in range(2))
+        pos, mask = torch.tensor([length], device=dev), torch.ones(seq, dtype=torch.bool, device=dev)
+        seen = torch.arange(seq, device=dev) <= length
+
+        def attend(splits=None):
+            return kernels.attention(qkv, qn, kn, cos, sin, pos, kc, vc, mask, HEADS, KV, 1e-6, D ** -0.5, splits)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(qkv[:HEADS * D].view(1, HEADS, 1, D), kc, vc, attn_mask=seen,
+                                                  scale=D ** -0.5, enable_gqa=True)
+        nbytes = 2 * KV * (length + 1) * D * dt.itemsize
+        row = {"kv_bytes": nbytes, "bound_us": nbytes / hbm * 1e6, "runtime_us": bench_graph(attend) * 1e6,
+               "sdpa_us": bench_graph(sdpa) * 1e6, "sweep_top5": []}
+        for splits, bs in itertools.product([1, 8, 16, 33, 66, 132, 264], [32, 64, 128]):
+            if splits <= triton.cdiv(seq, bs):
+                kernels.ATTENTION_BLOCKS = dict(base, BLOCK_S=bs)
+                row["sweep_top5"].append({"splits": splits, "BLOCK_S": bs, "us": bench_graph(lambda: attend(splits)) * 1e6})
+        kernels.ATTENTION_BLOCKS = base
+        row["sweep_top5"] = sorted(row["sweep_top5"], key=lambda r: r["us"])[:5]
+        row["fraction_of_bound"] = row["bound_us"] / row["runtime_us"]
+        out[length] = row
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--slots", type=int, default=64, help="experts resident in the slab (past L2 at 64)")
@@ -190,6 +229,7 @@ def main():
     p.add_argument("--group", type=int, default=128, help="quantized experts' group size")
     p.add_argument("--prefill-tokens", type=int, default=512, help="a prompt chunk, for the quantized grouped GEMM")
     p.add_argument("--quantized-only", action="store_true", help="the HBM probe and the quantized experts only")
+    p.add_argument("--attention-lengths", default="", help="only the decode attention kernel, at these cache lengths")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -246,6 +286,10 @@ def main():
     }
     result = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_bytes_per_second": hbm,
               "dims": dict(H=H, I=I, E=E, K=K, heads=HEADS, kv=KV, D=D, seq=a.seq, slots=a.slots), "steps": {}}
+    if a.attention_lengths:
+        result["attention"] = attention_sweep(hbm, [int(n) for n in a.attention_lengths.split(",")])
+        emit(result, a.out)
+        return
     quantized(result, hbm, x, slots, weights, a.slots, a.group, a.prefill_tokens)
     if a.quantized_only:
         emit(result, a.out)
@@ -273,7 +317,7 @@ def main():
         sweep["gemv_qkv_plus_o"].append({"BLOCK_N": bn, "num_warps": nw, "us": us})
     sweep["attention"] = []
     for bs, nw in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
-        kernels.ATTENTION_BLOCKS = dict(BLOCK_S=bs, num_warps=nw)
+        kernels.ATTENTION_BLOCKS = dict(kernels.ATTENTION_BLOCKS, BLOCK_S=bs, num_warps=nw)
         sweep["attention"].append({"BLOCK_S": bs, "num_warps": nw, "us": bench_graph(attention) * 1e6})
     sweep["route_and_rms_norm"] = []
     for nw in [1, 2, 4, 8]:
@@ -293,7 +337,7 @@ def main():
     moe_kernels.GATE_UP_BLOCKS = pick(sweep["gate_up"][0], ("BLOCK_I", "BLOCK_H", "num_warps"))
     moe_kernels.DOWN_BLOCKS = pick(sweep["moe_by_down_tiles"][0], ("BLOCK_H", "num_warps"))
     kernels.GEMV_BLOCKS = pick(sweep["gemv_qkv_plus_o"][0], ("BLOCK_N", "num_warps"))
-    kernels.ATTENTION_BLOCKS = pick(sweep["attention"][0], ("BLOCK_S", "num_warps"))
+    kernels.ATTENTION_BLOCKS = dict(kernels.ATTENTION_BLOCKS, **pick(sweep["attention"][0], ("BLOCK_S", "num_warps")))
     kernels.SMALL_BLOCKS = pick(sweep["route_and_rms_norm"][0], ("num_warps",))
     s = bench_graph(lambda: moe_kernels.moe(x, w1, w2, slots, weights, x))
     result["moe_fused_best_tiles"] = {"gate_up": moe_kernels.GATE_UP_BLOCKS, "down": moe_kernels.DOWN_BLOCKS,

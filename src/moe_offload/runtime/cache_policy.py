@@ -104,8 +104,11 @@ class Scoped:
 
 
 # Prompt tokens per forward (runtime.generate): a prompt's chunks each run through every layer before the
-# next, so they are separate steps of the access order (analysis.cache_sim.access_sequence).
-PREFILL_CHUNK = 8192
+# next, so they are separate steps of the access order (analysis.cache_sim.access_sequence). 16384: a 32k
+# prompt at the real dims prefilled 1.4% faster than in chunks of 8192 on an H100 (one later chunk to merge,
+# not three; benchmarks/results/context_sweep_h100_48x16_32k_chunk*.json), for about 2 GB of a chunk's MoE
+# activations (the pairs' inputs, gate/up and products) instead of 1.
+PREFILL_CHUNK = 16384
 
 
 def step_accesses(chosen: list[list[int]]) -> list[int]:

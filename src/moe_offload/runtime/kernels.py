@@ -9,7 +9,8 @@ These fold the small steps into the products they feed:
   rms_norm / add_rms_norm   the residual add and RMSNorm of a layer in one pass (dense layers; a prompt's
                             rows too, a program each)
   attention                 from the fused QKV output: per-head RMSNorm of q and k, RoPE, the K/V cache
-                            write, and one query over the cache up to its position, GQA heads read in place
+                            write, and one query over the cache up to its position, GQA heads read in place,
+                            split along the cache; a second kernel merges the splits, a program per head
   linear, norm_linear       a one-token GEMV, optionally after the (residual add and) RMSNorm feeding it
 
 Every step rounds where transformers rounds (each projection's output, the norm before its weight) and
@@ -110,18 +111,17 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, mask_ptr,
-                          out_ptr, part_ptr, stat_ptr, count_ptr, n_heads, n_kv, head_stride, chunk, n_splits, eps,
-                          scale, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                          BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                          IEEE: tl.constexpr, PDL: tl.constexpr):
+                          out_ptr, part_ptr, stat_ptr, n_heads, n_kv, head_stride, chunk, n_splits, eps, scale,
+                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                          PDL: tl.constexpr):
         # Split along the KV cache (flash-decoding), so that one token keeps every SM busy: program
         # (kv head, split) takes the GROUP query heads that share a KV head over cache positions
         # [split * chunk, (split + 1) * chunk) below the token's, so each K and V tile is read once for
         # all of them (GQA) and their scores are one tensor-core product. Each program norms and rotates
         # its heads' q (and the KV head's k) from the QKV product; split 0 writes the token's k and v into
-        # the cache and counts the token's own entry. Each split keeps an online softmax in float32 and
-        # stores it; the last split of a KV head to finish merges its heads' splits in split order by
-        # log-sum-exp (an atomic counter per KV head, as the down kernel adds its experts).
+        # the cache and counts the token's own entry. Each split keeps an online softmax in float32;
+        # SPLIT: it stores it for _merge_splits_kernel, else (one range) it writes the heads' output.
         _wait_for_inputs(PDL)
         kv = tl.program_id(0)
         split = tl.program_id(1)
@@ -185,31 +185,35 @@ if triton is not None:
             acc_b = acc_b * alpha[:, None] + tl.dot(p_t, v_b, input_precision=precision)
             m_i = m_new
             s0 += BLOCK_S
-        mine = heads * n_splits + split
-        tl.store(stat_ptr + mine * 2, m_i, mask=gmask)
-        tl.store(stat_ptr + mine * 2 + 1, l_i, mask=gmask)
-        tl.store(part_ptr + mine[:, None] * D + half[None, :], acc_a, mask=m2)
-        tl.store(part_ptr + mine[:, None] * D + HALF + half[None, :], acc_b, mask=m2)
-        tl.debug_barrier()  # every thread's part stored before the release below publishes it
-        if tl.atomic_add(count_ptr + kv, 1, sem="acq_rel") == n_splits - 1:
-            sp = tl.arange(0, BLOCK_SPLITS)
-            smask = sp < n_splits
-            for j in tl.static_range(GROUP):
-                head = kv * GROUP + j
-                base = head * n_splits + sp
-                m = tl.load(stat_ptr + base * 2, mask=smask, other=float("-inf"), cache_modifier=".cg")
-                big = tl.max(m, axis=0)  # finite: split 0 holds the token's own score
-                w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
-                l_sum = tl.sum(w * tl.load(stat_ptr + base * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg"),
-                               axis=0)
-                pm = smask[:, None] & hmask[None, :]
-                pa = tl.load(part_ptr + base[:, None] * D + half[None, :], mask=pm, other=0.0, cache_modifier=".cg")
-                pb = tl.load(part_ptr + base[:, None] * D + HALF + half[None, :], mask=pm, other=0.0,
-                             cache_modifier=".cg")
-                tl.store(out_ptr + head * D + half, (tl.sum(w[:, None] * pa, axis=0) / l_sum).to(dt), mask=hmask)
-                tl.store(out_ptr + head * D + HALF + half, (tl.sum(w[:, None] * pb, axis=0) / l_sum).to(dt),
-                         mask=hmask)
-            tl.atomic_xchg(count_ptr + kv, 0)  # ready for the next launch (graph replays reuse the counters)
+        if SPLIT:
+            mine = heads * n_splits + split
+            tl.store(stat_ptr + mine * 2, m_i, mask=gmask)
+            tl.store(stat_ptr + mine * 2 + 1, l_i, mask=gmask)
+            tl.store(part_ptr + mine[:, None] * D + half[None, :], acc_a, mask=m2)
+            tl.store(part_ptr + mine[:, None] * D + HALF + half[None, :], acc_b, mask=m2)
+        else:
+            tl.store(out_ptr + heads[:, None] * D + half[None, :], (acc_a / l_i[:, None]).to(dt), mask=m2)
+            tl.store(out_ptr + heads[:, None] * D + HALF + half[None, :], (acc_b / l_i[:, None]).to(dt), mask=m2)
+
+    @triton.jit
+    def _merge_splits_kernel(part_ptr, stat_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
+        # One program per query head: its splits' partial attentions merged by log-sum-exp, in split
+        # order, all read at once (a program per head, so the heads' merges run side by side)
+        _wait_for_inputs(PDL)
+        head = tl.program_id(0)
+        sp = tl.arange(0, BLOCK_SPLITS)
+        smask = sp < n_splits
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        rows = head * n_splits + sp
+        m = tl.load(stat_ptr + rows * 2, mask=smask, other=float("-inf"))
+        big = tl.max(m, axis=0)  # finite: split 0 holds the token's own score
+        w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
+        l_sum = tl.sum(w * tl.load(stat_ptr + rows * 2 + 1, mask=smask, other=0.0), axis=0)
+        part = tl.load(part_ptr + rows[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        tl.store(out_ptr + head * D + d, (tl.sum(w[:, None] * part, axis=0) / l_sum).to(out_ptr.dtype.element_ty),
+                 mask=dmask)
 
     @triton.jit
     def _gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, eps, K: tl.constexpr,
@@ -249,6 +253,7 @@ if triton is not None:
 GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8)  # whole rows: BLOCK_K is the vector's length
 # GQA-packed tensor-core tiles (tile sizes not swept); ONE_RANGE: caches up to this many positions are one range
 ATTENTION_BLOCKS = dict(BLOCK_S=64, num_warps=4, ONE_RANGE=256)
+MERGE_BLOCKS = dict(num_warps=4)  # a head's [splits, D] partials: a few thousand floats
 # The one-program kernels (norm, route) and the per-head one: a vector of a few thousand elements,
 # whose reductions within one warp are shuffles, with no shared memory and no barrier.
 SMALL_BLOCKS = dict(num_warps=1)
@@ -307,17 +312,21 @@ def attention(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache
     chunk = triton.cdiv(triton.cdiv(seq, splits), block_s) * block_s
     splits = triton.cdiv(seq, chunk)
     out = torch.empty(n_heads * d, dtype=qkv.dtype, device=dev)
-    part = torch.empty(n_heads * splits * d, dtype=torch.float32, device=dev)
-    stats = torch.empty(n_heads * splits * 2, dtype=torch.float32, device=dev)
-    warps = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": ATTENTION_BLOCKS["num_warps"]}
+    part = torch.empty(n_heads * splits * d, dtype=torch.float32, device=dev) if splits > 1 else out
+    stats = torch.empty(n_heads * splits * 2, dtype=torch.float32, device=dev) if splits > 1 else out
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    warps = {} if interpret else {"num_warps": ATTENTION_BLOCKS["num_warps"]}
     group = n_heads // n_kv
     _attention_kernel[(n_kv, splits)](qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask.view(torch.uint8), out,
-                                      part, stats, _counters(dev, "attention", n_kv), n_heads, n_kv, k_cache.stride(1),
-                                      chunk, splits, eps, scale, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-                                      D=d, HALF=d // 2, BLOCK_HALF=max(16, triton.next_power_of_2(d // 2)),
-                                      BLOCK_S=block_s, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                      IEEE=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-                                      **warps, **_launch(dev))
+                                      part, stats, n_heads, n_kv, k_cache.stride(1), chunk, splits, eps, scale,
+                                      GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, HALF=d // 2,
+                                      BLOCK_HALF=max(16, triton.next_power_of_2(d // 2)), BLOCK_S=block_s,
+                                      SPLIT=splits > 1, IEEE=qkv.dtype == torch.float32 or interpret, **warps,
+                                      **_launch(dev))
+    if splits > 1:
+        _merge_splits_kernel[(n_heads,)](part, stats, out, splits, D=d, BLOCK_D=triton.next_power_of_2(d),
+                                         BLOCK_SPLITS=triton.next_power_of_2(splits),
+                                         **({} if interpret else MERGE_BLOCKS), **_launch(dev))
     return out
 
 

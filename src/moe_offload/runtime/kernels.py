@@ -306,7 +306,8 @@ def attention(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache
     """One token of batch row 0 from its QKV product qkv [(n_heads + 2 n_kv) * D]: per-head RMSNorm of q
     and k, RoPE, k and v written into row 0 of the caches [B, n_kv, S, D] at position pos[0], and
     softmax(q k^T * scale) v over positions 0..pos[0] where mask [S] is True (the token always sees
-    itself), the cache split in `splits` ranges (None: enough to fill the GPU). Returns [n_heads * D]."""
+    itself), the cache split in `splits` ranges (None: enough to fill the GPU), each range's partial
+    softmax then merged by a second kernel. Returns [n_heads * D]."""
     d, seq, dev = q_norm.numel(), k_cache.shape[2], qkv.device
     block_s, splits = _kv_splits(seq, n_kv, dev, splits)
     chunk = triton.cdiv(triton.cdiv(seq, splits), block_s) * block_s

@@ -8,7 +8,8 @@ a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) 
 
   python3 benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json
   python3 benchmarks/kernel_speed.py --quantized-only --out benchmarks/results/kernel_speed_quantized.json
-  python3 benchmarks/kernel_speed.py --attention-lengths 36,2048,8192,32768 --out benchmarks/results/attention_splits.json
+  python3 benchmarks/kernel_speed.py --attention-lengths 36,2048,8192,32768 \
+      --out benchmarks/results/attention_splits.json
 
 --attention-lengths times only the decode attention kernel (and SDPA over the same cache, for reference) at
 each cache length, with the runtime's choice of ranges and a sweep of ranges and tiles, against the KV bytes
@@ -214,7 +215,8 @@ def attention_sweep(hbm: float, lengths: list[int]) -> dict:
         for splits, bs in itertools.product([1, 8, 16, 33, 66, 132, 264], [32, 64, 128]):
             if splits <= triton.cdiv(seq, bs):
                 kernels.ATTENTION_BLOCKS = dict(base, BLOCK_S=bs)
-                row["sweep_top5"].append({"splits": splits, "BLOCK_S": bs, "us": bench_graph(lambda: attend(splits)) * 1e6})
+                us = bench_graph(lambda: attend(splits)) * 1e6
+                row["sweep_top5"].append({"splits": splits, "BLOCK_S": bs, "us": us})
         kernels.ATTENTION_BLOCKS = base
         row["sweep_top5"] = sorted(row["sweep_top5"], key=lambda r: r["us"])[:5]
         row["fraction_of_bound"] = row["bound_us"] / row["runtime_us"]

@@ -201,7 +201,7 @@ def attention_sweep(hbm: float, lengths: list[int]) -> dict:
         cos, sin = torch.randn(seq, D, dtype=dt, device=dev), torch.randn(seq, D, dtype=dt, device=dev)
         kc, vc = (torch.randn(1, KV, seq, D, dtype=dt, device=dev) for _ in range(2))
         pos, mask = torch.tensor([length], device=dev), torch.ones(seq, dtype=torch.bool, device=dev)
-        seen = torch.arange(seq, device=dev) <= length
+        seen = (torch.arange(seq, device=dev) <= length).view(1, 1, 1, seq)
 
         def attend(splits=None):
             return kernels.attention(qkv, qn, kn, cos, sin, pos, kc, vc, mask, HEADS, KV, 1e-6, D ** -0.5, splits)

@@ -252,7 +252,7 @@ if triton is not None:
 # its weights out of L2 (benchmarks/kernel_speed.py); valid for any size.
 GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8)  # whole rows: BLOCK_K is the vector's length
 # GQA-packed tensor-core tiles (tile sizes not swept); ONE_RANGE: caches up to this many positions are one range
-ATTENTION_BLOCKS = dict(BLOCK_S=64, num_warps=4, ONE_RANGE=256)
+ATTENTION_BLOCKS = dict(BLOCK_S=64, num_warps=4, ONE_RANGE=256, LONG_RANGE=256)
 MERGE_BLOCKS = dict(num_warps=4)  # a head's [splits, D] partials: a few thousand floats
 # The one-program kernels (norm, route) and the per-head one: a vector of a few thousand elements,
 # whose reductions within one warp are shuffles, with no shared memory and no barrier.
@@ -345,10 +345,13 @@ def _kv_splits(seq: int, n_kv: int, device: torch.device, splits: int | None) ->
     if splits is None:
         if device not in _sm_count:
             _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        # Measured on an H100 (benchmarks/results/context_sweep_h100_*): one range for a short cache; else
-        # about two programs per SM, each range a tile at least (a program per SM, ranges of 256: slower
-        # from 2k to 32k positions)
-        splits = 1 if seq <= ATTENTION_BLOCKS["ONE_RANGE"] else triton.cdiv(2 * _sm_count[device], n_kv)
+        # Measured on an H100 (benchmarks/results/context_sweep_h100_*, attention_splits_h100_*): one range
+        # for a short cache; else about two programs per SM, each range a tile at least (a program per SM:
+        # slower from 2k to 32k positions); once those ranges pass LONG_RANGE positions, ranges of
+        # LONG_RANGE, up to four programs per SM (32k positions, 4 KV heads: 40 against 46 us)
+        sms, long_ranges = _sm_count[device], triton.cdiv(seq, ATTENTION_BLOCKS["LONG_RANGE"])
+        splits = 1 if seq <= ATTENTION_BLOCKS["ONE_RANGE"] else max(
+            triton.cdiv(2 * sms, n_kv), min(triton.cdiv(4 * sms, n_kv), long_ranges))
     return block, max(1, min(splits, triton.cdiv(seq, block)))
 
 

@@ -1,6 +1,7 @@
 """Where a long prompt's prefill spends its GPU time: ours and transformers' native model on the same
 checkpoint and prompt, each under torch.profiler, their kernels side by side (milliseconds summed over
-the prefill, the largest first) beside each side's wall time and the tensor-core bound measured here.
+the prefill, the largest first) beside each side's wall time and the tensor-core bound measured here;
+and the host's operations by their own CPU time (launches, syncs).
 
   PYTHONPATH=src python3 benchmarks/prefill_profile.py --layers 8 --experts 16 --length 8192 \
       --out benchmarks/results/prefill_profile_h100.json
@@ -51,11 +52,19 @@ def kernels(fn, top: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    rows = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    averages = prof.key_averages()
+    rows = [e for e in averages if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     rows.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in rows) / 1e3
+    # the host's side: where its time goes (a prefill whose kernels sum to less than its wall time waits on
+    # the host: launches, syncs), by self CPU time
+    host = sorted((e for e in averages if e.self_cpu_time_total > 0), key=lambda e: e.self_cpu_time_total,
+                  reverse=True)
     return {"gpu_ms": total, "kernels": [{"name": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count,
-                                          "share": e.device_time_total / 1e3 / total} for e in rows[:top]]}
+                                          "share": e.device_time_total / 1e3 / total} for e in rows[:top]],
+            "host_ms": sum(e.self_cpu_time_total for e in host) / 1e3,
+            "host_ops": [{"name": e.key[:80], "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+                         for e in host[:top]]}
 
 
 def main():

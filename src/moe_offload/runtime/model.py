@@ -77,6 +77,13 @@ def combine(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch
     return (y[rows] * weights.reshape(-1, 1)).view(n, k, -1).sum(1)
 
 
+def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """ids [..., M] of experts 0..n-1 -> [..., n]: how often each appears, on the ids' device without a host
+    round trip (torch.bincount on CUDA reads the ids' min and max on the host first: two syncs a call)."""
+    counts = torch.zeros(*ids.shape[:-1], n, dtype=torch.long, device=ids.device)
+    return counts.scatter_add_(-1, ids, torch.ones_like(ids))
+
+
 def merge_by_lse(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
     """Two attentions of the same queries [B, H, T, D] over disjoint keys, with their log-sum-exps [B, H, T]
     (float32): the attention over both, each weighted by its share of the softmax's mass."""
@@ -217,7 +224,7 @@ class MoE(nn.Module):
             return self._combine(y, order, top_w).view(b, t, h)
         # The one device-to-host sync of the layer: the host must know the experts to load them. Only the
         # counts per expert cross (not tokens x k ids: Python work per token would dominate a long prompt).
-        counts = torch.bincount(top_i.view(-1), minlength=self.cfg.num_experts).cpu().tolist()
+        counts = expert_counts(top_i.view(-1), self.cfg.num_experts).tolist()
         experts = [e for e, n in enumerate(counts) if n]  # step_accesses' order: ascending
         self.record(self.layer, top_i, top_w)
         if self.cache.keeps_step_resident and grouped:
@@ -270,8 +277,10 @@ class MoE(nn.Module):
         ids = top_i.view(-1)
         in_wave = (ids >= wave[0]) & (ids <= wave[-1])  # a wave is a run of ascending experts
         key = torch.where(in_wave, table[ids], slots)  # pairs of other waves sort last, past every group
-        order = key.argsort(stable=True)[:pairs]
-        offs = torch.bincount(key, minlength=slots + 1)[:slots].cumsum(0).to(torch.int32)
+        sorted_key, order = torch.sort(key, stable=True)
+        order = order[:pairs]
+        # each slot's end among the sorted rows (torch._grouped_mm's offs), found on the device
+        offs = torch.searchsorted(sorted_key, torch.arange(slots, device=key.device), right=True).to(torch.int32)
         if in_registers:  # quantized slabs read as stored, dequantized a tile at a time
             s1, s2, bits, group = self.cache.quant_slabs(self.layer)
             gate_up = moe_kernels.grouped_linear(flat[order // k], w1, offs, (s1, bits, group))
@@ -383,8 +392,7 @@ class Transformer(nn.Module):
     def settle(self, deferred: list) -> None:
         """The deferred layers' routing, in layer order as if each had been seen when it ran: every expert
         a hit (its recency refreshed in step_accesses order), and the trace rows."""
-        counts = torch.stack([torch.bincount(top_i.view(-1), minlength=self.cfg.num_experts)
-                              for _, top_i, _ in deferred]).cpu().tolist()
+        counts = expert_counts(torch.stack([top_i.view(-1) for _, top_i, _ in deferred]), self.cfg.num_experts).tolist()
         for (layer, top_i, top_w), n in zip(deferred, counts):
             self.cache.get_many(layer, [e for e, used in enumerate(n) if used])
             self.record(layer, top_i, top_w)

@@ -11,7 +11,7 @@ import torch
 
 from moe_offload.checkpoint.quantize import dequantize, pack, quantize
 from moe_offload.runtime import kernels, moe_kernels, prefill_kernels, torch_ops
-from moe_offload.runtime.model import combine, qkv_heads, rms_norm, rotate_half, silu_mul, swiglu
+from moe_offload.runtime.model import combine, expert_counts, qkv_heads, rms_norm, rotate_half, silu_mul, swiglu
 
 pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cpu")),
                                 reason="needs triton with TRITON_INTERPRET=1 (set in conftest)")
@@ -266,6 +266,16 @@ def test_combine_weights_and_adds_each_tokens_products_wherever_they_lie(dtype):
     # and the sum it stands for: token n's choice j is y[rows[n * k + j]]
     want = sum(y[rows.view(n, k)[:, j]].float() * weights[:, j, None].float() for j in range(k))
     assert (got.float() - want).abs().max() <= 4 * TOL[dtype]
+
+
+def test_expert_counts_are_bincounts_one_layer_or_several():
+    """The prompt's per-expert counts without torch.bincount (a host round trip on CUDA): the same counts,
+    for one layer's ids and for several layers' stacked, unused experts counted 0."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (3, 40))  # three layers of 10 tokens x top-4; experts 7..9 never chosen
+    for row in ids:
+        assert torch.equal(expert_counts(row, 10), torch.bincount(row, minlength=10))
+    assert torch.equal(expert_counts(ids, 10), torch.stack([torch.bincount(row, minlength=10) for row in ids]))
 
 
 def test_unserved_names_what_the_kernels_cannot_take():

@@ -47,11 +47,16 @@ def unserved(hidden_size: int, head_dim: int, moe_intermediate_size: int) -> str
     return None
 
 
+def interpreted() -> bool:
+    """Triton's interpreter runs the kernels (on the CPU: how the tests check them)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available(device: torch.device) -> bool:
     """Whether the fused kernels can run for tensors on `device`."""
     if triton is None:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or interpreted()
 
 
 def on_gpu(device: torch.device) -> bool:
@@ -267,7 +272,7 @@ _pdl_devices: dict[torch.device, bool] = {}
 
 def _launch(device: torch.device) -> dict:
     """The PDL constexpr and launch option for kernels on `device` (off under the interpreter)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda" or not PDL:
+    if interpreted() or device.type != "cuda" or not PDL:
         return {"PDL": False}
     if device not in _pdl_devices:
         _pdl_devices[device] = torch.cuda.get_device_capability(device)[0] >= 9
@@ -275,13 +280,13 @@ def _launch(device: torch.device) -> dict:
 
 
 def _small() -> dict:
-    return {} if os.environ.get("TRITON_INTERPRET") == "1" else SMALL_BLOCKS
+    return {} if interpreted() else SMALL_BLOCKS
 
 
 def _blocks(tuned: dict, **dims: int) -> dict:
     """Tile sizes no larger than the matrix; under Triton's interpreter, which pays per program and per
     operation rather than per element, one tile covers the whole dimension."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         return {k: triton.next_power_of_2(n) for k, n in dims.items()}
     return {"num_warps": tuned["num_warps"], **{k: min(tuned[k], triton.next_power_of_2(n)) for k, n in dims.items()}}
 
@@ -294,7 +299,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
     rows = x.numel() // n
     out = torch.empty_like(x)
     summed = torch.empty_like(x) if delta is not None else out
-    warps = _small() if rows == 1 or os.environ.get("TRITON_INTERPRET") == "1" else ROWS_BLOCKS
+    warps = _small() if rows == 1 or interpreted() else ROWS_BLOCKS
     _rms_norm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, summed, n, eps,
                               HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), **warps,
                               **_launch(x.device))
@@ -315,7 +320,7 @@ def attention(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache
     out = torch.empty(n_heads * d, dtype=qkv.dtype, device=dev)
     part = torch.empty(n_heads * splits * d, dtype=torch.float32, device=dev) if splits > 1 else out
     stats = torch.empty(n_heads * splits * 2, dtype=torch.float32, device=dev) if splits > 1 else out
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = interpreted()
     warps = {} if interpret else {"num_warps": ATTENTION_BLOCKS["num_warps"]}
     group = n_heads // n_kv
     _attention_kernel[(n_kv, splits)](qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask.view(torch.uint8), out,
@@ -338,7 +343,7 @@ def _kv_splits(seq: int, n_kv: int, device: torch.device, splits: int | None) ->
     """(positions per tile, ranges of the cache), each range at least a tile.
     Under the interpreter, two ranges (what tests exercise) of one tile each (16 positions at least: a
     tensor-core product's smallest side)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         block = max(16, triton.next_power_of_2(triton.cdiv(seq, splits or 2)))
         return block, splits or triton.cdiv(seq, block)
     block = max(16, min(ATTENTION_BLOCKS["BLOCK_S"], triton.next_power_of_2(seq)))

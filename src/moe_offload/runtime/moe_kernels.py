@@ -14,11 +14,9 @@ do, under the same programmatic dependent launch.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .kernels import _blocks, _counters, _launch, _small, triton
+from .kernels import _blocks, _counters, _launch, _small, interpreted, triton
 
 if triton is not None:
     import triton.language as tl
@@ -408,5 +406,5 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: 
     _grouped_quant_kernel[grid](x.contiguous(), w, scales, ends, tile_ends, out, n_groups, w.stride(0),
                                 scales.stride(0), N_IN=n_in, N_OUT=n_out, BITS=bits, GROUP=group,
                                 BLOCK_S=triton.next_power_of_2(n_groups),
-                                IEEE=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", **b)
+                                IEEE=x.dtype == torch.float32 or interpreted(), **b)
     return out

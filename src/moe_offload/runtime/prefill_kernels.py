@@ -16,11 +16,9 @@ scatter), and at 8k tokens on an H100 those chains took as long as the GEMMs and
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .kernels import on_gpu, triton
+from .kernels import interpreted, on_gpu, triton
 
 if triton is not None:
     import triton.language as tl
@@ -113,12 +111,8 @@ def serves(device: torch.device) -> bool:
     return on_gpu(device)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _warps(n: int) -> dict:
-    return {} if _interpreted() else {"num_warps": 4 if n <= 1024 else 8}
+    return {} if interpreted() else {"num_warps": 4 if n <= 1024 else 8}
 
 
 def qkv_heads(qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -141,7 +135,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [P, 2I] (gate then up) -> silu(gate) * up [P, I]."""
     p, i = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(p, i, dtype=gate_up.dtype, device=gate_up.device)
-    block = triton.next_power_of_2(i) if _interpreted() else min(2048, triton.next_power_of_2(i))
+    block = triton.next_power_of_2(i) if interpreted() else min(2048, triton.next_power_of_2(i))
     _silu_mul_kernel[(p, triton.cdiv(i, block))](gate_up.contiguous(), out, i, BLOCK=block, **_warps(block))
     return out
 
@@ -152,7 +146,7 @@ def combine(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch
     n, k = weights.shape
     h = y.shape[1]
     out = torch.empty(n, h, dtype=y.dtype, device=y.device)
-    block = triton.next_power_of_2(h) if _interpreted() else min(2048, triton.next_power_of_2(h))
+    block = triton.next_power_of_2(h) if interpreted() else min(2048, triton.next_power_of_2(h))
     _combine_kernel[(n, triton.cdiv(h, block))](y, rows, weights.contiguous(), out, h, K=k, BLOCK_H=block,
                                                 **_warps(block))
     return out
@@ -166,7 +160,7 @@ def merge_by_lse(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: t
     out = torch.empty(bs, t, h, d, dtype=a.dtype, device=a.device).transpose(1, 2)
     a, b = (x if x.stride(-1) == 1 else x.contiguous() for x in (a, b))
     lse_a, lse_b = (x.reshape(bs, h, t).float().contiguous() for x in (lse_a, lse_b))
-    block_t = triton.next_power_of_2(t) if _interpreted() else min(64, triton.next_power_of_2(t))
+    block_t = triton.next_power_of_2(t) if interpreted() else min(64, triton.next_power_of_2(t))
     _merge_kernel[(bs * h, triton.cdiv(t, block_t))](a, lse_a, b, lse_b, out, h, t, d, *a.stride()[:3], *b.stride()[:3],
                                                     *out.stride()[:3], BLOCK_T=block_t,
                                                     BLOCK_D=triton.next_power_of_2(d), **_warps(block_t * d))

@@ -148,10 +148,6 @@ class ExpertFiles:
     def host_tier_bytes(self) -> int:
         return sum(buf.nbytes for buf, _ in self._host.values())
 
-    def host_start(self, layer: int) -> int | None:
-        """The file offset of byte 0 of `layer`'s host-tier buffer (None without a host tier)."""
-        return self._host[layer][1] if layer in self._host else None
-
     def host_offsets(self, layer: int) -> list[int] | None:
         """Each expert's element offset in `layer`'s host-tier buffer (quantized: byte offset), or None when
         the kernels cannot read the experts there in place: no host tier, parts out of slot order, or an

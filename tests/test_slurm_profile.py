@@ -11,16 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, set_config, snakemake
 
 PROFILE = ["--workflow-profile", "profiles/slurm"]
 
 
-def _group_sizes(dry_run: str, group: str) -> list[int]:
-    """Extraction jobs in each group job of `group` that a dry run lists."""
+def _group_sizes(dry_run: str, group: str, rule: str = r"extract_(?:layer|dense)") -> list[int]:
+    """Jobs of `rule` (extraction's, by default) in each group job of `group` that a dry run lists."""
     blocks = dry_run.split("Group job ")[1:]
-    return [len(re.findall(r"^\s*rule extract_(?:layer|dense):", block, re.M)) for block in blocks
-            if block.startswith(f"{group} ")]
+    return [len(re.findall(rf"^\s*rule {rule}:", block, re.M)) for block in blocks if block.startswith(f"{group} ")]
 
 
 def test_the_embedded_models_layers_split_evenly_into_group_jobs(workdir):
@@ -32,6 +31,20 @@ def test_the_embedded_models_layers_split_evenly_into_group_jobs(workdir):
     assert plan.returncode == 0, plan.stderr[-3000:]
     sizes = _group_sizes(plan.stdout + plan.stderr, "layers")
     assert sum(sizes) == 49 and sizes == [size] * (49 // size), sizes  # none left over, so no job of one
+
+
+def test_quantize_layer_jobs_go_to_group_jobs_of_their_own(workdir):
+    """Issue 17: quantize_layer jobs are grouped like extraction's, in a group of their own (with precision
+    by popularity they wait for the full-depth run, which waits for every extraction group: in the
+    extraction groups they would make a cycle); 48 layers in jobs of 8."""
+    set_config(workdir, quantize={"bits": 4, "group_size": 64, "hot": {"bits": 8, "fraction": 0.25}})
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    size = profile["group-components"]["quantize"]
+    plan = snakemake(workdir, *PROFILE, "-n", "results/compare.json")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    sizes = _group_sizes(plan.stdout + plan.stderr, "quantize", "quantize_layer")
+    assert sum(sizes) == 48 and sizes == [size] * (48 // size), sizes
+    assert _group_sizes(plan.stdout + plan.stderr, "layers", "quantize_layer") == [0] * 7
 
 
 @pytest.mark.slow

@@ -130,13 +130,13 @@ class Slots:
             for dst, src in ((w1[slot], raw[:n1]), (w2[slot], raw[n1:])):
                 dst.view(-1).view(torch.uint8).copy_(src, non_blocking=non_blocking)
             return
-        if not w1.is_cuda and in_slot_order:  # in slot order on the CPU: two copies, each cast as it goes
-            flat, n1 = raw.view(storage), w1[slot].numel()
-            w1[slot].view(-1).copy_(flat[:n1])
-            w2[slot].view(-1).copy_(flat[n1: n1 + w2[slot].numel()])
-            return
         if w1.is_cuda:  # the stored bytes to the device (bf16: half those of f32), cast there
             raw = raw.to(self.device, non_blocking=non_blocking)
         flat = raw.view(storage)
+        if in_slot_order:  # gate and up as w1's rows, then down: two copies, each cast as it goes
+            n1 = w1[slot].numel()
+            w1[slot].view(-1).copy_(flat[:n1])
+            w2[slot].view(-1).copy_(flat[n1: n1 + w2[slot].numel()])
+            return
         for target, (a, b, shape) in zip(self.views(layer, slot), parts):
             target.copy_(flat[a:b].view(shape))

@@ -8,6 +8,9 @@ workflow's CPU jobs, in seconds instead of minutes at real size).
   PYTHONPATH=src python3 benchmarks/quantized_speed.py --layers 48 --experts 16 \
       --out benchmarks/results/quantized_speed_h100_48x16.json
 
+--prefill-lengths 36,2048,8192,32768 also times each prompt length's first token, every bit-width beside
+native (the quantized prompt through the grouped GEMM that reads the slabs as stored).
+
 Offloaded (--capacity C): each bit-width also with C experts per layer on the GPU and every expert in the
 host tier, misses read in place by the decode kernels, sampled at temperature 1 (so that consecutive
 tokens route differently) on a checkpoint whose embeddings are scaled by --embed-scale (routing that
@@ -99,6 +102,8 @@ def main():
                    "on the GPU, the host tier, misses read in place")
     p.add_argument("--embed-scale", type=float, default=1.0, help="the checkpoint's embeddings scaled by this")
     p.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens of the accelerate run (slow)")
+    p.add_argument("--prefill-lengths", default="", help="also time the prompt at these lengths (random ids), "
+                   "each bit-width and native, every expert resident: the grouped GEMM over quantized slabs")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -136,6 +141,13 @@ def main():
         theirs = native(input_ids=full, attention_mask=torch.ones_like(full),
                         logits_to_keep=len(cont) + 1).logits[0, :-1].float().cpu()
         result["native"] = {"decode_tok_s": statistics.median(r["tok_s"] for r in nat)}
+        lengths = [int(n) for n in a.prefill_lengths.split(",") if n]
+        prompts = {n: torch.randint(16, cfg.vocab_size - 16, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                   for n in lengths}
+        for n in lengths:  # time to the first token; a warm-up at each length first
+            native_generate(native, prompts[n], 2)
+            result["native"][f"prefill_s_{n}"] = statistics.median(
+                native_generate(native, prompts[n], 2)["prefill_s"] for _ in range(a.repeats))
         del native
         free(device)
         context = a.prompt + a.new_tokens // 2
@@ -156,6 +168,11 @@ def main():
                 "prefill_s": statistics.median(g.prefill_seconds for g in runs),
                 "greedy_tokens_identical_to_native": runs[-1].tokens[0] == cont,
                 "fidelity_vs_native": fidelity(theirs, teacher_forced_logits(rt, ids, cont), cont)}
+            for n in lengths:
+                generate(rt, prompts[n], 2)
+                ours = statistics.median(generate(rt, prompts[n], 2).prefill_seconds for _ in range(a.repeats))
+                result["runs"][str(bits)][f"prefill_s_{n}"] = ours
+                result["runs"][str(bits)][f"prefill_native_over_ours_{n}"] = result["native"][f"prefill_s_{n}"] / ours
             print(f"# {bits} bits: {tok_s:.1f} tok/s", file=sys.stderr, flush=True)
             rt.cache.close()
             del rt

@@ -267,7 +267,7 @@ if triton is not None:
     def _grouped_quant_kernel(x_ptr, w_ptr, s_ptr, ends_ptr, tile_ends_ptr, out_ptr, n_groups, slot_stride,
                               scale_stride, N_IN: tl.constexpr, N_OUT: tl.constexpr, BITS: tl.constexpr,
                               GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
         # Program (row tile, column tile): row tile t of the rows sorted by slot belongs to the group (slot)
         # whose cumulative count of row tiles first passes t; tiles past the last group do nothing.
         t = tl.program_id(0)
@@ -288,28 +288,28 @@ if triton is not None:
             precision: tl.constexpr = "ieee" if IEEE else "tf32"
             ROW_BYTES: tl.constexpr = N_IN * BITS // 8
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, ROW_BYTES, BLOCK_K):  # BLOCK_K bytes of each weight row a step
-                c = k0 + tl.arange(0, BLOCK_K)
-                c_mask = c < ROW_BYTES
-                wm = n_mask[:, None] & c_mask[None, :]
-                xm = row_mask[:, None] & c_mask[None, :]
-                q = tl.load(w_base + n[:, None] * ROW_BYTES + c[None, :], mask=wm, other=0)
-                # w = q * scale in float32, rounded to the compute dtype as torch's dequantize rounds
-                if BITS == 8:
-                    s = tl.load(s_base + n[:, None] * (N_IN // GROUP) + (c // GROUP)[None, :], mask=wm, other=0.0)
-                    w = (q.to(tl.float32) * s.to(tl.float32)).to(dt).to(tdt)
-                    x = tl.load(x_ptr + rows[:, None] * N_IN + c[None, :], mask=xm, other=0.0).to(tdt)
+            for q0 in range(0, N_IN // GROUP):  # a quantization group a step: one scale per output row
+                s = tl.load(s_base + n * (N_IN // GROUP) + q0, mask=n_mask, other=0.0).to(tl.float32)
+                for c0 in range(0, GROUP, BLOCK_C):  # BLOCK_C input columns at a time
+                    c = c0 + tl.arange(0, BLOCK_C)
+                    cols = q0 * GROUP + c
+                    c_mask = c < GROUP
+                    x = tl.load(x_ptr + rows[:, None] * N_IN + cols[None, :], mask=row_mask[:, None] & c_mask[None, :],
+                                other=0.0).to(tdt)
+                    if BITS == 8:
+                        q = tl.load(w_base + n[:, None] * ROW_BYTES + cols[None, :],
+                                    mask=n_mask[:, None] & c_mask[None, :], other=0).to(tl.float32)
+                    else:  # byte j holds columns 2j (low nibble) and 2j + 1 (high), each as q + 8
+                        half = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+                        b = tl.load(w_base + n[:, None] * ROW_BYTES + (q0 * GROUP // 2 + half)[None, :],
+                                    mask=n_mask[:, None] & (half < GROUP // 2)[None, :], other=0).to(tl.int32)
+                        # the nibbles side by side in column order (a masked byte reads as -8 twice: x is 0
+                        # in those columns, so is the product)
+                        q = tl.reshape(tl.join(((b & 15) - 8).to(tl.float32), ((b >> 4) - 8).to(tl.float32)),
+                                       [BLOCK_N, BLOCK_C])
+                    # w = q * scale, rounded to the compute dtype as torch's dequantize rounds
+                    w = (q * s[:, None]).to(dt).to(tdt)
                     acc = tl.dot(x, tl.trans(w), acc, input_precision=precision)
-                else:  # byte c holds input columns 2c (low nibble) and 2c + 1 (high): two products
-                    s = tl.load(s_base + n[:, None] * (N_IN // GROUP) + (2 * c // GROUP)[None, :], mask=wm,
-                                other=0.0).to(tl.float32)
-                    b = q.to(tl.int32)
-                    w_even = (((b & 15) - 8).to(tl.float32) * s).to(dt).to(tdt)
-                    w_odd = (((b >> 4) - 8).to(tl.float32) * s).to(dt).to(tdt)
-                    x_even = tl.load(x_ptr + rows[:, None] * N_IN + 2 * c[None, :], mask=xm, other=0.0).to(tdt)
-                    x_odd = tl.load(x_ptr + rows[:, None] * N_IN + 2 * c[None, :] + 1, mask=xm, other=0.0).to(tdt)
-                    acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=precision)
-                    acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=precision)
             tl.store(out_ptr + rows[:, None] * N_OUT + n[None, :], acc.to(dt),
                      mask=row_mask[:, None] & n_mask[None, :])
 
@@ -322,8 +322,8 @@ DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the interme
 # 128 (benchmarks/results/kernel_speed_quantized_h100.json)
 QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=1, BLOCK_G=16, num_warps=4), 4: dict(BLOCK_I=8, BLOCK_G=4, num_warps=4)}
 QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=16, num_warps=4), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
-GROUPED_QUANT_BLOCKS = {8: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4),
-                        4: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4)}
+GROUPED_QUANT_BLOCKS = {8: dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3),
+                        4: dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2)}
 
 
 def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None,
@@ -398,8 +398,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: 
     p, n_in = x.shape
     n_groups, n_out = w.shape[0], w.shape[1]
     out = torch.empty(p, n_out, dtype=x.dtype, device=x.device)
-    b = _blocks(GROUPED_QUANT_BLOCKS[bits], BLOCK_M=p, BLOCK_N=n_out, BLOCK_K=n_in * bits // 8)
+    tiles = GROUPED_QUANT_BLOCKS[bits]
+    b = _blocks(tiles, BLOCK_M=p, BLOCK_N=n_out)
     b = {k: max(16, v) if k.startswith("BLOCK") else v for k, v in b.items()}  # tl.dot's least tile
+    if "num_stages" in tiles and not interpreted():
+        b["num_stages"] = tiles["num_stages"]
+    b["BLOCK_C"] = max(16, min(128, triton.next_power_of_2(group)))  # a group's columns, in steps of at most 128
     counts = torch.diff(ends.long(), prepend=ends.new_zeros(1).long())
     tile_ends = torch.cumsum(triton.cdiv(counts, b["BLOCK_M"]), 0).to(torch.int32)
     grid = (triton.cdiv(p, b["BLOCK_M"]) + n_groups, triton.cdiv(n_out, b["BLOCK_N"]))  # enough for any split

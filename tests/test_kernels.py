@@ -159,12 +159,13 @@ def test_quantized_moe_reads_absent_experts_from_the_host_tier_in_place(dtype, b
     assert torch.equal(q1[1], torch.zeros_like(q1[1]))  # no other slot is touched
 
 
-@pytest.mark.parametrize("bits, group", [(8, 8), (4, 12)])
+@pytest.mark.parametrize("bits, group", [(8, 8), (4, 12), (8, 24), (4, 24)])
 @pytest.mark.parametrize("tiles", ["whole", "small"])
 def test_grouped_linear_dequantizes_tiles_in_registers(dtype, bits, group, tiles, monkeypatch):
     """The prompt's grouped GEMM over quantized slabs (rows sorted by slot, an empty slot among them) against
     torch's grouped GEMM over the dequantized slabs, the path MoE._grouped takes without it; small tiles
-    loop over row tiles, column tiles and input steps with masked tails."""
+    loop over row tiles, column tiles and (group 24 in steps of 16 columns) a group's steps with a masked
+    tail."""
     if tiles == "small":
         small_tiles(monkeypatch, 16)
     n_in, n_out = 48, 40

@@ -323,9 +323,10 @@ DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the interme
 QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=1, BLOCK_G=16, num_warps=4), 4: dict(BLOCK_I=8, BLOCK_G=4, num_warps=4)}
 QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=16, num_warps=4), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
 # The prompt's grouped GEMM: [rows, output columns] tiles, a quantization group a step; swept on an H100 at
-# 2048 tokens x 16 experts (benchmarks/results/quantized_prefill_grouped_h100_session8.json)
-GROUPED_QUANT_BLOCKS = {8: dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3),
-                        4: dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2)}
+# 2048 tokens x 16 experts (benchmarks/results/quantized_prefill_grouped_h100_session8.json); BLOCK_C: the
+# most input columns of a group a step takes
+GROUPED_QUANT_BLOCKS = {8: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_C=128, num_warps=8, num_stages=3),
+                        4: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_C=128, num_warps=4, num_stages=2)}
 
 
 def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None,
@@ -401,11 +402,10 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: 
     n_groups, n_out = w.shape[0], w.shape[1]
     out = torch.empty(p, n_out, dtype=x.dtype, device=x.device)
     tiles = GROUPED_QUANT_BLOCKS[bits]
-    b = _blocks(tiles, BLOCK_M=p, BLOCK_N=n_out)
+    b = _blocks(tiles, BLOCK_M=p, BLOCK_N=n_out, BLOCK_C=group)  # BLOCK_C: a group's columns a step, or fewer
     b = {k: max(16, v) if k.startswith("BLOCK") else v for k, v in b.items()}  # tl.dot's least tile
     if "num_stages" in tiles and not interpreted():
         b["num_stages"] = tiles["num_stages"]
-    b["BLOCK_C"] = max(16, min(128, triton.next_power_of_2(group)))  # a group's columns, in steps of at most 128
     counts = torch.diff(ends.long(), prepend=ends.new_zeros(1).long())
     tile_ends = torch.cumsum(triton.cdiv(counts, b["BLOCK_M"]), 0).to(torch.int32)
     grid = (triton.cdiv(p, b["BLOCK_M"]) + n_groups, triton.cdiv(n_out, b["BLOCK_N"]))  # enough for any split

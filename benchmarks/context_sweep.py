@@ -42,7 +42,7 @@ from moe_offload.resources import active_params, bytes_read_per_token, dtype_siz
 from moe_offload.runtime import cache_policy  # noqa: E402
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits  # noqa: E402
 from moe_offload.runtime.native import load_native, native_generate  # noqa: E402
-from common import emit  # noqa: E402
+from common import emit, random_prompt  # noqa: E402
 from probes import h2d_probe, hbm_probe, sync  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main():
         flops_per_token = 2 * active_params(cfg, a.layers)
         expert_bytes = cfg.expert_params * dtype_size(dtype)
         for n in lengths:
-            ids = torch.randint(16, cfg.vocab_size - 16, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            ids = random_prompt(cfg.vocab_size, n, seed=n)
             row = {}
             for mode, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, top_k=50, top_p=0.95))):
                 generate(rt, ids, a.new_tokens, **kw)  # warm-up at this length: compiles, captures graphs

@@ -179,7 +179,7 @@ def prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt):
            "flop": flops, "sweep_top5": []}
     tuned = dict(moe_kernels.GROUPED_QUANT_BLOCKS)
     for bm, bn, nw, ns in itertools.product([16, 32, 64, 128], [64, 128, 256], [4, 8], [2, 3]):
-        moe_kernels.GROUPED_QUANT_BLOCKS = {**tuned, bits: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=128, num_warps=nw,
+        moe_kernels.GROUPED_QUANT_BLOCKS = {**tuned, bits: dict(tuned[bits], BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
                                                                        num_stages=ns)}
         us = bench_graph(kernel) * 1e6
         out["sweep_top5"].append({**moe_kernels.GROUPED_QUANT_BLOCKS[bits], "us": us, "tflops": flops / us / 1e6})

@@ -43,7 +43,7 @@ from moe_offload.checkpoint.quantize import quantize_layer  # noqa: E402
 from moe_offload.resources import bytes_read_per_token, kv_bytes  # noqa: E402
 from moe_offload.runtime.generate import fidelity, generate, load_runtime, teacher_forced_logits  # noqa: E402
 from moe_offload.runtime.native import load_native, load_native_offloaded, native_generate  # noqa: E402
-from common import emit  # noqa: E402
+from common import emit, random_prompt  # noqa: E402
 from probes import free, hbm_probe, zero_copy_probe  # noqa: E402
 
 
@@ -132,7 +132,7 @@ def main():
         bandwidth = result["hbm"]["bytes_per_second"]
         if a.capacity:
             result["zero_copy"] = zero_copy_probe(device)
-        ids = torch.randint(16, cfg.vocab_size - 16, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+        ids = random_prompt(cfg.vocab_size, a.prompt, seed=0)
         native = load_native(files.ckpt, device, dtype)
         native_generate(native, ids, a.new_tokens)
         nat = [native_generate(native, ids, a.new_tokens) for _ in range(a.repeats)]
@@ -142,8 +142,7 @@ def main():
                         logits_to_keep=len(cont) + 1).logits[0, :-1].float().cpu()
         result["native"] = {"decode_tok_s": statistics.median(r["tok_s"] for r in nat)}
         lengths = [int(n) for n in a.prefill_lengths.split(",") if n]
-        prompts = {n: torch.randint(16, cfg.vocab_size - 16, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-                   for n in lengths}
+        prompts = {n: random_prompt(cfg.vocab_size, n, seed=n) for n in lengths}  # context_sweep's prompts
         for n in lengths:  # time to the first token; a warm-up at each length first
             native_generate(native, prompts[n], 2)
             result["native"][f"prefill_s_{n}"] = statistics.median(

@@ -96,6 +96,14 @@ if triton is not None:
         tl.store(slots_ptr + ks, tl.maximum(slots, 0), mask=kmask)
 
     @triton.jit
+    def _exact_float(v):
+        """float32(v) for int32 |v| < 2**22, with no conversion instruction: v added to the bits of 1.5 * 2**23
+        lands in its mantissa, and 1.5 * 2**23 taken away leaves v exactly. An integer add and a float
+        subtract run at full rate; int-to-float conversion (I2F) runs at a quarter or less on Hopper and
+        bounded the quantized kernels, a conversion per weight (int4 ran no faster than int8)."""
+        return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+    @triton.jit
     def _read_through(slot_ptr, host_ptr, offs, mask, from_host):
         """A tile of an expert's weights: from its slot, or (from_host) from the host tier, cast to the
         slot's dtype as a load into the slot casts, and stored into the slot on the way."""
@@ -140,13 +148,13 @@ if triton is not None:
         cols = groups[:, None] * BYTES + j[None, :]
         if BITS == 8:
             x = tl.load(x_ptr + cols, mask=m, other=0.0).to(tl.float32)
-            part = tl.sum(q.to(tl.float32) * x[None, :, :], axis=2)
+            part = tl.sum(_exact_float(q.to(tl.int32)) * x[None, :, :], axis=2)
         else:  # a byte holds input columns 2c (low nibble) and 2c + 1 (high), each as q + 8
             x_even = tl.load(x_ptr + 2 * cols, mask=m, other=0.0).to(tl.float32)
             x_odd = tl.load(x_ptr + 2 * cols + 1, mask=m, other=0.0).to(tl.float32)
             b = q.to(tl.int32)
-            part = tl.sum(((b & 15) - 8).to(tl.float32) * x_even[None, :, :]
-                          + ((b >> 4) - 8).to(tl.float32) * x_odd[None, :, :], axis=2)
+            part = tl.sum(_exact_float((b & 15) - 8) * x_even[None, :, :]
+                          + _exact_float((b >> 4) - 8) * x_odd[None, :, :], axis=2)
         return tl.sum(part * s, axis=1)
 
     @triton.jit
@@ -297,15 +305,15 @@ if triton is not None:
                     x = tl.load(x_ptr + rows[:, None] * N_IN + cols[None, :], mask=row_mask[:, None] & c_mask[None, :],
                                 other=0.0).to(tdt)
                     if BITS == 8:
-                        q = tl.load(w_base + n[:, None] * ROW_BYTES + cols[None, :],
-                                    mask=n_mask[:, None] & c_mask[None, :], other=0).to(tl.float32)
+                        q = _exact_float(tl.load(w_base + n[:, None] * ROW_BYTES + cols[None, :],
+                                                 mask=n_mask[:, None] & c_mask[None, :], other=0).to(tl.int32))
                     else:  # byte j holds columns 2j (low nibble) and 2j + 1 (high), each as q + 8
                         half = c0 // 2 + tl.arange(0, BLOCK_C // 2)
                         b = tl.load(w_base + n[:, None] * ROW_BYTES + (q0 * GROUP // 2 + half)[None, :],
                                     mask=n_mask[:, None] & (half < GROUP // 2)[None, :], other=0).to(tl.int32)
                         # the nibbles side by side in column order (a masked byte reads as -8 twice: x is 0
                         # in those columns, so is the product)
-                        q = tl.reshape(tl.join(((b & 15) - 8).to(tl.float32), ((b >> 4) - 8).to(tl.float32)),
+                        q = tl.reshape(tl.join(_exact_float((b & 15) - 8), _exact_float((b >> 4) - 8)),
                                        [BLOCK_N, BLOCK_C])
                     # w = q * scale, rounded to the compute dtype as torch's dequantize rounds
                     w = (q * s[:, None]).to(dt).to(tdt)
@@ -321,7 +329,7 @@ DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the interme
 # Quantized experts, by bits: tiles of whole groups (BLOCK_G of them), swept on an H100 at real dims, group
 # 128 (benchmarks/results/kernel_speed_quantized_h100.json)
 QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=1, BLOCK_G=16, num_warps=4), 4: dict(BLOCK_I=8, BLOCK_G=4, num_warps=4)}
-QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=16, num_warps=4), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
+QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=64, num_warps=8), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
 # The prompt's grouped GEMM: [rows, output columns] tiles, a quantization group a step; swept on an H100 at
 # 2048 tokens x 16 experts (benchmarks/results/quantized_prefill_grouped_h100_session8.json); BLOCK_C: the
 # most input columns of a group a step takes

@@ -272,19 +272,24 @@ if triton is not None:
 
 
     @triton.jit
-    def _grouped_quant_kernel(x_ptr, w_ptr, s_ptr, ends_ptr, tile_ends_ptr, out_ptr, n_groups, slot_stride,
-                              scale_stride, N_IN: tl.constexpr, N_OUT: tl.constexpr, BITS: tl.constexpr,
-                              GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+    def _grouped_quant_kernel(x_ptr, w_ptr, s_ptr, ends_ptr, out_ptr, n_groups, slot_stride, scale_stride,
+                              N_IN: tl.constexpr, N_OUT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
         # Program (row tile, column tile): row tile t of the rows sorted by slot belongs to the group (slot)
-        # whose cumulative count of row tiles first passes t; tiles past the last group do nothing.
+        # whose cumulative count of row tiles first passes t; tiles past the last group do nothing. Each
+        # program counts the tiles itself from the groups' row ends (a few hundred integers): no launches
+        # before this one to do it.
         t = tl.program_id(0)
         g_offs = tl.arange(0, BLOCK_S)
-        tile_ends = tl.load(tile_ends_ptr + g_offs, mask=g_offs < n_groups, other=1 << 30)
-        g = tl.sum((tile_ends <= t).to(tl.int32), axis=0)
+        live = g_offs < n_groups
+        ends = tl.load(ends_ptr + g_offs, mask=live, other=0)
+        starts = tl.load(ends_ptr + g_offs - 1, mask=live & (g_offs > 0), other=0)
+        tile_ends = tl.cumsum(tl.where(live, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0), axis=0)
+        g = tl.sum((live & (tile_ends <= t)).to(tl.int32), axis=0)
         if g < n_groups:
-            first_tile = tl.load(tile_ends_ptr + g - 1, mask=g > 0, other=0)
-            row_start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0)
+            first_tile = tl.sum(tl.where(g_offs == g - 1, tile_ends, 0), axis=0)  # 0 for the first group
+            row_start = tl.sum(tl.where(g_offs == g - 1, ends, 0), axis=0)
             rows = row_start + (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = rows < tl.load(ends_ptr + g)
             n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,6 +340,11 @@ QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=64, num_warps=8), 4: dict(BLOCK_H=32, num_w
 # most input columns of a group a step takes
 GROUPED_QUANT_BLOCKS = {8: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_C=128, num_warps=8, num_stages=3),
                         4: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_C=128, num_warps=4, num_stages=2)}
+# ... and a short prompt's (at most SHORT_ROWS rows a slot on average): 64-row tiles, the fastest of a sweep
+# at 36 tokens x 8 over 16 experts (benchmarks/results/quantized_prefill_grouped_h100_session9_short.json)
+SHORT_ROWS = 64
+GROUPED_QUANT_SHORT_BLOCKS = {bits: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_C=128, num_warps=4, num_stages=2)
+                              for bits in (8, 4)}
 
 
 def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: bool, record: torch.Tensor | None = None,
@@ -409,15 +419,13 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: 
     p, n_in = x.shape
     n_groups, n_out = w.shape[0], w.shape[1]
     out = torch.empty(p, n_out, dtype=x.dtype, device=x.device)
-    tiles = GROUPED_QUANT_BLOCKS[bits]
+    tiles = (GROUPED_QUANT_SHORT_BLOCKS if p <= SHORT_ROWS * n_groups else GROUPED_QUANT_BLOCKS)[bits]
     b = _blocks(tiles, BLOCK_M=p, BLOCK_N=n_out, BLOCK_C=group)  # BLOCK_C: a group's columns a step, or fewer
     b = {k: max(16, v) if k.startswith("BLOCK") else v for k, v in b.items()}  # tl.dot's least tile
     if "num_stages" in tiles and not interpreted():
         b["num_stages"] = tiles["num_stages"]
-    counts = torch.diff(ends.long(), prepend=ends.new_zeros(1).long())
-    tile_ends = torch.cumsum(triton.cdiv(counts, b["BLOCK_M"]), 0).to(torch.int32)
     grid = (triton.cdiv(p, b["BLOCK_M"]) + n_groups, triton.cdiv(n_out, b["BLOCK_N"]))  # enough for any split
-    _grouped_quant_kernel[grid](x.contiguous(), w, scales, ends, tile_ends, out, n_groups, w.stride(0),
+    _grouped_quant_kernel[grid](x.contiguous(), w, scales, ends, out, n_groups, w.stride(0),
                                 scales.stride(0), N_IN=n_in, N_OUT=n_out, BITS=bits, GROUP=group,
                                 BLOCK_S=triton.next_power_of_2(n_groups),
                                 IEEE=x.dtype == torch.float32 or interpreted(), **b)

@@ -99,8 +99,8 @@ if triton is not None:
     def _exact_float(v):
         """float32(v) for int32 |v| < 2**22, with no conversion instruction: v added to the bits of 1.5 * 2**23
         lands in its mantissa, and 1.5 * 2**23 taken away leaves v exactly. An integer add and a float
-        subtract run at full rate; int-to-float conversion (I2F) runs at a quarter or less on Hopper and
-        bounded the quantized kernels, a conversion per weight (int4 ran no faster than int8)."""
+        subtract run at full rate, a conversion (I2F) at a fraction of it; on an H100 the int4 decode step
+        gained 2.5% and the int8 prompt GEMM 9% (so conversions were not what bounds int4 decode)."""
         return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
     @triton.jit
@@ -332,7 +332,8 @@ if triton is not None:
 GATE_UP_BLOCKS = dict(BLOCK_I=2, BLOCK_H=2048, num_warps=8)
 DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the intermediate size
 # Quantized experts, by bits: tiles of whole groups (BLOCK_G of them), swept on an H100 at real dims, group
-# 128 (benchmarks/results/kernel_speed_quantized_h100.json)
+# 128 (benchmarks/results/kernel_speed_quantized_h100.json; int8 down again in session 9:
+# moe_step_quantized_h100_session9_exact_float.json)
 QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=1, BLOCK_G=16, num_warps=4), 4: dict(BLOCK_I=8, BLOCK_G=4, num_warps=4)}
 QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=64, num_warps=8), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
 # The prompt's grouped GEMM: [rows, output columns] tiles, a quantization group a step; swept on an H100 at

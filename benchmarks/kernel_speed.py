@@ -177,14 +177,15 @@ def prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt):
     flops = 2 * tokens * K * 3 * H * I
     out = {"tokens": tokens, "pairs": tokens * K, "slots": n_slots, "bytes": nbytes, "bound_us": nbytes / hbm * 1e6,
            "flop": flops, "sweep_top5": []}
-    tuned = dict(moe_kernels.GROUPED_QUANT_BLOCKS)
+    table = moe_kernels.grouped_tiles(tokens * K, n_slots)  # the short prompts' table or the long ones'
+    out["table"] = "short" if table is moe_kernels.GROUPED_QUANT_SHORT_BLOCKS else "long"
+    tuned = dict(table[bits])
     for bm, bn, nw, ns in itertools.product([16, 32, 64, 128], [64, 128, 256], [4, 8], [2, 3]):
-        moe_kernels.GROUPED_QUANT_BLOCKS = {**tuned, bits: dict(tuned[bits], BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-                                                                       num_stages=ns)}
+        table[bits] = dict(tuned, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
         us = bench_graph(kernel) * 1e6
-        out["sweep_top5"].append({**moe_kernels.GROUPED_QUANT_BLOCKS[bits], "us": us, "tflops": flops / us / 1e6})
+        out["sweep_top5"].append({**table[bits], "us": us, "tflops": flops / us / 1e6})
     out["sweep_top5"] = sorted(out["sweep_top5"], key=lambda r: r["us"])[:5]
-    moe_kernels.GROUPED_QUANT_BLOCKS = tuned
+    table[bits] = tuned
     s = bench_graph(dequantized)
     out["dequantize_then_torch_grouped_mm"] = {"us": s * 1e6, "tflops": flops / s / 1e12}
     return out

@@ -411,6 +411,12 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
     return out
 
 
+def grouped_tiles(rows: int, n_groups: int) -> dict[int, dict]:
+    """The tile table (by bits) grouped_linear takes for `rows` pairs over `n_groups` slots: a short prompt's
+    or a long one's (kernel_speed sweeps the one in use)."""
+    return GROUPED_QUANT_SHORT_BLOCKS if rows <= SHORT_ROWS * n_groups else GROUPED_QUANT_BLOCKS
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: tuple[torch.Tensor, int, int]):
     """x [P, N_in] (rows sorted by slot) -> [P, N_out]: row p of slot g's rows (ends [S]: the cumulative row
     count per slot, as torch._grouped_mm's offs) times quantized slab w [S, N_out, N_in * bits / 8]
@@ -420,7 +426,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, quant: 
     p, n_in = x.shape
     n_groups, n_out = w.shape[0], w.shape[1]
     out = torch.empty(p, n_out, dtype=x.dtype, device=x.device)
-    tiles = (GROUPED_QUANT_SHORT_BLOCKS if p <= SHORT_ROWS * n_groups else GROUPED_QUANT_BLOCKS)[bits]
+    tiles = grouped_tiles(p, n_groups)[bits]
     b = _blocks(tiles, BLOCK_M=p, BLOCK_N=n_out, BLOCK_C=group)  # BLOCK_C: a group's columns a step, or fewer
     b = {k: max(16, v) if k.startswith("BLOCK") else v for k, v in b.items()}  # tl.dot's least tile
     if "num_stages" in tiles and not interpreted():

@@ -11,6 +11,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -37,7 +38,7 @@ class ExpertSpan:
     bits: int = 16  # 8 or 4: parts are gate, up, down's qweight, then their scales, in bytes (checkpoint.quantize)
     group_size: int = 0
 
-    @property
+    @cached_property  # asked on every load: a prompt's misses run to hundreds
     def in_slot_order(self) -> bool:
         """gate, up and down stored back to back in that order, as a slot holds them (gate then up rows,
         then down; quantized: their qweights, then their scales): the bytes go into a slot as they are,

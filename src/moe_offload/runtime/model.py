@@ -77,6 +77,18 @@ def combine(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch
     return (y[rows] * weights.reshape(-1, 1)).view(n, k, -1).sum(1)
 
 
+_RANGES: dict[torch.device, torch.Tensor] = {}
+
+
+def positions(n: int, device: torch.device) -> torch.Tensor:
+    """0 .. n-1 (int64) on `device`, a slice of one range kept per device: each MoE layer of a prompt asks for
+    two, and a fresh arange is a launch on CUDA (a short prompt's time is its launches)."""
+    r = _RANGES.get(device)
+    if r is None or r.numel() < n:
+        r = _RANGES[device] = torch.arange(max(n, 4096), device=device)
+    return r[:n]
+
+
 def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
     """ids [..., M] of experts 0..n-1 -> [..., n]: how often each appears, on the ids' device without a host
     round trip (torch.bincount on CUDA reads the ids' min and max on the host first: two syncs a call)."""
@@ -264,7 +276,7 @@ class MoE(nn.Module):
     def _combine(self, y, order, top_w):
         """y's row r is the product of pair order[r] (token * k + choice): each token's k weighted and added."""
         rows = torch.empty_like(order)
-        rows[order] = torch.arange(order.numel(), device=order.device)
+        rows[order] = positions(order.numel(), order.device)
         return self.combine(y, rows, top_w)
 
     def _grouped(self, flat, top_i, wave: list[int], pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,12 +287,15 @@ class MoE(nn.Module):
         w1, w2, table = self.cache.slabs(self.layer) if in_registers else self.slabs(flat.dtype)
         k, slots = self.cfg.experts_per_token, w1.shape[0]
         ids = top_i.view(-1)
-        in_wave = (ids >= wave[0]) & (ids <= wave[-1])  # a wave is a run of ascending experts
-        key = torch.where(in_wave, table[ids], slots)  # pairs of other waves sort last, past every group
-        sorted_key, order = torch.sort(key, stable=True)
-        order = order[:pairs]
+        if pairs == ids.numel():  # every pair is this wave's (one wave: a short prompt's ops are its time)
+            sorted_key, order = torch.sort(table[ids], stable=True)
+        else:
+            in_wave = (ids >= wave[0]) & (ids <= wave[-1])  # a wave is a run of ascending experts
+            key = torch.where(in_wave, table[ids], slots)  # pairs of other waves sort last, past every group
+            sorted_key, order = torch.sort(key, stable=True)
+            order = order[:pairs]
         # each slot's end among the sorted rows (torch._grouped_mm's offs), found on the device
-        offs = torch.searchsorted(sorted_key, torch.arange(slots, device=key.device), right=True).to(torch.int32)
+        offs = torch.searchsorted(sorted_key, positions(slots, ids.device), right=True, out_int32=True)
         if in_registers:  # quantized slabs read as stored, dequantized a tile at a time
             s1, s2, bits, group = self.cache.quant_slabs(self.layer)
             gate_up = moe_kernels.grouped_linear(flat[order // k], w1, offs, (s1, bits, group))

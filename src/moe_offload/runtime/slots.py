@@ -136,9 +136,9 @@ class Slots:
             raw = raw.to(self.device, non_blocking=non_blocking)
         flat = raw.view(storage)
         if in_slot_order:  # gate and up as w1's rows, then down: two copies, each cast as it goes
-            w1, w2 = w1.view(w1.shape[0], -1)[slot], w2.view(w2.shape[0], -1)[slot]
-            w1.copy_(flat[:w1.numel()])
-            w2.copy_(flat[w1.numel(): w1.numel() + w2.numel()])
+            gate_up, down = w1.view(w1.shape[0], -1)[slot], w2.view(w2.shape[0], -1)[slot]
+            gate_up.copy_(flat[:gate_up.numel()])
+            down.copy_(flat[gate_up.numel(): gate_up.numel() + down.numel()])
             return
         for target, (a, b, shape) in zip(self.views(layer, slot), parts):
             target.copy_(flat[a:b].view(shape))

@@ -6,7 +6,8 @@ misses are read in place) and the k routed experts read in place from the cache'
   moe_gate_up, moe_down     the k experts' SwiGLU straight from the slabs (no `w1[slots]` copies), weighted
                             and added to the residual; an absent expert read from pinned host RAM in place
                             and written into its slot; int8 or int4 experts dequantized in registers,
-                            a group at a time (no 16-bit copy of them is ever made)
+                            a group at a time (no 16-bit copy of them is ever made); int4 steps that read
+                            from the host tier on tensor cores, wide rows a step (_nibble_products)
 
 They round as transformers rounds (the routing weights, each expert's product) and run where kernels.py's
 do, under the same programmatic dependent launch.
@@ -158,11 +159,62 @@ if triton is not None:
         return tl.sum(part * s, axis=1)
 
     @triton.jit
+    def _nibble_products(w_base, s_base, rows, row_mask, v_ptr, N_IN: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK_R: tl.constexpr, KC: tl.constexpr, NG: tl.constexpr, BLOCK_GROUP: tl.constexpr,
+                         STAGES: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr, hw_ptr, hs_ptr, from_host):
+        """Rows `rows` of an int4 weight [rows, N_IN] (two to a byte, each as q + 8; float16 scales
+        [rows, N_IN / GROUP]) times v [N_IN] -> [BLOCK_R] in float32, read through from the host tier where
+        from_host (as _quant_load), on tensor cores. Wide rows a step (KC input columns), the loads
+        pipelined (STAGES) and each row's scales read once: on an H100 a step whose experts all come from
+        the host tier reads at 0.97 of the zero-copy rate, against 0.82 with _quant_load's tiles of a few
+        groups (resident, those are faster: 19 against 30 us a step). v is laid out block-diagonally
+        (column g of the product's [KC, NG] operand holds group g's entries), so one product gives every
+        group's sum of q * v for all rows, and each sum takes its scale at the end. The low nibbles are the
+        even input columns, the high the odd: two products a step, no interleaving. BIAS (16-bit v):
+        nibble n becomes the bfloat16 128 + n by its bits (0x4300 | n, exact, no conversion), so the
+        products are of q + 136, and 136 times each group's sum of v is taken off after; else q exactly,
+        in float32."""
+        ROW_BYTES: tl.constexpr = N_IN // 2
+        G: tl.constexpr = N_IN // GROUP
+        b = tl.arange(0, KC // 2)
+        ng = tl.arange(0, NG)
+        tdt = tl.float32 if IEEE else tl.bfloat16
+        acc = tl.zeros([BLOCK_R, NG], dtype=tl.float32)
+        for c0 in tl.range(0, ROW_BYTES, KC // 2, num_stages=STAGES):
+            byte = c0 + b
+            inside = byte < ROW_BYTES
+            offs = rows[:, None] * ROW_BYTES + byte[None, :]
+            m = row_mask[:, None] & inside[None, :]
+            q = _read_through(w_base, hw_ptr, offs, m, from_host)
+            if BIAS:
+                lo = ((q & 15).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tdt)
+                hi = ((q >> 4).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tdt)
+            else:
+                lo = _exact_float((q & 15).to(tl.int32) - 8).to(tdt)
+                hi = _exact_float((q >> 4).to(tl.int32) - 8).to(tdt)
+            here = ((2 * byte // GROUP)[:, None] == ng[None, :]) & inside[:, None]  # GROUP even: 2c + 1 in 2c's
+            v_even = tl.load(v_ptr + 2 * byte, mask=inside, other=0.0)
+            v_odd = tl.load(v_ptr + 2 * byte + 1, mask=inside, other=0.0)
+            precision: tl.constexpr = "ieee" if IEEE else "tf32"
+            acc = tl.dot(lo, tl.where(here, v_even[:, None], 0.0).to(tdt), acc, input_precision=precision)
+            acc = tl.dot(hi, tl.where(here, v_odd[:, None], 0.0).to(tdt), acc, input_precision=precision)
+        gmask = ng < G
+        s_offs = rows[:, None] * G + ng[None, :]
+        sm = row_mask[:, None] & gmask[None, :]
+        s = _read_through(s_base, hs_ptr, s_offs, sm, from_host)
+        if BIAS:
+            j = tl.arange(0, BLOCK_GROUP)
+            v = tl.load(v_ptr + ng[:, None] * GROUP + j[None, :], mask=gmask[:, None] & (j < GROUP)[None, :], other=0.0)
+            acc -= 136.0 * tl.sum(v.to(tl.float32), axis=1)[None, :]
+        return tl.sum(acc * s.to(tl.float32), axis=1)
+
+    @triton.jit
     def _moe_gate_up_kernel(x_ptr, w1_ptr, s1_ptr, slots_ptr, act_ptr, host_ptr, host_s_ptr, src_ptr, slot_stride,
                             scale_stride,
                             H: tl.constexpr, I: tl.constexpr, HOST: tl.constexpr, BITS: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
-                            BLOCK_J: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK_J: tl.constexpr, KC: tl.constexpr, NG: tl.constexpr, BLOCK_GROUP: tl.constexpr,
+                            STAGES: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         # BITS 16: w1 in the compute dtype, tiles of BLOCK_H columns; 8 or 4: w1 quantized (s1 its scales),
         # tiles of BLOCK_G groups of GROUP columns, dequantized in registers
         _wait_for_inputs(PDL)  # the slots come from the route kernel, just before
@@ -200,13 +252,19 @@ if triton is not None:
                 host_q = host_ptr + tl.maximum(src, 0)
                 host_s = host_s_ptr + (tl.maximum(src, 0) + 3 * I * H * BITS // 8) // 2
                 from_host = src >= 0
-            for g0 in range(0, H // GROUP, BLOCK_G):
-                qg, sg = _quant_load(base, s_base, rows, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J, host_q,
-                                     host_s, from_host, HOST)
-                qu, su = _quant_load(base, s_base, rows + I, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J, host_q,
-                                     host_s, from_host, HOST)
-                gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
-                up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+            if BITS == 4 and HOST:
+                gate = _nibble_products(base, s_base, rows, row_mask, x_ptr, H, GROUP, BLOCK_I, KC, NG, BLOCK_GROUP,
+                                        STAGES, BIAS, IEEE, host_q, host_s, from_host)
+                up = _nibble_products(base, s_base, rows + I, row_mask, x_ptr, H, GROUP, BLOCK_I, KC, NG,
+                                      BLOCK_GROUP, STAGES, BIAS, IEEE, host_q, host_s, from_host)
+            else:
+                for g0 in range(0, H // GROUP, BLOCK_G):
+                    qg, sg = _quant_load(base, s_base, rows, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J, host_q,
+                                         host_s, from_host, HOST)
+                    qu, su = _quant_load(base, s_base, rows + I, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J,
+                                         host_q, host_s, from_host, HOST)
+                    gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                    up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
         dt = act_ptr.dtype.element_ty
         gate = gate.to(dt).to(tl.float32)
         up = up.to(dt).to(tl.float32)
@@ -218,7 +276,8 @@ if triton is not None:
                          src_ptr, part_ptr, count_ptr, slot_stride, scale_stride, K: tl.constexpr, H: tl.constexpr,
                          I: tl.constexpr, HAS_RESID: tl.constexpr, HOST: tl.constexpr, BITS: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_J: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_J: tl.constexpr, KC: tl.constexpr, NG: tl.constexpr, BLOCK_GROUP: tl.constexpr,
+                         STAGES: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         # One program per (row block, expert), so all k experts' reads are in flight at once; the last
         # program of a row block to finish adds the k products up, in expert order as transformers does
         # (an atomic counter per row block; no atomics on the values, so the rounding is the same).
@@ -252,10 +311,15 @@ if triton is not None:
                 host_q = host_ptr + tl.maximum(src, 0) + 2 * I * H * BITS // 8
                 host_s = host_s_ptr + (tl.maximum(src, 0) + 3 * I * H * BITS // 8) // 2 + 2 * I * (H // GROUP)
                 from_host = src >= 0
-            q, s = _quant_load(base, s_base, rows, row_mask, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J, host_q, host_s,
-                               from_host, HOST)
-            _wait_for_inputs(PDL)
-            y = _quant_dot(q, s, act_ptr + e * I, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J)
+            if BITS == 4 and HOST:  # a loop over the row's columns: the weights are read after the wait
+                _wait_for_inputs(PDL)
+                y = _nibble_products(base, s_base, rows, row_mask, act_ptr + e * I, I, GROUP, BLOCK_H, KC, NG,
+                                     BLOCK_GROUP, STAGES, BIAS, IEEE, host_q, host_s, from_host)
+            else:
+                q, s = _quant_load(base, s_base, rows, row_mask, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J, host_q, host_s,
+                                   from_host, HOST)
+                _wait_for_inputs(PDL)
+                y = _quant_dot(q, s, act_ptr + e * I, 0, I, BITS, GROUP, BLOCK_G, BLOCK_J)
         tl.store(part_ptr + e * H + rows, y.to(dt), mask=row_mask)
         tl.debug_barrier()  # every thread's part stored before the release below publishes it
         if tl.atomic_add(count_ptr + block, 1, sem="acq_rel") == K - 1:
@@ -336,6 +400,11 @@ DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the interme
 # moe_step_quantized_h100_session9_exact_float.json)
 QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=1, BLOCK_G=16, num_warps=4), 4: dict(BLOCK_I=8, BLOCK_G=4, num_warps=4)}
 QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=64, num_warps=8), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
+# int4 experts read through from the host tier (_nibble_products): [rows, KC input columns] tiles, the fastest
+# of 48 on an H100, a step of 8 experts all from the host tier at real dims, group 128
+# (benchmarks/results/int4_host_tiles_h100_session11.json)
+HOST_INT4_BLOCKS = dict(gate_up=dict(BLOCK_I=32, KC=256, STAGES=4, num_warps=8),
+                        down=dict(BLOCK_H=128, KC=256, STAGES=2, num_warps=8))
 # The prompt's grouped GEMM: [rows, output columns] tiles, a quantization group a step; swept on an H100 at
 # 2048 tokens x 16 experts (benchmarks/results/quantized_prefill_grouped_h100_session8.json); BLOCK_C: the
 # most input columns of a group a step takes
@@ -370,6 +439,18 @@ def route(logits: torch.Tensor, table: torch.Tensor, k: int, norm_topk_prob: boo
     return top_i, top_w, slots, src
 
 
+def _nibble_tiles(tuned: dict, rows_key: str, rows: int, n_in: int, group: int, dtype: torch.dtype, **fixed) -> dict:
+    """_nibble_products' tiles for a weight [rows, n_in] at `group`: at least a tensor-core product's least
+    sides (16 rows, 16 bytes of columns, 16 group columns)."""
+    b = _blocks(tuned, **{rows_key: rows}, KC=n_in)
+    b[rows_key], b["KC"] = max(16, b[rows_key]), max(32, b["KC"])
+    if "STAGES" in tuned and not interpreted():
+        b["STAGES"] = tuned["STAGES"]
+    return dict(b, **fixed, BLOCK_G=1, BLOCK_J=1, NG=max(16, triton.next_power_of_2(n_in // group)),
+                BLOCK_GROUP=triton.next_power_of_2(group), STAGES=b.get("STAGES", 1), BIAS=dtype != torch.float32,
+                IEEE=dtype == torch.float32 or interpreted())
+
+
 def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
         resid: torch.Tensor | None = None, host: tuple[torch.Tensor, torch.Tensor] | None = None,
         quant: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
@@ -389,14 +470,19 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
     if host is not None and bits != 16:  # the same bytes as the slots' qweights, and as float16 scales
         host_buf, host_scales = host_buf.view(w1.dtype), host_buf[:host_buf.numel() // 2 * 2].view(torch.float16)
     act = torch.empty(k, i, dtype=x.dtype, device=x.device)
+    unused = dict(KC=1, NG=1, BLOCK_GROUP=1, STAGES=1, BIAS=False, IEEE=False)
     if bits == 16:
-        gu = dict(_blocks(GATE_UP_BLOCKS, BLOCK_I=i, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1)
-        dn = dict(_blocks(DOWN_BLOCKS, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1)
-    else:  # BLOCK_J: a group's bytes; the down kernel takes whole rows (all I / G groups)
+        gu = dict(_blocks(GATE_UP_BLOCKS, BLOCK_I=i, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1, **unused)
+        dn = dict(_blocks(DOWN_BLOCKS, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1, **unused)
+    elif bits == 8 or host is None:  # BLOCK_J: a group's bytes; the down kernel takes whole rows (all I / G groups)
         per_group = triton.next_power_of_2(group * bits // 8)
-        gu = dict(_blocks(QUANT_GATE_UP_BLOCKS[bits], BLOCK_I=i, BLOCK_G=h // group), BLOCK_H=1, BLOCK_J=per_group)
+        gu = dict(_blocks(QUANT_GATE_UP_BLOCKS[bits], BLOCK_I=i, BLOCK_G=h // group), BLOCK_H=1, BLOCK_J=per_group,
+                  **unused)
         dn = dict(_blocks(QUANT_DOWN_BLOCKS[bits], BLOCK_H=h), BLOCK_G=triton.next_power_of_2(i // group),
-                  BLOCK_J=per_group)
+                  BLOCK_J=per_group, **unused)
+    else:  # int4 read through from the host tier: tensor-core tiles
+        gu = _nibble_tiles(HOST_INT4_BLOCKS["gate_up"], "BLOCK_I", i, h, group, x.dtype, BLOCK_H=1)
+        dn = _nibble_tiles(HOST_INT4_BLOCKS["down"], "BLOCK_H", h, i, group, x.dtype)
     _moe_gate_up_kernel[(k, triton.cdiv(i, gu["BLOCK_I"]))](x, w1, s1, slots, act, host_buf, host_scales, src,
                                                             w1.stride(0), s1.stride(0), H=h, I=i, HOST=host is not None, BITS=bits,
                                                             GROUP=group, **gu, **_launch(x.device))

@@ -213,10 +213,12 @@ if triton is not None:
                             scale_stride,
                             H: tl.constexpr, I: tl.constexpr, HOST: tl.constexpr, BITS: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
-                            BLOCK_J: tl.constexpr, KC: tl.constexpr, NG: tl.constexpr, BLOCK_GROUP: tl.constexpr,
-                            STAGES: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK_J: tl.constexpr, PDL: tl.constexpr, KC: tl.constexpr = 1, NG: tl.constexpr = 1,
+                            BLOCK_GROUP: tl.constexpr = 1, STAGES: tl.constexpr = 1, BIAS: tl.constexpr = False,
+                            IEEE: tl.constexpr = False):
         # BITS 16: w1 in the compute dtype, tiles of BLOCK_H columns; 8 or 4: w1 quantized (s1 its scales),
-        # tiles of BLOCK_G groups of GROUP columns, dequantized in registers
+        # tiles of BLOCK_G groups of GROUP columns, dequantized in registers; 4 from the host tier (HOST):
+        # _nibble_products' tiles (KC .. IEEE)
         _wait_for_inputs(PDL)  # the slots come from the route kernel, just before
         e = tl.program_id(0)  # which of the token's k experts
         rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -276,8 +278,9 @@ if triton is not None:
                          src_ptr, part_ptr, count_ptr, slot_stride, scale_stride, K: tl.constexpr, H: tl.constexpr,
                          I: tl.constexpr, HAS_RESID: tl.constexpr, HOST: tl.constexpr, BITS: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_J: tl.constexpr, KC: tl.constexpr, NG: tl.constexpr, BLOCK_GROUP: tl.constexpr,
-                         STAGES: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_J: tl.constexpr, PDL: tl.constexpr, KC: tl.constexpr = 1, NG: tl.constexpr = 1,
+                         BLOCK_GROUP: tl.constexpr = 1, STAGES: tl.constexpr = 1, BIAS: tl.constexpr = False,
+                         IEEE: tl.constexpr = False):
         # One program per (row block, expert), so all k experts' reads are in flight at once; the last
         # program of a row block to finish adds the k products up, in expert order as transformers does
         # (an atomic counter per row block; no atomics on the values, so the rounding is the same).
@@ -444,11 +447,9 @@ def _nibble_tiles(tuned: dict, rows_key: str, rows: int, n_in: int, group: int, 
     sides (16 rows, 16 bytes of columns, 16 group columns)."""
     b = _blocks(tuned, **{rows_key: rows}, KC=n_in)
     b[rows_key], b["KC"] = max(16, b[rows_key]), max(32, b["KC"])
-    if "STAGES" in tuned and not interpreted():
-        b["STAGES"] = tuned["STAGES"]
     return dict(b, **fixed, BLOCK_G=1, BLOCK_J=1, NG=max(16, triton.next_power_of_2(n_in // group)),
-                BLOCK_GROUP=triton.next_power_of_2(group), STAGES=b.get("STAGES", 1), BIAS=dtype != torch.float32,
-                IEEE=dtype == torch.float32 or interpreted())
+                BLOCK_GROUP=triton.next_power_of_2(group), STAGES=1 if interpreted() else tuned["STAGES"],
+                BIAS=dtype != torch.float32, IEEE=dtype == torch.float32 or interpreted())
 
 
 def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
@@ -470,16 +471,14 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
     if host is not None and bits != 16:  # the same bytes as the slots' qweights, and as float16 scales
         host_buf, host_scales = host_buf.view(w1.dtype), host_buf[:host_buf.numel() // 2 * 2].view(torch.float16)
     act = torch.empty(k, i, dtype=x.dtype, device=x.device)
-    unused = dict(KC=1, NG=1, BLOCK_GROUP=1, STAGES=1, BIAS=False, IEEE=False)
     if bits == 16:
-        gu = dict(_blocks(GATE_UP_BLOCKS, BLOCK_I=i, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1, **unused)
-        dn = dict(_blocks(DOWN_BLOCKS, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1, **unused)
+        gu = dict(_blocks(GATE_UP_BLOCKS, BLOCK_I=i, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1)
+        dn = dict(_blocks(DOWN_BLOCKS, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1)
     elif bits == 8 or host is None:  # BLOCK_J: a group's bytes; the down kernel takes whole rows (all I / G groups)
         per_group = triton.next_power_of_2(group * bits // 8)
-        gu = dict(_blocks(QUANT_GATE_UP_BLOCKS[bits], BLOCK_I=i, BLOCK_G=h // group), BLOCK_H=1, BLOCK_J=per_group,
-                  **unused)
+        gu = dict(_blocks(QUANT_GATE_UP_BLOCKS[bits], BLOCK_I=i, BLOCK_G=h // group), BLOCK_H=1, BLOCK_J=per_group)
         dn = dict(_blocks(QUANT_DOWN_BLOCKS[bits], BLOCK_H=h), BLOCK_G=triton.next_power_of_2(i // group),
-                  BLOCK_J=per_group, **unused)
+                  BLOCK_J=per_group)
     else:  # int4 read through from the host tier: tensor-core tiles
         gu = _nibble_tiles(HOST_INT4_BLOCKS["gate_up"], "BLOCK_I", i, h, group, x.dtype, BLOCK_H=1)
         dn = _nibble_tiles(HOST_INT4_BLOCKS["down"], "BLOCK_H", h, i, group, x.dtype)

@@ -4,7 +4,9 @@ must read and the HBM bandwidth measured in the same run (probes.hbm_probe on 8.
 the kernels' tile shapes swept; the whole layer as one CUDA graph against its byte bound; and a profile of
 that graph, kernel by kernel. Then the same expert kernels reading int8 and int4 experts (checkpoint.quantize's
 form, group --group) in place, against the bytes of their qweights and scales, their tiles swept too, and
-a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) against dequantize-then-torch.
+a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) against dequantize-then-torch;
+and the int4 step with its experts read through from a pinned host tier, against the zero-copy probe, its
+tensor-core tiles swept.
 
   python3 benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json
   python3 benchmarks/kernel_speed.py --quantized-only --out benchmarks/results/kernel_speed_quantized.json
@@ -34,7 +36,7 @@ import triton  # noqa: E402
 from moe_offload.checkpoint.dims import DIMS  # noqa: E402
 from moe_offload.runtime import kernels, moe_kernels  # noqa: E402
 from common import emit  # noqa: E402
-from probes import hbm_probe, median_seconds as bench  # noqa: E402
+from probes import hbm_probe, median_seconds as bench, zero_copy_probe  # noqa: E402
 
 H, I, E, K, HEADS, KV, D, V = (DIMS["real"][key] for key in (
     "hidden_size", "moe_intermediate_size", "num_experts", "experts_per_token", "num_heads", "num_kv_heads",
@@ -152,8 +154,39 @@ def quantized(result, hbm, x, slots, weights, n_slots, group, tokens):
                                        "down": moe_kernels.QUANT_DOWN_BLOCKS[bits], "us": s * 1e6, "bytes": nbytes,
                                        "bound_us": nbytes / hbm * 1e6, "fraction_of_bound": nbytes / hbm / s}
         row["prefill_grouped"] = prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt)
+        if bits == 4:
+            row["from_host_tier"] = from_host_tier(x, w1, w2, s1, s2, slots, weights, group)
         del w1, w2, s1, s2
         torch.cuda.empty_cache()
+
+
+def from_host_tier(x, w1, w2, s1, s2, slots, weights, group):
+    """The int4 step with every one of its K experts (then 6 of them) read through from a pinned host tier
+    in place, against the zero-copy probe's rate: the CUDA-core tiles resident steps take, and
+    _nibble_products' tensor-core tiles (moe_kernels.HOST_INT4_BLOCKS), swept."""
+    expert_bytes = w1[0].nbytes + w2[0].nbytes + s1[0].nbytes + s2[0].nbytes
+    host = torch.randint(0, 256, (2 * K * expert_bytes,), dtype=torch.uint8).pin_memory()  # values: any bytes
+    rate = zero_copy_probe(x.device)["bytes_per_second"]
+    out = {"zero_copy_bytes_per_second": rate, "expert_bytes": expert_bytes}
+
+    def step(n_host: int) -> dict:
+        src = torch.tensor([j * expert_bytes if j < n_host else -1 for j in range(K)], device=x.device)
+        us = bench_graph(lambda: moe_kernels.moe(x, w1, w2, slots, weights, x, host=(host, src),
+                                                 quant=(s1, s2, 4, group))) * 1e6
+        return {"us": us, "fraction_of_zero_copy": n_host * expert_bytes / rate / (us / 1e6)}
+    tuned = moe_kernels.HOST_INT4_BLOCKS
+    for n in (K, 6):
+        out[f"{n}_from_host_committed_tiles"] = step(n)
+    sweep = []
+    for (gi, gk, gs), (dh, dk, ds), nw in itertools.product(
+            [(64, 512, 3), (32, 512, 3), (64, 512, 4), (64, 1024, 2), (128, 512, 3), (32, 256, 4)],
+            [(64, 256, 2), (32, 256, 3), (64, 256, 3), (128, 256, 2)], [4, 8]):
+        moe_kernels.HOST_INT4_BLOCKS = dict(gate_up=dict(BLOCK_I=gi, KC=gk, STAGES=gs, num_warps=nw),
+                                            down=dict(BLOCK_H=dh, KC=dk, STAGES=ds, num_warps=nw))
+        sweep.append({**moe_kernels.HOST_INT4_BLOCKS, **step(K)})
+    moe_kernels.HOST_INT4_BLOCKS = tuned
+    out["tile_sweep_top5"] = sorted(sweep, key=lambda r: r["us"])[:5]
+    return out
 
 
 def prefill_grouped(w1, w2, s1, s2, bits, group, tokens, hbm, dt):

@@ -405,7 +405,7 @@ QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=1, BLOCK_G=16, num_warps=4), 4: dict(BLO
 QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=64, num_warps=8), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
 # int4 experts read through from the host tier (_nibble_products): [rows, KC input columns] tiles, the fastest
 # of 48 on an H100, a step of 8 experts all from the host tier at real dims, group 128
-# (benchmarks/results/int4_host_tiles_h100_session11.json)
+# (benchmarks/results/int4_host_tiles_h100_session11.json; kernel_speed.py --quantized-only sweeps them again)
 HOST_INT4_BLOCKS = dict(gate_up=dict(BLOCK_I=32, KC=256, STAGES=4, num_warps=8),
                         down=dict(BLOCK_H=128, KC=256, STAGES=2, num_warps=8))
 # The prompt's grouped GEMM: [rows, output columns] tiles, a quantization group a step; swept on an H100 at

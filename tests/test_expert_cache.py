@@ -201,3 +201,24 @@ def test_options_are_validated_once(settings, message):
     """Every cache setting is checked where the options are made, with one line naming it."""
     with pytest.raises(InputError, match=message):
         CacheOptions(**settings)
+
+
+def test_a_cache_collected_while_a_thread_starts_does_not_join_its_readers(setup):
+    """A cache nobody closed may be collected anywhere, even inside another thread's start, which holds
+    threading's lock for its shutdown list there (CPython 3.11: a collection in `_maintain_shutdown_locks`
+    ran this finalizer during a test). Joining the read threads from there waits on that same lock: the
+    finalizer must let them go without a join."""
+    import threading
+
+    _, _, cfg, files = setup
+    cache = make(setup, capacity=cfg.experts_per_token)
+    cache.get_many(min(files), list(range(cfg.experts_per_token)))  # file reads: the read threads exist
+    finished = threading.Event()
+
+    def collect():
+        with threading._shutdown_locks_lock:  # where Thread.start holds it when the collection runs
+            cache.__del__()
+        finished.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    assert finished.wait(20), "the finalizer joined the read threads while holding the shutdown lock"

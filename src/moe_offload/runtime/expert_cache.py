@@ -326,11 +326,11 @@ class ExpertCache:
             main.wait_stream(self._stream)
         self.residency.placed(layer, expert)
 
-    def close(self) -> None:
-        self.files.close()
+    def close(self, wait: bool = True) -> None:
+        self.files.close(wait)
 
     def __del__(self):
         try:
-            self.close()
+            self.close(wait=False)  # the read threads exit on their own: see ExpertFiles.close
         except Exception:
             pass

@@ -214,8 +214,10 @@ class ExpertFiles:
             raise InputError(f"short read: {n} of {span.nbytes} bytes at offset {span.offset}")
         return buf
 
-    def close(self) -> None:
-        self._readers.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """wait: join the read threads (not from a finalizer: a collection can run inside another thread's
+        start, which holds threading's lock for its shutdown list, and a join there waits on that lock)."""
+        self._readers.shutdown(wait=wait)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -54,20 +54,26 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def norm_rotate(qk, q_norm, k_norm, n_heads: int, cos, sin, eps: float):
+    """qk [..., heads, D], n_heads of q's then k's -> each head RMS-normed by its own weight (q_norm or
+    k_norm) and rotated (cos, sin broadcast over the heads). q's and k's heads as one tensor: the same
+    arithmetic per head in half the ops (a short prompt's time on the CPU, or a decode step's, is its ops)."""
+    d = q_norm.numel()
+    qk = rms_norm(qk, torch.cat([q_norm.expand(n_heads, d), k_norm.expand(qk.shape[-2] - n_heads, d)]), eps)
+    return qk * cos + rotate_half(qk) * sin
+
+
 def qkv_heads(qkv, q_norm, k_norm, cos, sin, start: int, n_heads: int, n_kv: int, eps: float):
     """qkv [B, T, (n_heads + 2 n_kv) * D] at positions start .. start + T - 1 -> q [B, n_heads, T, D], k and
     v [B, n_kv, T, D]: q and k RMS-normed per head and rotated (cos, sin [S, D]: the KV cache's tables)."""
     b, t, _ = qkv.shape
     d = q_norm.numel()
     qk, v = qkv.split([(n_heads + n_kv) * d, n_kv * d], dim=-1)
-    # q's and k's heads normed and rotated as one tensor, each head by its own weight: the same arithmetic
-    # per head in half the ops (a short prompt's time on the CPU is its ops)
-    norm = torch.cat([q_norm.expand(n_heads, d), k_norm.expand(n_kv, d)])
-    qk = rms_norm(qk.reshape(b, t, n_heads + n_kv, d), norm, eps)
     # rotated in the product's [B, T, heads, D] order (contiguous: faster elementwise on the CPU), then
     # viewed as heads first
-    cos, sin = cos[start:start + t, None], sin[start:start + t, None]
-    q, k = (qk * cos + rotate_half(qk) * sin).split([n_heads, n_kv], dim=2)
+    qk = norm_rotate(qk.reshape(b, t, n_heads + n_kv, d), q_norm, k_norm, n_heads, cos[start:start + t, None],
+                     sin[start:start + t, None], eps)
+    q, k = qk.split([n_heads, n_kv], dim=2)
     return q.transpose(1, 2), k.transpose(1, 2), v.reshape(b, t, n_kv, d).transpose(1, 2)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.quantize import dequantize
 from ..errors import InputError
-from .model import rms_norm as _rms, rotate_half
+from .model import norm_rotate, rms_norm as _rms
 
 
 def rms_norm(x, weight, eps, delta=None):
@@ -32,10 +32,10 @@ def norm_linear(x, norm, eps, w, delta=None):
 
 def attention(qkv, q_norm, k_norm, cos, sin, pos, k_cache, v_cache, mask, n_heads, n_kv, eps, scale):
     d = q_norm.numel()
-    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d])
-    q, k = _rms(q.view(n_heads, 1, d), q_norm, eps), _rms(k.view(n_kv, 1, d), k_norm, eps)
-    c, s = cos[pos], sin[pos]  # [1, D]: pos stays on the device
-    q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+    qk, v = qkv.split([(n_heads + n_kv) * d, n_kv * d])
+    # cos[pos], sin[pos]: [1, D], pos stays on the device
+    qk = norm_rotate(qk.view(n_heads + n_kv, d), q_norm, k_norm, n_heads, cos[pos], sin[pos], eps)
+    q, k = qk.unsqueeze(1).split([n_heads, n_kv])  # [heads, 1, D]
     k_cache[0].index_copy_(1, pos, k)
     v_cache[0].index_copy_(1, pos, v.view(n_kv, 1, d))
     y = F.scaled_dot_product_attention(q[None], k_cache[:1], v_cache[:1], attn_mask=mask.view(1, 1, 1, -1),

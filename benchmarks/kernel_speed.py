@@ -1,8 +1,9 @@
 """Where one decoded layer's time goes, at the real Qwen3-Omni thinker's dims, on a GPU: each step of the
 fused decode path timed alone inside a CUDA graph, its weights evicted from L2 first, next to the bytes it
 must read and the HBM bandwidth measured in the same run (probes.hbm_probe on 8.6 GB);
-the kernels' tile shapes swept; the whole layer as one CUDA graph against its byte bound; and a profile of
-that graph, kernel by kernel. Then the same expert kernels reading int8 and int4 experts (checkpoint.quantize's
+the kernels' tile shapes swept (the GEMV's programs looping over tiles and the quantized gate/up's prefetch
+among them); the whole layer as one CUDA graph against its byte bound, with the committed tiles and with the
+sweep's best; and a profile of that graph, kernel by kernel. Then the same expert kernels reading int8 and int4 experts (checkpoint.quantize's
 form, group --group) in place, against the bytes of their qweights and scales, their tiles swept too, and
 a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) against dequantize-then-torch;
 and the int4 step with its experts read through from a pinned host tier, against the zero-copy probe, its
@@ -129,13 +130,15 @@ def quantized(result, hbm, x, slots, weights, n_slots, group, tokens):
         sweep = {"gate_up": [], "moe_by_down_tiles": []}
         act = torch.empty(K, I, dtype=dt, device=dev)
         per_group = triton.next_power_of_2(group * bits // 8)
-        for bi, bg, nw in itertools.product([1, 2, 4, 8, 16], [4, 8, 16], [2, 4, 8]):
+        for bi, bg, nw, pf in itertools.product([1, 2, 4, 8, 16], [2, 4, 8, 16], [2, 4, 8], [False, True]):
             if bg > H // group:
                 continue
             fn = lambda: moe_kernels._moe_gate_up_kernel[(K, -(-I // bi))](  # noqa: E731
                 x, w1, s1, slots, act, w1, s1, slots, w1.stride(0), s1.stride(0), H=H, I=I, HOST=False, BITS=bits,
-                GROUP=group, BLOCK_I=bi, BLOCK_H=1, BLOCK_G=bg, BLOCK_J=per_group, num_warps=nw, PDL=False)
-            sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_G": bg, "num_warps": nw, "us": bench_graph(fn) * 1e6})
+                GROUP=group, BLOCK_I=bi, BLOCK_H=1, BLOCK_G=bg, BLOCK_J=per_group, num_warps=nw, PDL=False,
+                PREFETCH=pf)
+            sweep["gate_up"].append({"BLOCK_I": bi, "BLOCK_G": bg, "num_warps": nw, "PREFETCH": pf,
+                                     "us": bench_graph(fn) * 1e6})
         tuned = dict(moe_kernels.QUANT_DOWN_BLOCKS[bits])
         for bh, nw in itertools.product([1, 2, 4, 8, 16, 32], [1, 2, 4, 8]):
             moe_kernels.QUANT_DOWN_BLOCKS[bits] = dict(BLOCK_H=bh, num_warps=nw)
@@ -147,7 +150,8 @@ def quantized(result, hbm, x, slots, weights, n_slots, group, tokens):
                 r["fraction_of_bound"] = read[k] / hbm / (r["us"] / 1e6)
             sweep[k].sort(key=lambda r: r["us"])
         row["tile_sweep_top5"] = {k: v[:5] for k, v in sweep.items()}
-        moe_kernels.QUANT_GATE_UP_BLOCKS[bits] = {k: sweep["gate_up"][0][k] for k in ("BLOCK_I", "BLOCK_G", "num_warps")}
+        moe_kernels.QUANT_GATE_UP_BLOCKS[bits] = {k: sweep["gate_up"][0][k]
+                                                  for k in ("BLOCK_I", "BLOCK_G", "num_warps", "PREFETCH")}
         moe_kernels.QUANT_DOWN_BLOCKS[bits] = {k: sweep["moe_by_down_tiles"][0][k] for k in ("BLOCK_H", "num_warps")}
         s = bench_graph(fused)
         row["moe_fused_best_tiles"] = {"gate_up": moe_kernels.QUANT_GATE_UP_BLOCKS[bits],
@@ -336,7 +340,30 @@ def main():
         result["steps"][name] = {"us": s * 1e6, "bytes": nbytes, "bound_us": nbytes / hbm * 1e6,
                                  "fraction_of_bound": nbytes / hbm / s}
 
-    # The MoE kernels' tiles and the projections' GEMV tiles: each alone, then the best together.
+    # One whole layer as a CUDA graph, as the decode step replays it (Block.forward_fused's kernels): with
+    # the committed tiles here, with the sweep's below.
+    layer_bytes = wqkv.nbytes + wo.nbytes + router.nbytes + K * expert_bytes
+
+    def layer():
+        y = kernels.attention(kernels.norm_linear(x, norm_w, 1e-6, wqkv), qn, kn, cos, sin, pos, kc, vc, mask[0],
+                              HEADS, KV, 1e-6, D ** -0.5)
+        logits, h2, r = kernels.norm_linear(x, norm_w, 1e-6, router, delta=kernels.linear(y, wo))
+        ti, tw, sl, _ = moe_kernels.route(logits, table, K, True)
+        return moe_kernels.moe(h2, w1, w2, sl, tw, r)
+
+    def layer_graph():
+        layer()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(8):  # eight layers per replay, so the launch of the graph itself is amortised
+                layer()
+        return g, bench(g.replay) / 8
+    s = layer_graph()[1]
+    result["layer_graph_committed_tiles"] = {"us": s * 1e6, "bytes": layer_bytes, "bound_us": layer_bytes / hbm * 1e6,
+                                             "fraction_of_bound": layer_bytes / hbm / s}
+
+    # The MoE kernels' tiles and the projections' GEMV tiles (a program per tile, or PER_SM programs per SM
+    # looping over tiles): each alone, then the best together.
     sweep = {"gate_up": [], "moe_by_down_tiles": [], "gemv_qkv_plus_o": []}
     i_act = torch.randn(K, I, dtype=dt, device=dev)
     for bi, bh, nw in itertools.product([1, 2, 4, 8], [1024, 2048], [2, 4, 8]):
@@ -348,10 +375,10 @@ def main():
         moe_kernels.DOWN_BLOCKS = dict(BLOCK_H=bh, num_warps=nw)
         sweep["moe_by_down_tiles"].append({"BLOCK_H": bh, "num_warps": nw,
                               "us": bench_graph(lambda: moe_kernels.moe(x, w1, w2, slots, weights, x)) * 1e6})
-    for bn, nw in itertools.product([1, 2, 4, 8], [2, 4, 8]):
-        kernels.GEMV_BLOCKS = dict(BLOCK_N=bn, num_warps=nw)
+    for bn, nw, per_sm in itertools.product([1, 2, 4, 8], [2, 4, 8], [0, 2, 4, 8, 16]):
+        kernels.GEMV_BLOCKS = dict(BLOCK_N=bn, num_warps=nw, PER_SM=per_sm)
         us = (bench_graph(lambda: kernels.linear(x, wqkv)) + bench_graph(lambda: kernels.linear(x_heads, wo))) * 1e6
-        sweep["gemv_qkv_plus_o"].append({"BLOCK_N": bn, "num_warps": nw, "us": us})
+        sweep["gemv_qkv_plus_o"].append({"BLOCK_N": bn, "num_warps": nw, "PER_SM": per_sm, "us": us})
     sweep["attention"] = []
     for bs, nw in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
         kernels.ATTENTION_BLOCKS = dict(kernels.ATTENTION_BLOCKS, BLOCK_S=bs, num_warps=nw)
@@ -373,7 +400,7 @@ def main():
     pick = lambda row, keys: {k: row[k] for k in keys}  # noqa: E731
     moe_kernels.GATE_UP_BLOCKS = pick(sweep["gate_up"][0], ("BLOCK_I", "BLOCK_H", "num_warps"))
     moe_kernels.DOWN_BLOCKS = pick(sweep["moe_by_down_tiles"][0], ("BLOCK_H", "num_warps"))
-    kernels.GEMV_BLOCKS = pick(sweep["gemv_qkv_plus_o"][0], ("BLOCK_N", "num_warps"))
+    kernels.GEMV_BLOCKS = pick(sweep["gemv_qkv_plus_o"][0], ("BLOCK_N", "num_warps", "PER_SM"))
     kernels.ATTENTION_BLOCKS = dict(kernels.ATTENTION_BLOCKS, **pick(sweep["attention"][0], ("BLOCK_S", "num_warps")))
     kernels.SMALL_BLOCKS = pick(sweep["route_and_rms_norm"][0], ("num_warps",))
     s = bench_graph(lambda: moe_kernels.moe(x, w1, w2, slots, weights, x))
@@ -385,24 +412,9 @@ def main():
         result["steps"][f"{name}_gemv_triton"] = {"us": s * 1e6, "bytes": wt.nbytes, "bound_us": wt.nbytes / hbm * 1e6,
                                                   "fraction_of_bound": wt.nbytes / hbm / s}
 
-    # One whole layer as a CUDA graph, as the decode step replays it (Block.forward_fused's kernels).
-    layer_bytes = wqkv.nbytes + wo.nbytes + router.nbytes + K * expert_bytes
-
-    def layer():
-        y = kernels.attention(kernels.norm_linear(x, norm_w, 1e-6, wqkv), qn, kn, cos, sin, pos, kc, vc, mask[0],
-                              HEADS, KV, 1e-6, D ** -0.5)
-        logits, h2, r = kernels.norm_linear(x, norm_w, 1e-6, router, delta=kernels.linear(y, wo))
-        ti, tw, sl, _ = moe_kernels.route(logits, table, K, True)
-        return moe_kernels.moe(h2, w1, w2, sl, tw, r)
-
     for pdl in (False, True):  # programmatic dependent launch off, then on (the runtime's default)
         kernels.PDL = pdl
-        layer()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(8):  # eight layers per replay, so the launch of the graph itself is amortised
-                layer()
-        s = bench(g.replay) / 8
+        g, s = layer_graph()
         result["layer_graph" + ("" if pdl else "_without_pdl")] = {"us": s * 1e6, "bytes": layer_bytes,
                                                                     "bound_us": layer_bytes / hbm * 1e6,
                                                                     "fraction_of_bound": layer_bytes / hbm / s}

@@ -102,14 +102,16 @@ def quantized_slabs(shape, slots_n, bits, group):
 
 
 @pytest.mark.parametrize("bits, group", [(8, 8), (8, 12), (4, 8), (4, 12), (4, 24)])
-@pytest.mark.parametrize("tiles", ["whole", "small"])
+@pytest.mark.parametrize("tiles", ["whole", "small", "small_prefetched"])
 def test_quantized_moe_dequantizes_in_registers(dtype, bits, group, tiles, monkeypatch):
     """int8 and int4 experts read from their slots as stored, against the PyTorch path that dequantizes
     the gathered experts: dims and groups no tile is a power of two of, and (small) tiles of a few rows
     and groups, so that the loops over groups, their masked tails and several row blocks of the down
-    kernel run."""
-    if tiles == "small":
+    kernel run; (prefetched) the gate/up loop reading each tile's bytes one step ahead."""
+    if tiles != "whole":
         small_tiles(monkeypatch, 4)
+    monkeypatch.setitem(moe_kernels.QUANT_GATE_UP_BLOCKS, bits,
+                        dict(moe_kernels.QUANT_GATE_UP_BLOCKS[bits], PREFETCH=tiles == "small_prefetched"))
     h, i, slots_n, k = 48, 24, 7, 3
     w1, s1 = quantized_slabs((2 * i, h), slots_n, bits, group)
     w2, s2 = quantized_slabs((h, i), slots_n, bits, group)
@@ -177,12 +179,25 @@ def test_grouped_linear_dequantizes_tiles_in_registers(dtype, bits, group, tiles
     assert (got.float() - want.float()).abs().max() <= TOL[dtype]
 
 
-def test_linear_is_f_linear(dtype):
+@pytest.fixture(params=["a_program_per_tile", "programs_loop_over_tiles"])
+def gemv_grid(request, monkeypatch):
+    """The GEMV's grid as the GPU sizes it: a program per tile of rows, or (PER_SM) fewer programs, each
+    taking every so many tiles and reading the next while it sums the one before: here 3 programs over
+    10 tiles of 4 rows, the last tile masked."""
+    if request.param == "programs_loop_over_tiles":
+        import triton
+        monkeypatch.setattr(kernels, "_blocks", lambda tuned, **dims: {"BLOCK_N": 4, **{
+            k: triton.next_power_of_2(n) for k, n in dims.items() if k != "BLOCK_N"}})
+        monkeypatch.setattr(kernels, "GEMV_BLOCKS", dict(kernels.GEMV_BLOCKS, PER_SM=3))
+        monkeypatch.setattr(kernels, "_sms", lambda device: 1)
+
+
+def test_linear_is_f_linear(dtype, gemv_grid):
     x, w = torch.randn(70, dtype=dtype), torch.randn(37, 70, dtype=dtype) / 70 ** 0.5
     assert (kernels.linear(x, w).float() - torch.nn.functional.linear(x, w).float()).abs().max() <= TOL[dtype]
 
 
-def test_norm_linear_is_the_norm_then_f_linear(dtype):
+def test_norm_linear_is_the_norm_then_f_linear(dtype, gemv_grid):
     x, d, nw = torch.randn(70, dtype=dtype), torch.randn(70, dtype=dtype), torch.randn(70, dtype=dtype)
     w = torch.randn(37, 70, dtype=dtype) / 70 ** 0.5
     want = torch.nn.functional.linear(rms_norm(x, nw, 1e-6), w)

@@ -221,41 +221,56 @@ if triton is not None:
                  mask=dmask)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, eps, K: tl.constexpr,
-                     NORM: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr):
-        # W @ x for one token, whole rows of W per program; with NORM, [x + delta ->] RMSNorm first, in the
-        # same launch: every program normalises the whole (small) vector itself, rounding as
-        # _rms_norm_kernel does.
+    def _gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, step, eps,
+                     K: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr, LOOP: tl.constexpr = False):
+        # W @ x for one token, whole rows of W per tile (BLOCK_N rows); with NORM, [x + delta ->] RMSNorm
+        # first, in the same launch: every program normalises the whole (small) vector itself, once,
+        # rounding as _rms_norm_kernel does. A program per tile, or (LOOP) fewer: each takes tiles pid,
+        # pid + step, ..., reading a tile's rows while it sums the one before (a sweep candidate: measured
+        # against a program per tile by benchmarks/kernel_speed.py)
         cols = tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        first = tl.program_id(0).to(tl.int64) * BLOCK_N  # 64-bit: W may hold more than 2**31 elements
-        rows = first + tl.arange(0, BLOCK_N)
-        row_mask = rows < n_rows
+        r = tl.arange(0, BLOCK_N)
+        pid = tl.program_id(0)
+        first = pid.to(tl.int64) * BLOCK_N  # 64-bit: W may hold more than 2**31 elements
+        rows = first + r
         # W's rows first, before the wait: their read, the bulk of the time, overlaps the kernel before
-        w = tl.load(w_ptr + first * K + tl.arange(0, BLOCK_N)[:, None] * K + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + first * K + r[:, None] * K + cols[None, :],
+                    mask=(rows < n_rows)[:, None] & col_mask[None, :], other=0.0)
         _wait_for_inputs(PDL)
         dt = out_ptr.dtype.element_ty
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
         if NORM:
             if HAS_DELTA:  # the new residual stream, rounded as transformers adds
                 x = (x.to(tl.float32) + tl.load(delta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dt)
-                if tl.program_id(0) == 0:
+                if pid == 0:
                     tl.store(sum_ptr + cols, x, mask=col_mask)
             h = x.to(tl.float32)
             h = (h * tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)).to(dt).to(tl.float32)
             x = (tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * h).to(dt)
-            if tl.program_id(0) == 0:  # the normed vector, for what comes next
+            if pid == 0:  # the normed vector, for what comes next
                 tl.store(normed_ptr + cols, x, mask=col_mask)
-        acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        tl.store(out_ptr + rows, acc.to(dt), mask=row_mask)
+        xf = x.to(tl.float32)[None, :]
+        if LOOP:
+            tile = pid
+            while tile * BLOCK_N < n_rows:  # (a while: the interpreter takes no program-dependent range() bound)
+                nxt = (tile + step).to(tl.int64) * BLOCK_N
+                w_next = tl.load(w_ptr + nxt * K + r[:, None] * K + cols[None, :],
+                                 mask=(nxt + r < n_rows)[:, None] & col_mask[None, :], other=0.0)
+                rows = tile.to(tl.int64) * BLOCK_N + r
+                tl.store(out_ptr + rows, tl.sum(w.to(tl.float32) * xf, axis=1).to(dt), mask=rows < n_rows)
+                w = w_next
+                tile += step
+        else:
+            tl.store(out_ptr + rows, tl.sum(w.to(tl.float32) * xf, axis=1).to(dt), mask=rows < n_rows)
 
 
 # Tile shapes (moe_kernels.py has its own): the GEMV kernels read [rows, cols] tiles with cols contiguous.
 # The fastest of a sweep on an H100 at the real model's dims, each kernel timed inside a CUDA graph with
 # its weights out of L2 (benchmarks/kernel_speed.py); valid for any size.
-GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8)  # whole rows: BLOCK_K is the vector's length
+GEMV_BLOCKS = dict(BLOCK_N=2, num_warps=8, PER_SM=0)  # whole rows: BLOCK_K is the vector's length; PER_SM:
+# programs per SM, each looping over tiles (0: a program per tile; looping is swept, not yet measured)
 # GQA-packed tensor-core tiles (tile sizes not swept); ONE_RANGE: caches up to this many positions are one range
 ATTENTION_BLOCKS = dict(BLOCK_S=64, num_warps=4, ONE_RANGE=256, LONG_RANGE=256)
 MERGE_BLOCKS = dict(num_warps=4)  # a head's [splits, D] partials: a few thousand floats
@@ -339,6 +354,12 @@ def attention(qkv: torch.Tensor, q_norm, k_norm, cos, sin, pos, k_cache, v_cache
 _sm_count: dict[torch.device, int] = {}
 
 
+def _sms(device: torch.device) -> int:
+    if device not in _sm_count:
+        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count[device]
+
+
 def _kv_splits(seq: int, n_kv: int, device: torch.device, splits: int | None) -> tuple[int, int]:
     """(positions per tile, ranges of the cache), each range at least a tile.
     Under the interpreter, two ranges (what tests exercise) of one tile each (16 positions at least: a
@@ -348,13 +369,11 @@ def _kv_splits(seq: int, n_kv: int, device: torch.device, splits: int | None) ->
         return block, splits or triton.cdiv(seq, block)
     block = max(16, min(ATTENTION_BLOCKS["BLOCK_S"], triton.next_power_of_2(seq)))
     if splits is None:
-        if device not in _sm_count:
-            _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
         # Measured on an H100 (benchmarks/results/context_sweep_h100_*, attention_splits_h100_*): one range
         # for a short cache; else about two programs per SM, each range a tile at least (a program per SM:
         # slower from 2k to 32k positions); once those ranges pass LONG_RANGE positions, ranges of
         # LONG_RANGE, up to four programs per SM (32k positions, 4 KV heads: 40 against 46 us)
-        sms, long_ranges = _sm_count[device], triton.cdiv(seq, ATTENTION_BLOCKS["LONG_RANGE"])
+        sms, long_ranges = _sms(device), triton.cdiv(seq, ATTENTION_BLOCKS["LONG_RANGE"])
         splits = 1 if seq <= ATTENTION_BLOCKS["ONE_RANGE"] else max(
             triton.cdiv(2 * sms, n_kv), min(triton.cdiv(4 * sms, n_kv), long_ranges))
     return block, max(1, min(splits, triton.cdiv(seq, block)))
@@ -380,10 +399,12 @@ def _gemv(x, w, norm=None, eps=0.0, delta=None):
     normed = torch.empty_like(x) if norm is not None else out
     summed = torch.empty_like(x) if delta is not None else normed
     b = _blocks(GEMV_BLOCKS, BLOCK_N=n)
-    _gemv_kernel[(triton.cdiv(n, b["BLOCK_N"]),)](x, x if delta is None else delta, w if norm is None else norm, w,
-                                                  summed, normed, out, n, eps, K=k, NORM=norm is not None,
-                                                  HAS_DELTA=delta is not None, BLOCK_K=triton.next_power_of_2(k), **b,
-                                                  **_launch(x.device))
+    tiles = triton.cdiv(n, b["BLOCK_N"])
+    per_sm = GEMV_BLOCKS.get("PER_SM", 0)
+    programs = min(tiles, per_sm * _sms(x.device)) if per_sm else tiles
+    _gemv_kernel[(programs,)](x, x if delta is None else delta, w if norm is None else norm, w, summed, normed, out,
+                              n, programs, eps, K=k, NORM=norm is not None, HAS_DELTA=delta is not None,
+                              BLOCK_K=triton.next_power_of_2(k), LOOP=programs < tiles, **b, **_launch(x.device))
     return out, normed, summed
 
 

@@ -138,6 +138,17 @@ if triton is not None:
         return q, s.to(tl.float32)
 
     @triton.jit
+    def _gate_up_tiles(w_ptr, s_ptr, rows, row_mask, g0, H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, hw_ptr, hs_ptr, from_host,
+                       HOST: tl.constexpr):
+        """_quant_load's tiles of gate's rows `rows` and of up's (I rows below them): (qg, sg, qu, su)."""
+        qg, sg = _quant_load(w_ptr, s_ptr, rows, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J, hw_ptr, hs_ptr,
+                             from_host, HOST)
+        qu, su = _quant_load(w_ptr, s_ptr, rows + I, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J, hw_ptr, hs_ptr,
+                             from_host, HOST)
+        return qg, sg, qu, su
+
+    @triton.jit
     def _quant_dot(q, s, x_ptr, g0, N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_J: tl.constexpr):
         """_quant_load's tile times x [N] -> [rows] in float32: w = q * scale, each group's products summed
@@ -215,7 +226,7 @@ if triton is not None:
                             GROUP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
                             BLOCK_J: tl.constexpr, PDL: tl.constexpr, KC: tl.constexpr = 1, NG: tl.constexpr = 1,
                             BLOCK_GROUP: tl.constexpr = 1, STAGES: tl.constexpr = 1, BIAS: tl.constexpr = False,
-                            IEEE: tl.constexpr = False):
+                            IEEE: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         # BITS 16: w1 in the compute dtype, tiles of BLOCK_H columns; 8 or 4: w1 quantized (s1 its scales),
         # tiles of BLOCK_G groups of GROUP columns, dequantized in registers; 4 from the host tier (HOST):
         # _nibble_products' tiles (KC .. IEEE)
@@ -260,13 +271,21 @@ if triton is not None:
                 up = _nibble_products(base, s_base, rows + I, row_mask, x_ptr, H, GROUP, BLOCK_I, KC, NG,
                                       BLOCK_GROUP, STAGES, BIAS, IEEE, host_q, host_s, from_host)
             else:
-                for g0 in range(0, H // GROUP, BLOCK_G):
-                    qg, sg = _quant_load(base, s_base, rows, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J, host_q,
-                                         host_s, from_host, HOST)
-                    qu, su = _quant_load(base, s_base, rows + I, row_mask, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J,
-                                         host_q, host_s, from_host, HOST)
-                    gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
-                    up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                if PREFETCH:  # the next tile's bytes read while this one's are summed (registers, not a pipeline)
+                    qg, sg, qu, su = _gate_up_tiles(base, s_base, rows, row_mask, 0, H, I, BITS, GROUP, BLOCK_G,
+                                                    BLOCK_J, host_q, host_s, from_host, HOST)
+                    for g0 in range(0, H // GROUP, BLOCK_G):
+                        nqg, nsg, nqu, nsu = _gate_up_tiles(base, s_base, rows, row_mask, g0 + BLOCK_G, H, I, BITS,
+                                                            GROUP, BLOCK_G, BLOCK_J, host_q, host_s, from_host, HOST)
+                        gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                        up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                        qg, sg, qu, su = nqg, nsg, nqu, nsu
+                else:
+                    for g0 in range(0, H // GROUP, BLOCK_G):
+                        qg, sg, qu, su = _gate_up_tiles(base, s_base, rows, row_mask, g0, H, I, BITS, GROUP, BLOCK_G,
+                                                        BLOCK_J, host_q, host_s, from_host, HOST)
+                        gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                        up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
         dt = act_ptr.dtype.element_ty
         gate = gate.to(dt).to(tl.float32)
         up = up.to(dt).to(tl.float32)
@@ -401,6 +420,7 @@ DOWN_BLOCKS = dict(BLOCK_H=4, num_warps=2)  # whole rows: BLOCK_I is the interme
 # Quantized experts, by bits: tiles of whole groups (BLOCK_G of them), swept on an H100 at real dims, group
 # 128 (benchmarks/results/kernel_speed_quantized_h100.json; int8 down again in session 9:
 # moe_step_quantized_h100_session9_exact_float.json)
+# (PREFETCH, off unless set: gate/up reads each tile of groups one step ahead; swept, not yet measured)
 QUANT_GATE_UP_BLOCKS = {8: dict(BLOCK_I=1, BLOCK_G=16, num_warps=4), 4: dict(BLOCK_I=8, BLOCK_G=4, num_warps=4)}
 QUANT_DOWN_BLOCKS = {8: dict(BLOCK_H=64, num_warps=8), 4: dict(BLOCK_H=32, num_warps=2)}  # whole rows
 # int4 experts read through from the host tier (_nibble_products): [rows, KC input columns] tiles, the fastest
@@ -476,7 +496,8 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor
         dn = dict(_blocks(DOWN_BLOCKS, BLOCK_H=h), BLOCK_G=1, BLOCK_J=1)
     elif bits == 8 or host is None:  # BLOCK_J: a group's bytes; the down kernel takes whole rows (all I / G groups)
         per_group = triton.next_power_of_2(group * bits // 8)
-        gu = dict(_blocks(QUANT_GATE_UP_BLOCKS[bits], BLOCK_I=i, BLOCK_G=h // group), BLOCK_H=1, BLOCK_J=per_group)
+        gu = dict(_blocks(QUANT_GATE_UP_BLOCKS[bits], BLOCK_I=i, BLOCK_G=h // group), BLOCK_H=1, BLOCK_J=per_group,
+                  PREFETCH=QUANT_GATE_UP_BLOCKS[bits].get("PREFETCH", False))
         dn = dict(_blocks(QUANT_DOWN_BLOCKS[bits], BLOCK_H=h), BLOCK_G=triton.next_power_of_2(i // group),
                   BLOCK_J=per_group)
     else:  # int4 read through from the host tier: tensor-core tiles

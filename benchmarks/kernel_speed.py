@@ -3,11 +3,11 @@ fused decode path timed alone inside a CUDA graph, its weights evicted from L2 f
 must read and the HBM bandwidth measured in the same run (probes.hbm_probe on 8.6 GB);
 the kernels' tile shapes swept (the GEMV's programs looping over tiles and the quantized gate/up's prefetch
 among them); the whole layer as one CUDA graph against its byte bound, with the committed tiles and with the
-sweep's best; and a profile of that graph, kernel by kernel. Then the same expert kernels reading int8 and int4 experts (checkpoint.quantize's
-form, group --group) in place, against the bytes of their qweights and scales, their tiles swept too, and
-a prompt chunk's grouped GEMM over quantized slabs (moe_kernels.grouped_linear) against dequantize-then-torch;
-and the int4 step with its experts read through from a pinned host tier, against the zero-copy probe, its
-tensor-core tiles swept.
+sweep's best; and a profile of that graph, kernel by kernel. Then the same expert kernels reading int8 and
+int4 experts (checkpoint.quantize's form, group --group) in place, against the bytes of their qweights and
+scales, their tiles swept too, and a prompt chunk's grouped GEMM over quantized slabs
+(moe_kernels.grouped_linear) against dequantize-then-torch; and the int4 step with its experts read through
+from a pinned host tier, against the zero-copy probe, its tensor-core tiles swept.
 
   python3 benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json
   python3 benchmarks/kernel_speed.py --quantized-only --out benchmarks/results/kernel_speed_quantized.json
@@ -130,7 +130,7 @@ def quantized(result, hbm, x, slots, weights, n_slots, group, tokens):
         sweep = {"gate_up": [], "moe_by_down_tiles": []}
         act = torch.empty(K, I, dtype=dt, device=dev)
         per_group = triton.next_power_of_2(group * bits // 8)
-        for bi, bg, nw, pf in itertools.product([1, 2, 4, 8, 16], [2, 4, 8, 16], [2, 4, 8], [False, True]):
+        for bi, bg, nw, pf in itertools.product([1, 2, 4, 8, 16], [4, 8, 16], [2, 4, 8], [False, True]):
             if bg > H // group:
                 continue
             fn = lambda: moe_kernels._moe_gate_up_kernel[(K, -(-I // bi))](  # noqa: E731
@@ -375,7 +375,7 @@ def main():
         moe_kernels.DOWN_BLOCKS = dict(BLOCK_H=bh, num_warps=nw)
         sweep["moe_by_down_tiles"].append({"BLOCK_H": bh, "num_warps": nw,
                               "us": bench_graph(lambda: moe_kernels.moe(x, w1, w2, slots, weights, x)) * 1e6})
-    for bn, nw, per_sm in itertools.product([1, 2, 4, 8], [2, 4, 8], [0, 2, 4, 8, 16]):
+    for bn, nw, per_sm in itertools.product([1, 2, 4, 8], [2, 4, 8], [0, 4, 8, 16]):
         kernels.GEMV_BLOCKS = dict(BLOCK_N=bn, num_warps=nw, PER_SM=per_sm)
         us = (bench_graph(lambda: kernels.linear(x, wqkv)) + bench_graph(lambda: kernels.linear(x_heads, wo))) * 1e6
         sweep["gemv_qkv_plus_o"].append({"BLOCK_N": bn, "num_warps": nw, "PER_SM": per_sm, "us": us})

@@ -222,8 +222,8 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, sum_ptr, normed_ptr, out_ptr, n_rows, step, eps,
-                     K: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr, LOOP: tl.constexpr = False):
+                     K: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, LOOP: tl.constexpr = False):
         # W @ x for one token, whole rows of W per tile (BLOCK_N rows); with NORM, [x + delta ->] RMSNorm
         # first, in the same launch: every program normalises the whole (small) vector itself, once,
         # rounding as _rms_norm_kernel does. A program per tile, or (LOOP) fewer: each takes tiles pid,

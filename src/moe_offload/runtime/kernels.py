@@ -251,8 +251,8 @@ if triton is not None:
             x = (tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * h).to(dt)
             if pid == 0:  # the normed vector, for what comes next
                 tl.store(normed_ptr + cols, x, mask=col_mask)
-        xf = x.to(tl.float32)[None, :]
         if LOOP:
+            xf = x.to(tl.float32)[None, :]
             tile = pid
             while tile * BLOCK_N < n_rows:  # (a while: the interpreter takes no program-dependent range() bound)
                 nxt = (tile + step).to(tl.int64) * BLOCK_N
@@ -263,7 +263,8 @@ if triton is not None:
                 w = w_next
                 tile += step
         else:
-            tl.store(out_ptr + rows, tl.sum(w.to(tl.float32) * xf, axis=1).to(dt), mask=rows < n_rows)
+            acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            tl.store(out_ptr + rows, acc.to(dt), mask=rows < n_rows)
 
 
 # Tile shapes (moe_kernels.py has its own): the GEMV kernels read [rows, cols] tiles with cols contiguous.

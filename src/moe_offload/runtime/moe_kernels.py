@@ -271,21 +271,19 @@ if triton is not None:
                 up = _nibble_products(base, s_base, rows + I, row_mask, x_ptr, H, GROUP, BLOCK_I, KC, NG,
                                       BLOCK_GROUP, STAGES, BIAS, IEEE, host_q, host_s, from_host)
             else:
-                if PREFETCH:  # the next tile's bytes read while this one's are summed (registers, not a pipeline)
-                    qg, sg, qu, su = _gate_up_tiles(base, s_base, rows, row_mask, 0, H, I, BITS, GROUP, BLOCK_G,
-                                                    BLOCK_J, host_q, host_s, from_host, HOST)
-                    for g0 in range(0, H // GROUP, BLOCK_G):
-                        nqg, nsg, nqu, nsu = _gate_up_tiles(base, s_base, rows, row_mask, g0 + BLOCK_G, H, I, BITS,
-                                                            GROUP, BLOCK_G, BLOCK_J, host_q, host_s, from_host, HOST)
-                        gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
-                        up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
-                        qg, sg, qu, su = nqg, nsg, nqu, nsu
-                else:
-                    for g0 in range(0, H // GROUP, BLOCK_G):
+                if PREFETCH:  # each tile's bytes read a step ahead, while the one before is summed (registers)
+                    ahead = _gate_up_tiles(base, s_base, rows, row_mask, 0, H, I, BITS, GROUP, BLOCK_G, BLOCK_J,
+                                           host_q, host_s, from_host, HOST)
+                for g0 in range(0, H // GROUP, BLOCK_G):
+                    if PREFETCH:
+                        qg, sg, qu, su = ahead
+                        ahead = _gate_up_tiles(base, s_base, rows, row_mask, g0 + BLOCK_G, H, I, BITS, GROUP, BLOCK_G,
+                                               BLOCK_J, host_q, host_s, from_host, HOST)
+                    else:
                         qg, sg, qu, su = _gate_up_tiles(base, s_base, rows, row_mask, g0, H, I, BITS, GROUP, BLOCK_G,
                                                         BLOCK_J, host_q, host_s, from_host, HOST)
-                        gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
-                        up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                    gate += _quant_dot(qg, sg, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
+                    up += _quant_dot(qu, su, x_ptr, g0, H, BITS, GROUP, BLOCK_G, BLOCK_J)
         dt = act_ptr.dtype.element_ty
         gate = gate.to(dt).to(tl.float32)
         up = up.to(dt).to(tl.float32)
